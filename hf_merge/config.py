@@ -1,0 +1,127 @@
+"""PEFT-style merge configurations.
+
+Every merge method has one ``*Config`` dataclass. It carries a ``method`` field naming the method, validates
+its values in ``__post_init__``, and round-trips through ``merge_config.json`` with
+``save_pretrained``/``from_pretrained`` — the same shape as ``peft.LoraConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+CONFIG_NAME = "merge_config.json"
+
+
+@dataclasses.dataclass(kw_only=True)
+class MergeConfig:
+    """Base class of every merge method's configuration.
+
+    Subclasses declare ``method: str = dataclasses.field(default="<name>", init=False)`` and register
+    themselves in :data:`hf_merge.registry.MERGE_METHODS`.
+    """
+
+    method: str = dataclasses.field(default="", init=False)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-serialisable dict; nested configs become nested dicts."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            if f.name == "method":
+                continue
+            out[f.name] = _to_plain(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MergeConfig:
+        """Build the config named by ``data["method"]`` (nested configs are built recursively)."""
+        from .registry import config_class
+
+        data = dict(data)
+        method = data.pop("method", None)
+        if method is None:
+            if cls is MergeConfig:
+                raise ValueError("A merge config dict needs a 'method' key, e.g. {'method': 'ties', ...}.")
+            target = cls
+        else:
+            target = config_class(method)
+            if cls is not MergeConfig and not issubclass(target, cls):
+                raise ValueError(f"Config dict names method {method!r}, which is not a {cls.__name__}.")
+        names = {f.name for f in dataclasses.fields(target) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown parameter(s) {unknown} for method {target.method_name()!r}; "
+                f"valid parameters: {sorted(names)}."
+            )
+        return target(**{k: _from_plain(v) for k, v in data.items()})
+
+    @classmethod
+    def method_name(cls) -> str:
+        return next(f.default for f in dataclasses.fields(cls) if f.name == "method")
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``merge_config.json`` into ``save_directory`` (created if needed); return the file path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> MergeConfig:
+        """Read ``merge_config.json`` from a folder (or the file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} found at {path!r}.")
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+    def replace(self, **overrides: Any) -> MergeConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **overrides)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, MergeConfig):
+        return value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _from_plain(value: Any) -> Any:
+    if isinstance(value, Mapping) and "method" in value:
+        return MergeConfig.from_dict(value)
+    return value
+
+
+# ----------------------------------------------------------------------- validation helpers
+def check_fraction(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise unless ``value`` lies in [0, 1] (with optionally open ends)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    too_low = value <= 0 if low_open else value < 0
+    too_high = value >= 1 if high_open else value > 1
+    if too_low or too_high:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}.")
+
+
+def check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")

@@ -1,0 +1,430 @@
+"""The merge engine: validate inputs once, then stream tensor by tensor from sources through a method to a sink.
+
+    inputs ──► TensorSource ──► (merger.prepare: statistics passes) ──► merger.merge_tensor per key ──► sink
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MergeConfig
+from .io.sources import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TensorMeta, TensorSource, open_source
+from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, write_safetensors_shards
+from .methods.base import Merger, ModelMerger
+from .params import ParamInfo, classify_parameters
+from .registry import get_merger, make_config
+
+Inputs = Any  # a PreTrainedModel, a checkpoint path or a state dict
+_ARCH_KEYS = ("model_type", "vocab_size")
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+_SKIPPED_FILES = {SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin.index.json", "merge_config.json", "README.md"}
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class MergeError(ValueError):
+    """Inputs that cannot be merged (mismatched keys, shapes, dtypes, architectures, non-finite values)."""
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPE_NAMES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}.") from None
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pickle: bool = False) -> dict[str, TensorSource]:
+    """``{task_name: source}`` from a sequence (names ``task_0``, ...) or a mapping of inputs."""
+    if isinstance(finetuned, Mapping):
+        items = [(str(name), value) for name, value in finetuned.items()]
+    elif isinstance(finetuned, (str, os.PathLike, torch.nn.Module)) or not isinstance(finetuned, Sequence):
+        raise TypeError("finetuned must be a sequence or a {task_name: model} mapping of models, paths or state dicts.")
+    else:
+        items = [(f"task_{i}", value) for i, value in enumerate(finetuned)]
+    if not items:
+        raise ValueError("finetuned is empty: give at least one fine-tuned model.")
+    return {name: open_source(value, f"task {name!r}", allow_pickle=allow_pickle) for name, value in items}
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def validate_sources(
+    base: TensorSource, tasks: Mapping[str, TensorSource], *, dtype: torch.dtype | None = None
+) -> dict[str, TensorMeta]:
+    """Check that every task matches the base (architecture, keys, shapes, dtypes); return the base's metadata.
+
+    Raises :class:`MergeError` naming the offending input and tensor. Reads no tensor data.
+    """
+    base_keys = base.keys()
+    metas = {k: base.meta(k) for k in base_keys}
+    for name, task in tasks.items():
+        for arch_key in _ARCH_KEYS:
+            a, b = _config_value(base.config, arch_key), _config_value(task.config, arch_key)
+            if a is not None and b is not None and a != b:
+                raise MergeError(f"Different architectures: base has {arch_key}={a!r}, {task.label} has {b!r}.")
+        missing = [k for k in base_keys if not task.has(k)]
+        extra = [k for k in task.keys() if not base.has(k)]
+        if missing or extra:
+            raise MergeError(
+                f"{task.label} does not have the base's tensors: missing {_preview(missing)}, extra {_preview(extra)}."
+            )
+        for key in task.keys():
+            if base.resolve(key) != key:
+                raise MergeError(
+                    f"{task.label} stores {key!r} separately, but in the base it is tied to {base.resolve(key)!r}."
+                )
+        for key in base_keys:
+            ours, theirs = metas[key], task.meta(key)
+            if ours.shape != theirs.shape:
+                raise MergeError(f"Shape mismatch for {key!r}: base {ours.shape} vs {task.label} {theirs.shape}.")
+            if ours.dtype != theirs.dtype:
+                same_kind = ours.dtype.is_floating_point and theirs.dtype.is_floating_point
+                if not (same_kind and dtype is not None):
+                    raise MergeError(
+                        f"dtype mismatch for {key!r}: base {ours.dtype} vs {task.label} {theirs.dtype}"
+                        + (" (pass dtype= to merge in float32 and write one dtype)." if same_kind else ".")
+                    )
+    return metas
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def _meta_model_from_folder(folder: Path) -> torch.nn.Module | None:
+    """Build the folder's architecture on the meta device (no weights read), for parameter classification."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    architectures = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is None:
+        return None
+    with init_empty_weights(include_buffers=True):
+        return model_cls(config)
+
+
+def classify_sources(base: TensorSource, tasks: Mapping[str, TensorSource]) -> dict[str, ParamInfo]:
+    """Classify the base's tensors, using a model's modules when any input is (or describes) one."""
+    model = base.model or next((t.model for t in tasks.values() if t.model is not None), None)
+    if model is None and base.folder is not None:
+        model = _meta_model_from_folder(base.folder)
+    return classify_parameters(base.shapes(), model=model, config=base.config)
+
+
+# --------------------------------------------------------------------------------------------- context
+class MergeContext:
+    """What a merger sees: float32 base tensors and task vectors on the compute device, one key at a time."""
+
+    def __init__(
+        self,
+        base: TensorSource,
+        tasks: Mapping[str, TensorSource],
+        infos: Mapping[str, ParamInfo],
+        metas: Mapping[str, TensorMeta],
+        *,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+        transforms: tuple[Callable[[str, str, torch.Tensor], torch.Tensor], ...] = (),
+    ) -> None:
+        self.base = base
+        self.tasks = dict(tasks)
+        self.task_names = list(self.tasks)
+        self.infos = infos
+        self.metas = metas
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.progress = progress
+        self._transforms = transforms
+        self.merge_keys = [k for k, m in metas.items() if m.dtype.is_floating_point]
+
+    def with_transform(self, transform: Callable[[str, str, torch.Tensor], torch.Tensor]) -> MergeContext:
+        """A view whose task vectors pass through ``transform(task_name, key, delta)`` (e.g. DARE's drop)."""
+        return MergeContext(
+            self.base, self.tasks, self.infos, self.metas,
+            device=self.device, progress=self.progress, transforms=(*self._transforms, transform),
+        )
+
+    def _load(self, source: TensorSource, key: str) -> torch.Tensor:
+        tensor = source.get(key).to(self.device, torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
+        return tensor
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        return self._load(self.base, key)
+
+    def deltas(self, key: str, base: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The task vectors τ_t = θ_t − θ₀ of ``key`` in float32 on the compute device."""
+        base = self.base_tensor(key) if base is None else base
+        out = []
+        for name, source in self.tasks.items():
+            delta = self._load(source, key) - base  # never in place: _load may return the input's own storage
+            for transform in self._transforms:
+                delta = transform(name, key, delta)
+            out.append(delta)
+        return out
+
+    def iter_deltas(self, desc: str = "statistics") -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """Stream ``(key, base, deltas)`` over every floating-point tensor (for statistics passes)."""
+        from tqdm.auto import tqdm
+
+        for key in tqdm(self.merge_keys, desc=desc, unit="tensor", disable=not self.progress, leave=False):
+            base = self.base_tensor(key)
+            yield key, base, self.deltas(key, base)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def _copy_side_files(base: TensorSource, destination: Path) -> None:
+    """Config, generation config and tokenizer files of the base (weights excluded)."""
+    model = base.model
+    if model is not None and hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        model.config.save_pretrained(destination)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+            generation_config.save_pretrained(destination)
+    elif base.folder is not None:
+        import shutil
+
+        for item in base.folder.iterdir():
+            if item.is_file() and item.name not in _SKIPPED_FILES and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):
+                shutil.copy2(item, destination / item.name)
+
+
+def _load_model_from_folder(folder: Path) -> torch.nn.Module | None:
+    if not (folder / "config.json").is_file():
+        return None
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    architectures = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is None:
+        return None
+    return model_cls.from_pretrained(folder)
+
+
+def emit(
+    base: TensorSource,
+    metas: Mapping[str, TensorMeta],
+    compute: Callable[[str], torch.Tensor],
+    *,
+    output_dir: str | os.PathLike | None = None,
+    into: torch.nn.Module | None = None,
+    merge_config: MergeConfig | None = None,
+    merge_inputs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    desc: str = "merging",
+) -> Any:
+    """Produce every tensor with ``compute`` and deliver them: a folder, a model, or a state dict.
+
+    ``metas`` gives the output shape and dtype of each key. With ``output_dir`` the result is a checkpoint that
+    ``from_pretrained`` loads (returned as a path); with a model base (or ``into``) a new model of the same class
+    (ties kept); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state dict.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(metas), desc=desc, unit="tensor", disable=not progress)
+
+    def produce(key: str) -> torch.Tensor:
+        tensor = compute(key)
+        bar.update(1)
+        return tensor
+
+    try:
+        if output_dir is not None:
+            with atomic_directory(output_dir) as tmp:
+                write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
+                _copy_side_files(base, tmp)
+                if merge_config is not None:
+                    merge_config.save_pretrained(tmp)
+            return str(Path(output_dir))
+        target = into
+        if target is None and base.model is not None:
+            target = copy.deepcopy(base.model)
+        if target is None and base.folder is not None:
+            target = _load_model_from_folder(base.folder)
+        if target is not None:
+            params = target.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key in metas:
+                    tensor = produce(key)
+                    destination = params[key]
+                    if destination.dtype != tensor.dtype:
+                        destination.data = tensor.to(destination.device)
+                    else:
+                        destination.copy_(tensor)
+            if merge_config is not None:
+                target.merge_config = merge_config
+                target.merge_inputs = dict(merge_inputs or {})
+            return target
+        out = {key: produce(key) for key in metas}
+        for alias, canonical in base.aliases.items():
+            out[alias] = out[canonical]
+        return out
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------------------------- merge
+def merge(
+    base: Inputs,
+    finetuned: Sequence[Inputs] | Mapping[str, Inputs],
+    config: MergeConfig | str,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    **overrides: Any,
+) -> Any:
+    """Merge fine-tuned models into one, streaming tensor by tensor.
+
+    Args:
+        base: the pre-trained model θ₀ — a ``PreTrainedModel``, a local checkpoint folder (single or sharded
+            safetensors) or a state dict.
+        finetuned: the fine-tuned models θ_t, a sequence or a ``{task_name: model}`` mapping; kinds may be mixed.
+        config: a :class:`~hf_merge.MergeConfig`, or a method name (``"ties"``) with its parameters as keywords.
+        output_dir: write a ``from_pretrained``-loadable checkpoint there (atomically) and return its path.
+        device: where the arithmetic runs (default CPU); tensors move there one at a time.
+        dtype: output dtype of floating-point tensors (default: the base's dtype per tensor).
+        progress: show tqdm progress bars.
+        allow_pickle: accept ``pytorch_model.bin`` inputs (loaded with ``weights_only=True``).
+        max_shard_size: shard size of the written checkpoint.
+        **overrides: config fields, e.g. ``scaling=0.3``.
+
+    Returns:
+        A new model of the base's class (the base is untouched) for a model base, the model described by the folder's
+        ``config.json`` for a folder base, a state dict for a state-dict base, or the output path with ``output_dir``.
+
+    Example:
+        >>> merged = hf_merge.merge(base, {"sst2": m1, "mnli": m2}, "ties", density=0.2, scaling=1.0)
+    """
+    config = make_config(config, **overrides)
+    merger = get_merger(config)
+    tasks = open_tasks(finetuned, allow_pickle=allow_pickle)
+    options = dict(
+        output_dir=output_dir, device=device, dtype=parse_dtype(dtype), progress=progress,
+        max_shard_size=max_shard_size,
+    )
+    if isinstance(merger, ModelMerger):
+        if base is not None:
+            raise ValueError(f"Method {config.method!r} merges models without a base: call merge(None, models, ...).")
+        return run_model_merger(merger, tasks, **options)
+    if base is None:
+        raise ValueError(f"Method {config.method!r} needs the pre-trained base model θ₀ (base=None given).")
+    return run_merger(merger, open_source(base, "base", allow_pickle=allow_pickle), tasks, **options)
+
+
+def describe_inputs(base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> dict[str, Any]:
+    """Where each input came from, for ``merge_config`` records and model cards."""
+    return {
+        "base": base.origin if base is not None else None,
+        "models": {name: source.origin for name, source in tasks.items()},
+    }
+
+
+def _output_metas(metas: Mapping[str, TensorMeta], dtype: torch.dtype | None) -> dict[str, TensorMeta]:
+    return {
+        k: TensorMeta(m.shape, dtype if dtype is not None and m.dtype.is_floating_point else m.dtype)
+        for k, m in metas.items()
+    }
+
+
+def run_model_merger(
+    merger: ModelMerger,
+    models: Mapping[str, TensorSource],
+    *,
+    output_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Any:
+    """Merge models that share no base: the first model is the reference for keys, shapes and output layout."""
+    if len(models) < 2:
+        raise ValueError(f"Method {merger.config.method!r} needs at least two models, got {len(models)}.")
+    first, *_ = models.values()
+    metas = validate_sources(first, dict(list(models.items())[1:]), dtype=dtype)
+    infos = classify_sources(first, models)
+    ctx = MergeContext(first, models, infos, metas, device=device, progress=progress)
+    merged = merger.merge_models(ctx)
+    out_metas = _output_metas(metas, dtype)
+
+    def compute(key: str) -> torch.Tensor:
+        if not metas[key].dtype.is_floating_point:
+            return first.get(key)
+        return merged[key].to("cpu", out_metas[key].dtype)
+
+    return emit(
+        first, out_metas, compute,
+        output_dir=output_dir, merge_config=merger.config, merge_inputs=describe_inputs(None, models),
+        progress=progress, max_shard_size=max_shard_size, desc=f"merging ({merger.config.method})",
+    )
+
+
+def run_merger(
+    merger: Merger,
+    base: TensorSource,
+    tasks: Mapping[str, TensorSource],
+    *,
+    output_dir: str | os.PathLike | None = None,
+    into: torch.nn.Module | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Any:
+    """Validate, run the merger's statistics passes, then stream every tensor to the output."""
+    metas = validate_sources(base, tasks, dtype=dtype)
+    infos = classify_sources(base, tasks)
+    ctx = MergeContext(base, tasks, infos, metas, device=device, progress=progress)
+    merger.prepare(ctx)
+
+    out_metas = _output_metas(metas, dtype)
+
+    def compute(key: str) -> torch.Tensor:
+        if not metas[key].dtype.is_floating_point:
+            return base.get(key)
+        theta0 = ctx.base_tensor(key)
+        merged_delta = merger.merge_tensor(key, theta0, ctx.deltas(key, theta0), infos[key])
+        return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
+
+    return emit(
+        base, out_metas, compute,
+        output_dir=output_dir, into=into, merge_config=merger.config, merge_inputs=describe_inputs(base, tasks),
+        progress=progress,
+        max_shard_size=max_shard_size, desc=f"merging ({merger.config.method})",
+    )

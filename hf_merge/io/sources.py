@@ -1,0 +1,270 @@
+"""Lazy tensor sources: one interface over in-memory models, state dicts and checkpoint folders.
+
+A source answers ``keys()``, ``meta(key)`` (shape and dtype without reading data) and ``get(key)``. Folder sources
+open each safetensors shard once with ``safe_open`` and read a tensor only when it is asked for, so a merge holds one
+tensor per input at a time, never whole models.
+
+Tied weights (``lm_head.weight`` sharing storage with ``embed_tokens.weight``) appear once in ``keys()``, under the
+first name in state-dict order — the name ``save_pretrained`` keeps — and the other names resolve to it as aliases.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TensorSource(abc.ABC):
+    """Base class of all sources. ``label`` names the input in error messages."""
+
+    label: str = "input"
+    model: Any = None  # the PreTrainedModel behind the source, if any
+    folder: Path | None = None  # the checkpoint folder behind the source, if any
+
+    @property
+    def origin(self) -> str | None:
+        """Where the weights come from: a Hub id or local path (``name_or_path``), or ``None`` for a state dict."""
+        if self.folder is not None:
+            return str(self.folder)
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or getattr(
+            getattr(self.model, "config", None), "name_or_path", None
+        )
+        return str(name) if name else None
+
+    def __init__(self) -> None:
+        self.aliases: dict[str, str] = {}
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """Canonical tensor names (tied aliases excluded), in storage order."""
+
+    @abc.abstractmethod
+    def meta(self, key: str) -> TensorMeta:
+        """Shape and dtype of ``key`` without reading its data."""
+
+    @abc.abstractmethod
+    def _read(self, key: str) -> torch.Tensor:
+        """The tensor stored under the canonical name ``key``."""
+
+    @property
+    def config(self) -> Any:
+        """The model config (a ``PretrainedConfig`` or a ``config.json`` dict), or ``None``."""
+        return None
+
+    def resolve(self, key: str) -> str:
+        return self.aliases.get(key, key)
+
+    def has(self, key: str) -> bool:
+        return self.resolve(key) in self._key_set
+
+    def get(self, key: str) -> torch.Tensor:
+        resolved = self.resolve(key)
+        if resolved not in self._key_set:
+            raise KeyError(f"{self.label} has no tensor {key!r}.")
+        return self._read(resolved)
+
+    @property
+    def _key_set(self) -> set[str]:
+        cached = getattr(self, "_cached_key_set", None)
+        if cached is None:
+            cached = self._cached_key_set = set(self.keys())
+        return cached
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (m.shape, m.dtype) for k in self.keys() for m in (self.meta(k),)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label})"
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+class StateDictSource(TensorSource):
+    """A ``{name: tensor}`` mapping. Entries that share storage (tied weights) are listed once."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], label: str = "state dict") -> None:
+        super().__init__()
+        self.label = label
+        self._tensors: dict[str, torch.Tensor] = {}
+        seen: dict[tuple[Any, ...], str] = {}
+        for name, tensor in state_dict.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{label}: entry {name!r} is a {type(tensor).__name__}, not a torch.Tensor.")
+            storage = _storage_key(tensor)
+            if storage is not None and storage in seen:
+                self.aliases[name] = seen[storage]
+                continue
+            if storage is not None:
+                seen[storage] = name
+            self._tensors[name] = tensor
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, key: str) -> TensorMeta:
+        t = self._tensors[self.resolve(key)]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[key].detach()
+
+
+class ModelSource(StateDictSource):
+    """An in-memory ``torch.nn.Module`` / ``transformers.PreTrainedModel`` (its state dict, without copies)."""
+
+    def __init__(self, model: torch.nn.Module, label: str = "model") -> None:
+        super().__init__(model.state_dict(), label=f"{label} ({type(model).__name__})")
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+
+class FolderSource(TensorSource):
+    """A local checkpoint: a folder with ``model.safetensors`` or a sharded index, or a single ``.safetensors`` file.
+
+    Pickle checkpoints (``pytorch_model.bin``) are refused unless ``allow_pickle=True`` (then read with
+    ``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, path: str | os.PathLike, label: str = "checkpoint", *, allow_pickle: bool = False) -> None:
+        super().__init__()
+        path = Path(path)
+        self.label = f"{label} ({path})"
+        self._handles: dict[Path, Any] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._config: dict[str, Any] | None = None
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"{self.label}: expected a folder or a .safetensors file.")
+            self.folder = path.parent
+            self._files = {path: None}
+        elif path.is_dir():
+            self.folder = path
+            self._files = self._find_weight_files(path, allow_pickle)
+        else:
+            raise FileNotFoundError(f"{label}: {path} does not exist (expected a checkpoint folder).")
+        self._key_to_file: dict[str, Path] = {}
+        for file in self._files:
+            for key in self._file_keys(file):
+                self._key_to_file.setdefault(key, file)
+        config_path = self.folder / "config.json"
+        if config_path.is_file() and path.is_dir():
+            self._config = json.loads(config_path.read_text(encoding="utf-8"))
+
+    def _find_weight_files(self, folder: Path, allow_pickle: bool) -> dict[Path, None]:
+        index = folder / SAFE_WEIGHTS_INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = dict.fromkeys(folder / name for name in dict.fromkeys(weight_map.values()))
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{self.label}: shard(s) listed in {index.name} are missing: {missing}.")
+            return files
+        if (folder / SAFE_WEIGHTS_NAME).is_file():
+            return {folder / SAFE_WEIGHTS_NAME: None}
+        pickled = [folder / name for name in PICKLE_WEIGHTS_NAMES if (folder / name).is_file()]
+        if pickled:
+            if not allow_pickle:
+                raise ValueError(
+                    f"{self.label}: only pickle weights found ({pickled[0].name}). Loading pickle files can execute "
+                    "arbitrary code; convert the checkpoint to safetensors or pass allow_pickle=True."
+                )
+            if pickled[0].name.endswith(".json"):
+                weight_map = json.loads(pickled[0].read_text(encoding="utf-8"))["weight_map"]
+                return dict.fromkeys(folder / name for name in dict.fromkeys(weight_map.values()))
+            return {pickled[0]: None}
+        raise FileNotFoundError(
+            f"{self.label}: no weights found (looked for {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}"
+            f"{', ' + ', '.join(PICKLE_WEIGHTS_NAMES)})."
+        )
+
+    def _handle(self, file: Path) -> Any:
+        if file.suffix == ".bin":
+            if file not in self._pickled:
+                self._pickled[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return self._pickled[file]
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def _file_keys(self, file: Path) -> list[str]:
+        handle = self._handle(file)
+        return list(handle.keys())
+
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def meta(self, key: str) -> TensorMeta:
+        file = self._key_to_file[self.resolve(key)]
+        handle = self._handle(file)
+        if isinstance(handle, dict):
+            t = handle[key]
+            return TensorMeta(tuple(t.shape), t.dtype)
+        sl = handle.get_slice(key)
+        dtype_name = sl.get_dtype()
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{self.label}: tensor {key!r} has unsupported dtype {dtype_name}.")
+        return TensorMeta(tuple(sl.get_shape()), SAFETENSORS_DTYPES[dtype_name])
+
+    def _read(self, key: str) -> torch.Tensor:
+        handle = self._handle(self._key_to_file[key])
+        return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self._config
+
+
+def open_source(obj: Any, label: str = "input", *, allow_pickle: bool = False) -> TensorSource:
+    """Wrap a model, checkpoint path, state dict (or an existing source) as a :class:`TensorSource`."""
+    if isinstance(obj, TensorSource):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        return ModelSource(obj, label)
+    if isinstance(obj, (str, os.PathLike)):
+        return FolderSource(obj, label, allow_pickle=allow_pickle)
+    if isinstance(obj, Mapping):
+        return StateDictSource(obj, label)
+    raise TypeError(
+        f"{label}: expected a PreTrainedModel, a checkpoint folder path or a state dict, got {type(obj).__name__}."
+    )

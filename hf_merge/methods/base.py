@@ -1,0 +1,51 @@
+"""The :class:`Merger` interface every method implements.
+
+A merger is a thin wrapper around pure tensor functions. The engine owns iteration, dtype upcasting, device
+placement and progress; a merger only says how the task vectors of one tensor combine (``merge_tensor``) and may run
+statistics passes over all task vectors first (``prepare``), e.g. TIES' global magnitude threshold.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import MergeConfig
+    from ..engine import MergeContext
+    from ..params import ParamInfo
+
+
+class Merger(abc.ABC):
+    config_class: ClassVar[type[MergeConfig]]
+
+    def __init__(self, config: MergeConfig) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+        self.config = config
+
+    def prepare(self, ctx: MergeContext) -> None:
+        """Statistics pass(es) over ``ctx.iter_deltas()`` before merging; nothing by default."""
+
+    @abc.abstractmethod
+    def merge_tensor(
+        self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo
+    ) -> torch.Tensor:
+        """The merged task vector of one tensor (float32), given the float32 base and the T task vectors τ_t."""
+
+
+class ModelMerger(Merger):
+    """A method that merges whole models without a shared base (e.g. permutation alignment, C2M3).
+
+    ``hf_merge.merge(None, models, config)`` calls :meth:`merge_models` with every input's source; the result is
+    delivered like any merge (model of the first input's class, state dict, or checkpoint folder).
+    """
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} merges whole models; call hf_merge.merge(None, models, config).")
+
+    @abc.abstractmethod
+    def merge_models(self, ctx: MergeContext) -> dict[str, torch.Tensor]:
+        """The merged state dict (float32 or the inputs' dtype) from ``ctx.tasks`` (one source per input model)."""

@@ -1,0 +1,82 @@
+"""DARE (Yu et al. 2024): drop and rescale task vectors before another merge.
+
+τ'_t = (1 − m_t) ⊙ τ_t / (1 − p), m_t ~ Bernoulli(p) i.i.d. (1 = dropped), then Task Arithmetic or TIES on τ'.
+The mask is sampled on the CPU from a generator seeded by (seed, task name, tensor name), so the result does not
+depend on shard order, device or parallelism. E[τ'] = τ, and survivors equal τ / (1 − p) exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import torch
+
+from ..config import MergeConfig, check_fraction
+from ..params import ParamInfo
+from ..registry import register_method
+from .base import Merger
+from .task_arithmetic import TaskArithmeticConfig
+from .ties import TiesConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class DareConfig(MergeConfig):
+    """``drop_rate`` p ∈ [0, 1) (0.9 is the paper's headline for LLM deltas), ``rescale`` by 1/(1−p),
+    ``seed`` of the masks, ``then`` the merge applied to the dropped task vectors (Task Arithmetic or TIES)."""
+
+    method: str = dataclasses.field(default="dare", init=False)
+    drop_rate: float
+    then: TaskArithmeticConfig | TiesConfig
+    rescale: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fraction("drop_rate", self.drop_rate, high_open=True)
+        if not isinstance(self.then, (TaskArithmeticConfig, TiesConfig)):
+            raise TypeError(
+                f"then must be a TaskArithmeticConfig or TiesConfig, got {type(self.then).__name__}."
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}.")
+
+
+def mask_seed(seed: int, task: str, key: str) -> int:
+    """A 63-bit generator seed from (seed, task, tensor name), stable across processes and machines."""
+    digest = hashlib.blake2b(f"{seed}\x00{task}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def dare_drop(delta: torch.Tensor, drop_rate: float, seed: int, *, rescale: bool = True) -> torch.Tensor:
+    """(1 − m) ⊙ τ [/ (1 − p)] with m ~ Bernoulli(p) drawn on the CPU from ``seed`` (float32 arithmetic)."""
+    if drop_rate == 0.0:
+        return delta
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    keep = torch.rand(delta.shape, generator=generator) >= drop_rate
+    kept = delta * keep.to(delta.device)
+    return kept.div_(1.0 - drop_rate) if rescale else kept
+
+
+class DareMerger(Merger):
+    config: DareConfig
+
+    def __init__(self, config: DareConfig) -> None:
+        super().__init__(config)
+        from ..registry import get_merger
+
+        self.inner = get_merger(config.then)
+
+    def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return dare_drop(delta, cfg.drop_rate, mask_seed(cfg.seed, task, key), rescale=cfg.rescale)
+
+    def prepare(self, ctx) -> None:
+        self.task_names = ctx.task_names
+        self.inner.prepare(ctx.with_transform(self._drop))
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        dropped = [self._drop(task, key, delta) for task, delta in zip(self.task_names, deltas)]
+        return self.inner.merge_tensor(key, base, dropped, info)
+
+
+register_method(DareConfig, DareMerger)

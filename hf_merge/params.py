@@ -1,0 +1,174 @@
+"""Public parameter classifier: what each tensor of a model is, and which transformer block it belongs to.
+
+Methods read this instead of guessing from names: TSV / Iso route ``LINEAR``/``EMBEDDING`` matrices to their SVD
+treatment, LiNeS scales by ``block``/``num_blocks``, C2M3 needs ``transposed`` for GPT-2's ``Conv1D``.
+
+The kinds come from the model's modules when a model (or a config that can build one on the meta device) is
+available, otherwise from names and ``ndim`` of a bare state dict.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# Containers that hold the residual blocks of a transformer: ``model.layers.3.``, ``transformer.h.3.``,
+# ``encoder.layer.3.``, ``blocks.3.``, ``resblocks.3.``.
+BLOCK_PATTERN = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block|resblocks)\.(\d+)\.")
+_NUM_LAYER_ATTRS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+class ParamKind(str, enum.Enum):
+    LINEAR = "linear"  # 2-D weight of a Linear / Conv1D layer
+    EMBEDDING = "embedding"  # 2-D lookup table (token / position embeddings)
+    CONV = "conv"  # weights of ConvNd (ndim >= 3)
+    NORM = "norm"  # weight / bias of LayerNorm, RMSNorm, BatchNorm, GroupNorm
+    VECTOR = "vector"  # biases and other 1-D / 0-D float parameters
+    BUFFER = "buffer"  # registered buffers (running stats, position ids, ...)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What one tensor of a model is.
+
+    ``block`` is the 0-based index of the residual block that holds the tensor (``None`` outside the blocks) and
+    ``num_blocks`` the number of blocks in its stack; ``stack`` names the container (``"model.layers"``), so that
+    encoder and decoder stacks of encoder-decoder models are numbered separately. ``transposed`` marks weights stored
+    (in, out) such as GPT-2's ``Conv1D``.
+    """
+
+    name: str
+    kind: ParamKind
+    ndim: int
+    block: int | None = None
+    num_blocks: int | None = None
+    stack: str | None = None
+    transposed: bool = False
+
+    @property
+    def is_matrix(self) -> bool:
+        """A 2-D parameter: the tensors TSV and Iso treat with an SVD."""
+        return self.ndim == 2 and self.kind in (ParamKind.LINEAR, ParamKind.EMBEDDING)
+
+
+def _block_of(name: str) -> tuple[str | None, int | None]:
+    match = BLOCK_PATTERN.search(name)
+    if match is None:
+        return None, None
+    return name[: match.end(1)].lstrip("."), int(match.group(2))
+
+
+def _num_layers_from_config(config: Any) -> int | None:
+    if config is None:
+        return None
+    get = config.get if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
+    for attr in _NUM_LAYER_ATTRS:
+        value = get(attr)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _kind_from_name(name: str, tensor_ndim: int, is_float: bool) -> ParamKind:
+    lowered = name.lower()
+    if not is_float or any(s in lowered for s in ("running_mean", "running_var", "position_ids", "num_batches")):
+        return ParamKind.BUFFER
+    if tensor_ndim >= 3:
+        return ParamKind.CONV
+    if tensor_ndim == 2:
+        if any(s in lowered for s in ("embed", "wte.", "wpe.", "embeddings")) and "proj" not in lowered:
+            return ParamKind.EMBEDDING
+        return ParamKind.LINEAR
+    leaf = lowered.rsplit(".", 2)
+    module = leaf[-2] if len(leaf) >= 2 else ""
+    if any(s in module for s in ("norm", "ln", "bn")):
+        return ParamKind.NORM
+    return ParamKind.VECTOR
+
+
+def _kinds_from_modules(model: torch.nn.Module) -> dict[str, tuple[ParamKind, bool]]:
+    """Kind and ``transposed`` flag of every parameter and buffer, read off the module types."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Conv1D = ()  # type: ignore[assignment]
+    norm_types = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase)
+    out: dict[str, tuple[ParamKind, bool]] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        is_norm = isinstance(module, norm_types) or "norm" in type(module).__name__.lower()
+        for pname, param in module.named_parameters(recurse=False):
+            if isinstance(module, Conv1D) and pname == "weight":
+                kind, transposed = ParamKind.LINEAR, True
+            elif isinstance(module, torch.nn.Linear) and pname == "weight":
+                kind, transposed = ParamKind.LINEAR, False
+            elif isinstance(module, torch.nn.Embedding) and pname == "weight":
+                kind, transposed = ParamKind.EMBEDDING, False
+            elif isinstance(module, torch.nn.modules.conv._ConvNd) and pname == "weight":
+                kind, transposed = ParamKind.CONV, False
+            elif is_norm:
+                kind, transposed = ParamKind.NORM, False
+            else:
+                kind, transposed = _kind_from_name(prefix + pname, param.ndim, param.is_floating_point()), False
+            out.setdefault(prefix + pname, (kind, transposed))
+        for bname, _ in module.named_buffers(recurse=False):
+            out.setdefault(prefix + bname, (ParamKind.BUFFER, False))
+    return out
+
+
+def classify_parameters(
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | torch.nn.Module,
+    *,
+    model: torch.nn.Module | None = None,
+    config: Any = None,
+) -> dict[str, ParamInfo]:
+    """Classify every tensor of a model.
+
+    Args:
+        shapes: ``{name: (shape, dtype)}`` of the tensors to classify, or a model (its state dict is used).
+        model: a model (possibly on the meta device) whose modules decide the kinds; ``None`` for a bare state dict.
+        config: the model config (object or dict), used for the number of blocks (``num_hidden_layers``).
+
+    Returns:
+        ``{name: ParamInfo}`` in the order of ``shapes``.
+    """
+    if isinstance(shapes, torch.nn.Module):
+        model = shapes if model is None else model
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in shapes.state_dict().items()}
+    if config is None and model is not None:
+        config = getattr(model, "config", None)
+    module_kinds = _kinds_from_modules(model) if model is not None else {}
+
+    stacks: dict[str, int] = {}
+    for name in shapes:
+        stack, block = _block_of(name)
+        if stack is not None:
+            stacks[stack] = max(stacks.get(stack, 0), block + 1)
+    configured = _num_layers_from_config(config)
+    if configured is not None and len(stacks) == 1:
+        (only,) = stacks
+        stacks[only] = max(stacks[only], configured)
+
+    infos: dict[str, ParamInfo] = {}
+    for name, (shape, dtype) in shapes.items():
+        ndim = len(shape)
+        if name in module_kinds:
+            kind, transposed = module_kinds[name]
+        else:
+            kind, transposed = _kind_from_name(name, ndim, dtype.is_floating_point), False
+        stack, block = _block_of(name)
+        infos[name] = ParamInfo(
+            name=name,
+            kind=kind,
+            ndim=ndim,
+            block=block,
+            num_blocks=stacks.get(stack) if stack is not None else None,
+            stack=stack,
+            transposed=transposed,
+        )
+    return infos

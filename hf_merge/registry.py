@@ -1,0 +1,53 @@
+"""Method registry: method name -> (config class, merger class), like PEFT's ``PeftType`` mappings.
+
+Adding a method is one file in ``hf_merge/methods/`` plus one :func:`register_method` call in it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import MergeConfig
+    from .methods.base import Merger
+
+MERGE_METHODS: dict[str, tuple[type[MergeConfig], type[Merger]]] = {}
+
+
+def register_method(config_cls: type[MergeConfig], merger_cls: type[Merger]) -> None:
+    """Register ``config_cls`` (whose ``method`` default is the name) with its ``merger_cls``."""
+    name = config_cls.method_name()
+    if not name:
+        raise ValueError(f"{config_cls.__name__} has no method name.")
+    MERGE_METHODS[name] = (config_cls, merger_cls)
+    merger_cls.config_class = config_cls
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (importing the package registers every built-in method)
+
+
+def config_class(method: str) -> type[MergeConfig]:
+    _load_builtin_methods()
+    try:
+        return MERGE_METHODS[method][0]
+    except KeyError:
+        raise ValueError(f"Unknown merge method {method!r}; available: {sorted(MERGE_METHODS)}.") from None
+
+
+def make_config(config: MergeConfig | str, **overrides: Any) -> MergeConfig:
+    """A config instance from a config or a method name, with keyword overrides applied and validated."""
+    from .config import MergeConfig
+
+    if isinstance(config, str):
+        return config_class(config)(**overrides)
+    if isinstance(config, MergeConfig):
+        return config.replace(**overrides) if overrides else config
+    raise TypeError(f"config must be a MergeConfig or a method name, got {type(config).__name__}.")
+
+
+def get_merger(config: MergeConfig | str, **overrides: Any) -> Merger:
+    """The :class:`~hf_merge.methods.base.Merger` that carries out ``config``."""
+    config = make_config(config, **overrides)
+    _load_builtin_methods()
+    return MERGE_METHODS[config.method][1](config)
