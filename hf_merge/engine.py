@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import MergeConfig
-from .io.sources import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TensorMeta, TensorSource, open_source
+from .io.sources import SAFE_WEIGHTS_INDEX_NAME, ModelSource, TensorMeta, TensorSource, open_source
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, write_safetensors_shards
 from .methods.base import Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
@@ -136,10 +137,20 @@ def _meta_model_from_folder(folder: Path) -> torch.nn.Module | None:
 
 def classify_sources(base: TensorSource, tasks: Mapping[str, TensorSource]) -> dict[str, ParamInfo]:
     """Classify the base's tensors, using a model's modules when any input is (or describes) one."""
-    model = base.model or next((t.model for t in tasks.values() if t.model is not None), None)
-    if model is None and base.folder is not None:
-        model = _meta_model_from_folder(base.folder)
-    return classify_parameters(base.shapes(), model=model, config=base.config)
+    model_source = next((s for s in (base, *tasks.values()) if isinstance(s, ModelSource)), None)
+    if model_source is None and base.folder is not None:
+        meta_model = _meta_model_from_folder(base.folder)
+        model_source = ModelSource(meta_model, "meta model") if meta_model is not None else None
+    if model_source is None:
+        return classify_parameters(base.shapes(), config=base.config)
+    memory_names = model_source.memory_names
+    by_memory_name = classify_parameters(
+        {memory_names.get(k, k): shape for k, shape in base.shapes().items()},
+        model=model_source.model, config=base.config or model_source.config,
+    )
+    return {
+        key: dataclasses.replace(by_memory_name[memory_names.get(key, key)], name=key) for key in base.keys()
+    }
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -204,20 +215,32 @@ class MergeContext:
 
 
 # --------------------------------------------------------------------------------------------- outputs
-def _copy_side_files(base: TensorSource, destination: Path) -> None:
-    """Config, generation config and tokenizer files of the base (weights excluded)."""
+def _copy_side_files(base: TensorSource, destination: Path, dtype: torch.dtype | None = None) -> None:
+    """Config (architecture and dtype updated), generation config and tokenizer files of the base; no weights."""
     model = base.model
     if model is not None and hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
-        model.config.save_pretrained(destination)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(destination)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and getattr(model, "can_generate", lambda: False)():
             generation_config.save_pretrained(destination)
     elif base.folder is not None:
+        import json
         import shutil
 
         for item in base.folder.iterdir():
             if item.is_file() and item.name not in _SKIPPED_FILES and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):
                 shutil.copy2(item, destination / item.name)
+        config_file = destination / "config.json"
+        if dtype is not None and config_file.is_file():
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = str(dtype).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _load_model_from_folder(folder: Path) -> torch.nn.Module | None:
@@ -255,6 +278,8 @@ def emit(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(metas), desc=desc, unit="tensor", disable=not progress)
+    float_dtypes = {m.dtype for m in metas.values() if m.dtype.is_floating_point}
+    output_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
 
     def produce(key: str) -> torch.Tensor:
         tensor = compute(key)
@@ -265,7 +290,7 @@ def emit(
         if output_dir is not None:
             with atomic_directory(output_dir) as tmp:
                 write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
-                _copy_side_files(base, tmp)
+                _copy_side_files(base, tmp, dtype=output_dtype)
                 if merge_config is not None:
                     merge_config.save_pretrained(tmp)
             return str(Path(output_dir))
@@ -276,10 +301,17 @@ def emit(
             target = _load_model_from_folder(base.folder)
         if target is not None:
             params = target.state_dict(keep_vars=True)
+            memory_names = ModelSource(target).memory_names
+            unmapped = [k for k in metas if memory_names.get(k, k) not in params]
+            if unmapped:
+                raise MergeError(
+                    f"Cannot place merged tensors {_preview(unmapped)} into a {type(target).__name__} (its weights are "
+                    "stored converted on disk); pass output_dir= to write a checkpoint instead."
+                )
             with torch.no_grad():
                 for key in metas:
                     tensor = produce(key)
-                    destination = params[key]
+                    destination = params[memory_names.get(key, key)]
                     if destination.dtype != tensor.dtype:
                         destination.data = tensor.to(destination.device)
                     else:

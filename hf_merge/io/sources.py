@@ -1,8 +1,8 @@
 """Lazy tensor sources: one interface over in-memory models, state dicts and checkpoint folders.
 
 A source answers ``keys()``, ``meta(key)`` (shape and dtype without reading data) and ``get(key)``. Folder sources
-open each safetensors shard once with ``safe_open`` and read a tensor only when it is asked for, so a merge holds one
-tensor per input at a time, never whole models.
+read each shard's header once and a tensor only when it is asked for (positioned reads, see
+:mod:`hf_merge.io.safetensors_file`), so a merge holds one tensor per input at a time, never whole models.
 
 Tied weights (``lm_head.weight`` sharing storage with ``embed_tokens.weight``) appear once in ``keys()``, under the
 first name in state-dict order — the name ``save_pretrained`` keeps — and the other names resolve to it as aliases.
@@ -20,24 +20,12 @@ from typing import Any
 
 import torch
 
+from .safetensors_file import SafetensorsFile
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 @dataclass(frozen=True)
@@ -65,6 +53,7 @@ class TensorSource(abc.ABC):
 
     def __init__(self) -> None:
         self.aliases: dict[str, str] = {}
+        self.memory_names: dict[str, str] = {}  # key -> name of the same tensor in ``self.model``, where they differ
 
     @abc.abstractmethod
     def keys(self) -> list[str]:
@@ -146,15 +135,44 @@ class StateDictSource(TensorSource):
 
 
 class ModelSource(StateDictSource):
-    """An in-memory ``torch.nn.Module`` / ``transformers.PreTrainedModel`` (its state dict, without copies)."""
+    """An in-memory ``torch.nn.Module`` / ``transformers.PreTrainedModel`` (its state dict, without copies).
+
+    For a ``PreTrainedModel`` the keys are the names ``save_pretrained`` writes: tied copies are dropped with
+    transformers' own ``remove_tied_weights_from_state_dict`` and renamed weights (transformers 5 loads some
+    architectures, e.g. ViT, under new in-memory names) are mapped back with ``revert_weight_conversion``. So a model
+    and its saved folder expose the same keys and can be merged together. ``memory_names`` maps each key to the
+    model's own parameter name.
+    """
 
     def __init__(self, model: torch.nn.Module, label: str = "model") -> None:
-        super().__init__(model.state_dict(), label=f"{label} ({type(model).__name__})")
+        full = model.state_dict()
+        serialized = _serialized_state_dict(model, full)
+        super().__init__(serialized, label=f"{label} ({type(model).__name__})")
         self.model = model
+        memory_name_of = {id(tensor): name for name, tensor in full.items()}
+        self.memory_names = {k: memory_name_of[id(t)] for k, t in serialized.items() if id(t) in memory_name_of}
+        kept_storage = {_storage_key(t): k for k, t in serialized.items() if _storage_key(t) is not None}
+        for name, tensor in full.items():
+            if name not in self.memory_names.values() and _storage_key(tensor) in kept_storage:
+                self.aliases[name] = kept_storage[_storage_key(tensor)]
 
     @property
     def config(self) -> Any:
         return getattr(self.model, "config", None)
+
+
+def _serialized_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict under the names (and tie choices) that ``save_pretrained`` writes."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return dict(state_dict)
+    if not isinstance(model, PreTrainedModel):
+        return dict(state_dict)
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return dict(revert_weight_conversion(model, remove_tied_weights_from_state_dict(dict(state_dict), model)))
 
 
 class FolderSource(TensorSource):
@@ -222,9 +240,7 @@ class FolderSource(TensorSource):
                 self._pickled[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             return self._pickled[file]
         if file not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            self._handles[file] = SafetensorsFile(file)
         return self._handles[file]
 
     def _file_keys(self, file: Path) -> list[str]:
@@ -240,15 +256,11 @@ class FolderSource(TensorSource):
         if isinstance(handle, dict):
             t = handle[key]
             return TensorMeta(tuple(t.shape), t.dtype)
-        sl = handle.get_slice(key)
-        dtype_name = sl.get_dtype()
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise TypeError(f"{self.label}: tensor {key!r} has unsupported dtype {dtype_name}.")
-        return TensorMeta(tuple(sl.get_shape()), SAFETENSORS_DTYPES[dtype_name])
+        return TensorMeta(handle.shape(key), handle.dtype(key))
 
     def _read(self, key: str) -> torch.Tensor:
         handle = self._handle(self._key_to_file[key])
-        return handle[key] if isinstance(handle, dict) else handle.get_tensor(key)
+        return handle[key] if isinstance(handle, dict) else handle.read(key)
 
     @property
     def config(self) -> dict[str, Any] | None:

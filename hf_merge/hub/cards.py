@@ -1,0 +1,357 @@
+"""Model cards for merge artifacts, rendered from the Jinja templates in ``model_cards/``.
+
+The YAML front matter is built with ``huggingface_hub.ModelCardData`` and the card with
+``ModelCard.from_template``; nothing here writes YAML metadata by hand. What the card says:
+
+- front matter: ``base_model`` (every input that has a Hub id or a local name), ``base_model_relation: merge``,
+  ``tags`` (``merge``, ``hf-merge``, the method names), ``library_name``, ``license`` (inherited only when every
+  input's license is known and all agree), ``pipeline_tag`` when known, ``model-index`` when evaluation results
+  are given;
+- body: what was merged and how, each method's summary and BibTeX, the exact merge config as YAML, the inputs
+  table, the evaluation table and how to load the artifact.
+
+Inputs and licenses, offline. Each input is known by its *origin* (``merge_inputs`` as recorded by the engine: a Hub
+id, a local path, or ``None`` for in-memory weights):
+
+- a Hub id is listed as is; its license is read from the local Hugging Face cache only
+  (``try_to_load_from_cache(repo_id, "README.md")``) — the Hub itself is never contacted;
+- a folder inside the Hugging Face cache (``.../models--org--name/snapshots/<sha>``) is listed as ``org/name``;
+- any other local folder is listed under its folder name (full paths are not published); its license is read from
+  the folder's ``README.md`` front matter;
+- in-memory inputs have no name and no known license.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .methods_info import METHOD_INFO
+
+CARD_NAME = "README.md"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+TEMPLATES = {"model": "merged_model.md", "adapter": "merged_model.md", "task_bank": "task_bank.md"}
+ARTIFACT_LIBRARIES = {"model": "transformers", "adapter": "peft", "task_bank": None}
+LIBRARY_NAMES = ("transformers", "peft")
+BASE_TAGS = ("merge", "hf-merge")
+_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+# Architecture-name suffix → Hub pipeline tag, for the unambiguous heads.
+_PIPELINE_SUFFIXES = (
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForImageClassification", "image-classification"),
+    ("ForAudioClassification", "audio-classification"),
+    ("ForObjectDetection", "object-detection"),
+    ("ForSemanticSegmentation", "image-segmentation"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputRecord:
+    """One merge input as the card shows it."""
+
+    role: str  # "base" or the task name
+    name: str | None  # Hub id or local name; None for in-memory weights
+    kind: str  # "Hub", "local folder" or "in memory"
+    license: str | None
+
+
+def describe_origin(origin: str | os.PathLike | None) -> tuple[str | None, str]:
+    """``(name, kind)`` of an input origin: a Hub id, a local folder's name, or ``(None, "in memory")``."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if origin is None or str(origin) == "":
+        return None, "in memory"
+    text = os.fspath(origin).replace(os.sep, "/")
+    cached = _HF_CACHE_SNAPSHOT.search(text)
+    if cached:
+        return f"{cached['owner']}/{cached['name']}", "Hub"
+    if not Path(origin).exists():
+        try:
+            validate_repo_id(text)
+            return text, "Hub"
+        except HFValidationError:
+            pass
+    return Path(text.rstrip("/")).name or text, "local folder"
+
+
+def input_license(origin: str | os.PathLike | None) -> str | None:
+    """The license an input declares, from local files only (see the module docstring); ``None`` if unknown."""
+    name, kind = describe_origin(origin)
+    if name is None:
+        return None
+    readme: str | os.PathLike | None = None
+    if kind == "Hub" and not Path(os.fspath(origin)).exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, CARD_NAME)
+        readme = found if isinstance(found, str) else None
+    elif Path(os.fspath(origin)).is_dir():
+        readme = Path(origin) / CARD_NAME
+    if readme is None or not Path(readme).is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        license_ = ModelCard.load(readme, ignore_metadata_errors=True).data.license
+    except (ValueError, OSError) as error:
+        warnings.warn(f"Could not read the license of {name} from {readme}: {error}", stacklevel=3)
+        return None
+    return license_ if isinstance(license_, str) and license_ else None
+
+
+def input_records(merge_inputs: Mapping[str, Any] | None) -> list[InputRecord]:
+    """The base (when the merge had one) and every task model, in order."""
+    merge_inputs = merge_inputs or {}
+    unknown = sorted(set(merge_inputs) - {"base", "models"})
+    if unknown:
+        raise ValueError(f"merge_inputs has unknown key(s) {unknown}; expected 'base' and 'models'.")
+    models = merge_inputs.get("models") or {}
+    if not isinstance(models, Mapping):
+        raise TypeError(f"merge_inputs['models'] must map task names to origins, got {type(models).__name__}.")
+    records = []
+    if merge_inputs.get("base") is not None:
+        records.append(_record("base", merge_inputs["base"]))
+    records += [_record(str(task), origin) for task, origin in models.items()]
+    return records
+
+
+def _record(role: str, origin: Any) -> InputRecord:
+    name, kind = describe_origin(origin)
+    return InputRecord(role=role, name=name, kind=kind, license=input_license(origin))
+
+
+def inherited_license(records: Sequence[InputRecord]) -> str | None:
+    """The inputs' common license; ``None`` with a warning when one is unknown or they disagree."""
+    if not records:
+        return None
+    licenses = {r.license for r in records}
+    if len(licenses) == 1 and None not in licenses:
+        return licenses.pop()
+    unknown = [r.name or f"{r.role} (in memory)" for r in records if r.license is None]
+    known = sorted({r.license for r in records if r.license is not None})
+    reason = f"unknown for {unknown}" if unknown else f"the inputs disagree ({known})"
+    warnings.warn(
+        f"The model card has no license: the inputs' license is {reason}. Pass license=... to set one.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def infer_pipeline_tag(architecture: str | None) -> str | None:
+    """The Hub pipeline tag of a transformers class name when its head determines it (else ``None``)."""
+    if not architecture:
+        return None
+    return next((tag for suffix, tag in _PIPELINE_SUFFIXES if architecture.endswith(suffix)), None)
+
+
+def method_names(config: Mapping[str, Any]) -> list[str]:
+    """Every method named in a (possibly nested, e.g. DARE → TIES) merge config dict, outermost first."""
+    names = [config["method"]] if isinstance(config.get("method"), str) else []
+    for value in config.values():
+        if isinstance(value, Mapping):
+            names += [n for n in method_names(value) if n not in names]
+    return names
+
+
+def _config_dict(merge_config: Any) -> dict[str, Any]:
+    from ..config import MergeConfig
+
+    if isinstance(merge_config, MergeConfig):
+        return merge_config.to_dict()
+    if isinstance(merge_config, Mapping) and isinstance(merge_config.get("method"), str):
+        return dict(merge_config)
+    raise TypeError(
+        f"merge_config must be a MergeConfig or a dict with a 'method' key, got {type(merge_config).__name__}."
+    )
+
+
+def _eval_results(eval_results: Any, pipeline_tag: str | None) -> list[Any]:
+    """``EvalResult``s from EvalResults, dicts of EvalResult fields, or ``{dataset: {metric: value}}``."""
+    from huggingface_hub import EvalResult
+
+    if isinstance(eval_results, Mapping):
+        if pipeline_tag is None:
+            raise ValueError(
+                "eval_results given as {dataset: {metric: value}} need pipeline_tag=... (the evaluated task type)."
+            )
+        results = []
+        for dataset, metrics in eval_results.items():
+            if not isinstance(metrics, Mapping):
+                raise TypeError(f"eval_results[{dataset!r}] must map metric names to values, got {metrics!r}.")
+            results += [
+                EvalResult(task_type=pipeline_tag, dataset_type=str(dataset), dataset_name=str(dataset),
+                           metric_type=str(metric), metric_value=value)
+                for metric, value in metrics.items()
+            ]
+        return results
+    results = []
+    for i, item in enumerate(eval_results):
+        if isinstance(item, EvalResult):
+            results.append(item)
+        elif isinstance(item, Mapping):
+            try:
+                results.append(EvalResult(**item))
+            except TypeError as error:
+                raise ValueError(f"eval_results[{i}] is not a valid EvalResult: {error}") from None
+        else:
+            raise TypeError(f"eval_results[{i}] must be an EvalResult or a dict, got {type(item).__name__}.")
+    return results
+
+
+def _load_snippet(artifact: str, where: str, model_class: str | None) -> str:
+    if artifact == "adapter":
+        return (
+            "from peft import AutoPeftModel\n\n"
+            f'model = AutoPeftModel.from_pretrained("{where}")'
+        )
+    if artifact == "task_bank":
+        return f'from hf_merge import TaskBank\n\nbank = TaskBank.from_pretrained("{where}")'
+    cls = model_class or "AutoModel"
+    return (
+        f"from transformers import {cls}\n"
+        "from hf_merge import MergeConfig\n\n"
+        f'model = {cls}.from_pretrained("{where}")\n'
+        f'merge_config = MergeConfig.from_pretrained("{where}")  # from a local copy of the folder'
+    )
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def build_model_card(
+    merge_config: Any,
+    merge_inputs: Mapping[str, Any] | None,
+    *,
+    library_name: str | None = "transformers",
+    license: str | None = None,
+    pipeline_tag: str | None = None,
+    eval_results: Any = None,
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    model_class: str | None = None,
+    artifact: str = "model",
+    load_snippet: str | None = None,
+    extra_tags: Sequence[str] = (),
+    template_path: str | os.PathLike | None = None,
+) -> Any:
+    """The ``huggingface_hub.ModelCard`` of a merge artifact.
+
+    Args:
+        merge_config: the :class:`~hf_merge.MergeConfig` (or its dict) that produced the artifact.
+        merge_inputs: ``{"base": origin or None, "models": {task: origin or None}}`` as recorded by the engine.
+        library_name: ``"transformers"``, ``"peft"`` or ``None`` (artifacts no library loads by itself).
+        license: overrides license inheritance from the inputs.
+        pipeline_tag: the Hub task, e.g. ``"text-classification"``; inferred from ``model_class`` when omitted.
+        eval_results: ``huggingface_hub.EvalResult``s, dicts of their fields, or ``{dataset: {metric: value}}``
+            (with ``pipeline_tag``); they become the ``model-index`` and the evaluation table.
+        model_name: the card's title and ``model-index`` name (default: the repo name or ``<method>-merge``).
+        repo_id: where the artifact is published; used in the loading example.
+        model_class: the transformers class name, e.g. ``"BertForSequenceClassification"``.
+        artifact: ``"model"``, ``"adapter"`` or ``"task_bank"``; selects the template and loading example.
+        load_snippet: Python code replacing the default loading example.
+        extra_tags: more Hub tags.
+        template_path: a Jinja template to use instead of the one in ``model_cards/``.
+
+    Example:
+        >>> card = build_model_card(TiesConfig(density=0.2), {"base": "bert-base-uncased", "models": {...}})
+        >>> card.save("out/README.md")
+    """
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if artifact not in TEMPLATES:
+        raise ValueError(f"artifact must be one of {sorted(TEMPLATES)}, got {artifact!r}.")
+    if library_name is not None and library_name not in LIBRARY_NAMES:
+        raise ValueError(f"library_name must be one of {list(LIBRARY_NAMES)} or None, got {library_name!r}.")
+    config = _config_dict(merge_config)
+    methods = method_names(config)
+    records = input_records(merge_inputs)
+    if license is None:
+        license = inherited_license(records)
+    pipeline_tag = pipeline_tag or infer_pipeline_tag(model_class)
+    results = _eval_results(eval_results, pipeline_tag) if eval_results is not None else []
+    model_name = model_name or (repo_id.split("/")[-1] if repo_id else f"{methods[0]}-merge")
+    base_models = list(dict.fromkeys(r.name for r in records if r.name is not None))
+    card_data = ModelCardData(
+        base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
+        base_model_relation="merge",
+        tags=list(dict.fromkeys([*BASE_TAGS, *methods, *extra_tags])),
+        library_name=library_name,
+        license=license,
+        pipeline_tag=pipeline_tag,
+        model_name=model_name if results else None,
+        eval_results=results or None,
+    )
+    base = next((r for r in records if r.role == "base"), None)
+    path = Path(template_path) if template_path is not None else TEMPLATE_DIR / TEMPLATES[artifact]
+    if not path.is_file():
+        raise FileNotFoundError(f"Model card template {path} does not exist.")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(path),
+        title=model_name,
+        artifact=artifact,
+        base=base,
+        tasks=[r for r in records if r.role != "base"],
+        inputs=records,
+        method_docs=[
+            {"name": name, **dataclasses.asdict(METHOD_INFO[name])} if name in METHOD_INFO
+            else {"name": name, "title": name, "summary": "A method registered outside hf-merge's built-ins.",
+                  "bibtex": None, "paper_url": None}
+            for name in methods
+        ],
+        merge_config_yaml=yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip("\n"),
+        eval_rows=[
+            {k: _cell(v) for k, v in (("dataset", r.dataset_name), ("split", r.dataset_split or "—"),
+                                      ("metric", r.metric_name or r.metric_type), ("value", r.metric_value))}
+            for r in results
+        ],
+        load_snippet=load_snippet or _load_snippet(artifact, repo_id or "path/to/this/folder", model_class),
+        cell=_cell,
+    )
+
+
+def _architecture_of(folder: Path) -> str | None:
+    import json
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    with open(config_file, encoding="utf-8") as fh:
+        architectures = json.load(fh).get("architectures") or []
+    return architectures[0] if architectures else None
+
+
+def write_card(
+    folder: str | os.PathLike,
+    merge_config: Any,
+    merge_inputs: Mapping[str, Any] | None,
+    **card_options: Any,
+) -> Path:
+    """Render the card (see :func:`build_model_card`) into ``folder/README.md``; return its path.
+
+    When ``model_class`` is not given it is read from the folder's ``config.json`` (``architectures``), which also
+    yields the pipeline tag. Any existing README.md is replaced.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot write a model card into {folder}: it is not a folder.")
+    if card_options.get("model_class") is None and card_options.get("artifact", "model") == "model":
+        card_options["model_class"] = _architecture_of(folder)
+    card = build_model_card(merge_config, merge_inputs, **card_options)
+    path = folder / CARD_NAME
+    card.save(path)
+    return path

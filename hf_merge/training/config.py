@@ -1,0 +1,135 @@
+"""``ATMConfig``: the schedule of Alternating Tuning and Merging (Zhou et al. 2024, arXiv 2411.03055).
+
+ATM is a training procedure, not a merge method: it is not registered in :data:`hf_merge.MERGE_METHODS` and cannot be
+passed to :func:`hf_merge.merge`. It serialises like a :class:`~hf_merge.MergeConfig` (``to_dict``/``from_dict``,
+``save_pretrained``/``from_pretrained``) into ``atm_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import MergeConfig, check_number
+
+ATM_CONFIG_NAME = "atm_config.json"
+
+
+def _default_merge() -> MergeConfig:
+    from ..methods.task_arithmetic import TaskArithmeticConfig
+
+    return TaskArithmeticConfig(scaling=1.0)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ATMConfig:
+    """How many rounds of ATM to run, the fine-tuning budget per (round, task), and how task vectors are merged.
+
+    Every round k fine-tunes a copy of the current model θ^{k−1} on each task t, forms τ_t^k = θ_t^k − θ^{k−1}, merges
+    them with ``merge`` and sets θ^k = θ^{k−1} + α · merged (spec §11).
+
+    Args:
+        rounds: K, the number of tune-then-merge rounds (≥ 1).
+        steps_per_round: optimizer steps per task per round. Exactly one of this and ``epochs_per_round``.
+        epochs_per_round: epochs (may be fractional, e.g. ``0.5``) of each task's data per round.
+        scaling: α. ``None`` means 1/T (gradient descent on the mean task loss); 1 means the summed loss.
+        merge: how the T task vectors of a round combine, any base-relative merge config (default
+            ``TaskArithmeticConfig(scaling=1.0)``, i.e. Σ_t τ_t). Methods without a base (permutation alignment) are
+            rejected.
+        reset_optimizer: ``True`` (default): a fresh optimizer for every (round, task), as the spec recommends (AdamW
+            moments from a previous base are stale). ``False``: each task keeps its optimizer moments from one round to
+            the next (T optimizer states are held in memory and saved in checkpoints). The learning-rate schedule
+            always spans one (round, task) budget.
+
+    Example:
+        >>> ATMConfig(rounds=4, epochs_per_round=0.25)                       # α = 1/T, Task Arithmetic sum
+        >>> ATMConfig(rounds=3, steps_per_round=50, merge=TiesConfig(density=0.2, scaling=1.0), scaling=0.5)
+    """
+
+    rounds: int
+    steps_per_round: int | None = None
+    epochs_per_round: float | None = None
+    scaling: float | None = None
+    merge: MergeConfig = dataclasses.field(default_factory=_default_merge)
+    reset_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}.")
+        if (self.steps_per_round is None) == (self.epochs_per_round is None):
+            raise ValueError(
+                "Give exactly one of steps_per_round and epochs_per_round "
+                f"(got steps_per_round={self.steps_per_round!r}, epochs_per_round={self.epochs_per_round!r})."
+            )
+        if self.steps_per_round is not None and (
+            isinstance(self.steps_per_round, bool) or not isinstance(self.steps_per_round, int) or self.steps_per_round < 1
+        ):
+            raise ValueError(f"steps_per_round must be a positive integer, got {self.steps_per_round!r}.")
+        if self.epochs_per_round is not None:
+            check_number("epochs_per_round", self.epochs_per_round)
+            if self.epochs_per_round <= 0:
+                raise ValueError(f"epochs_per_round must be > 0, got {self.epochs_per_round!r}.")
+        if self.scaling is not None:
+            check_number("scaling", self.scaling)
+        if isinstance(self.merge, Mapping):
+            self.merge = MergeConfig.from_dict(self.merge)
+        if not isinstance(self.merge, MergeConfig):
+            raise TypeError(f"merge must be a MergeConfig (e.g. TaskArithmeticConfig), got {type(self.merge).__name__}.")
+        from ..methods.base import ModelMerger
+        from ..registry import get_merger
+
+        if isinstance(get_merger(self.merge), ModelMerger):
+            raise ValueError(
+                f"merge={self.merge.method!r} merges models without a shared base; ATM merges task vectors relative "
+                "to the current model, so it needs a base-relative method (task_arithmetic, ties, dare, ...)."
+            )
+        if not isinstance(self.reset_optimizer, bool):
+            raise TypeError(f"reset_optimizer must be a bool, got {self.reset_optimizer!r}.")
+
+    def scaling_for(self, num_tasks: int) -> float:
+        """α for ``num_tasks`` tasks: the configured value, or 1/T when ``scaling`` is ``None``."""
+        if num_tasks < 1:
+            raise ValueError(f"ATM needs at least one task, got {num_tasks}.")
+        return 1.0 / num_tasks if self.scaling is None else float(self.scaling)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict; ``merge`` becomes a nested merge-config dict."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["merge"] = self.merge.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ATMConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown ATMConfig parameter(s) {unknown}; valid parameters: {sorted(names)}.")
+        return cls(**dict(data))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``atm_config.json`` into ``save_directory`` (created if needed); return the file path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, ATM_CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+            fh.write("\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ATMConfig:
+        """Read ``atm_config.json`` from a folder (or the file itself)."""
+        path = os.fspath(directory)
+        if os.path.isdir(path):
+            path = os.path.join(path, ATM_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {ATM_CONFIG_NAME} found at {path!r}.")
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+    def replace(self, **overrides: Any) -> ATMConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **overrides)

@@ -1,0 +1,303 @@
+"""Properties of the baseline merges (average, Task Arithmetic, TIES, DARE) and of the streaming engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hf_merge
+from hf_merge.io import open_source
+from hf_merge.methods.dare import dare_drop, mask_seed
+from hf_merge.methods.ties import disjoint_merge, elect_signs
+from tests.tiny_models import FACTORIES, finetuned_copy, logits
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def trio(architecture):
+    base = FACTORIES[architecture]()
+    return architecture, base, [finetuned_copy(base, seed) for seed in (1, 2, 3)]
+
+
+def test_task_arithmetic_with_one_model_and_unit_scaling_reproduces_it(trio):
+    _, base, (ft, *_) = trio
+    merged = hf_merge.merge(base, [ft], "task_arithmetic", scaling=1.0, progress=False)
+    for key, value in ft.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_average_of_identical_models_is_the_model(trio):
+    _, base, (ft, *_) = trio
+    merged = hf_merge.merge(base, [ft, ft, ft], hf_merge.AverageConfig(), progress=False)
+    for key, value in ft.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_weighted_average_matches_formula():
+    base = {"w": torch.zeros(3)}
+    a, b = {"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([3.0, 2.0, 1.0])}
+    merged = hf_merge.merge(base, {"a": a, "b": b}, "average", weights={"a": 3.0, "b": 1.0}, progress=False)
+    torch.testing.assert_close(merged["w"], (3 * a["w"] + b["w"]) / 4)
+
+
+def test_merge_leaves_base_and_inputs_untouched(trio):
+    _, base, fts = trio
+    before = [_state(m) for m in (base, *fts)]
+    merged = hf_merge.merge(base, fts, "ties", density=0.3, progress=False)
+    assert merged is not base
+    for model, state in zip((base, *fts), before):
+        _assert_same_state(_state(model), state)
+
+
+def test_model_path_and_dict_inputs_give_identical_tensors(trio, tmp_path):
+    _, base, fts = trio
+    base.save_pretrained(tmp_path / "base")
+    for i, ft in enumerate(fts):
+        ft.save_pretrained(tmp_path / f"ft{i}")
+    config = hf_merge.TiesConfig(density=0.3, scaling=1.2)
+    merged_model = hf_merge.merge(base, fts, config, progress=False)
+    # Keys as save_pretrained writes them (transformers 5 renames some weights in memory, e.g. ViT's).
+    serialized = open_source(merged_model)
+    from_models = {k: serialized.get(k) for k in serialized.keys()}
+    # model.state_dict() shares storage between tied weights: the dict input sees the tie too.
+    from_dicts = hf_merge.merge(base.state_dict(), [m.state_dict() for m in fts], config, progress=False)
+    hf_merge.merge(
+        tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)], config,
+        output_dir=tmp_path / "merged", progress=False,
+    )
+    from safetensors.torch import load_file
+
+    from_paths = load_file(tmp_path / "merged" / "model.safetensors")
+    assert set(from_paths) == set(from_models)
+    for key, value in from_paths.items():
+        assert torch.equal(value, from_models[key]), key
+        assert torch.equal(value, from_dicts[serialized.memory_names.get(key, key)]), key
+    mixed = hf_merge.merge(base, [fts[0], tmp_path / "ft1", fts[2]], config, progress=False).state_dict()
+    _assert_same_state(mixed, merged_model.state_dict())
+
+
+def test_reloaded_checkpoint_gives_the_logits_of_the_in_memory_merge(trio, tmp_path):
+    name, base, fts = trio
+    in_memory = base.merge_with(fts, "task_arithmetic", scaling=0.4, progress=False)
+    path = hf_merge.merge(base, fts, "task_arithmetic", scaling=0.4, output_dir=tmp_path / "out", progress=False)
+    reloaded = type(base).from_pretrained(path).eval()
+    torch.testing.assert_close(logits(name, reloaded), logits(name, in_memory), rtol=0, atol=0)
+    saved_config = hf_merge.MergeConfig.from_pretrained(path)
+    assert saved_config == hf_merge.TaskArithmeticConfig(scaling=0.4)
+
+
+def test_tied_embeddings_are_merged_once_and_stay_tied(tmp_path):
+    base = FACTORIES["llama"]()
+    fts = [finetuned_copy(base, s) for s in (1, 2)]
+    merged = hf_merge.merge(base, fts, "task_arithmetic", scaling=0.5, progress=False)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    expected = base.model.embed_tokens.weight + 0.5 * sum(
+        f.model.embed_tokens.weight - base.model.embed_tokens.weight for f in fts
+    )
+    torch.testing.assert_close(merged.lm_head.weight, expected)
+    hf_merge.merge(base, fts, "task_arithmetic", scaling=0.5, output_dir=tmp_path / "o", progress=False)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "o" / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    reloaded = type(base).from_pretrained(tmp_path / "o")
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_merge_with_inplace_updates_the_model_itself():
+    base = FACTORIES["bert"]()
+    fts = [finetuned_copy(base, s) for s in (1, 2)]
+    expected = base.merge_with(fts, "task_arithmetic", scaling=0.5, progress=False).state_dict()
+    returned = base.merge_with(fts, "task_arithmetic", scaling=0.5, inplace=True, progress=False)
+    assert returned is base
+    _assert_same_state(_state(base), {k: v for k, v in expected.items()})
+
+
+def test_sharded_output_reloads(tmp_path):
+    base = FACTORIES["gpt2"]()
+    fts = [finetuned_copy(base, s) for s in (1, 2)]
+    path = hf_merge.merge(
+        base, fts, "ties", output_dir=tmp_path / "sharded", max_shard_size="20KB", progress=False
+    )
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    in_memory = hf_merge.merge(base, fts, "ties", progress=False)
+    reloaded = type(base).from_pretrained(path)
+    torch.testing.assert_close(logits("gpt2", reloaded), logits("gpt2", in_memory), rtol=0, atol=0)
+    # A sharded checkpoint is a valid input too.
+    again = hf_merge.merge(path, [path], "task_arithmetic", scaling=1.0, progress=False)
+    _assert_same_state(_state(again), _state(reloaded))
+
+
+def test_existing_output_folder_is_replaced_whole(tmp_path):
+    base = {"w": torch.zeros(4)}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=1.0, output_dir=tmp_path / "out",
+                   progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merge_config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_tokenizer_and_config_files_are_copied_from_a_base_folder(tmp_path):
+    base = FACTORIES["bert"]()
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    (tmp_path / "base" / "vocab.txt").write_text("[PAD]\n")
+    finetuned_copy(base, 1).save_pretrained(tmp_path / "ft")
+    hf_merge.merge(tmp_path / "base", [tmp_path / "ft"], "ties", output_dir=tmp_path / "out", progress=False)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"config.json", "tokenizer.json", "vocab.txt", "merge_config.json", "model.safetensors"} <= names
+
+
+def test_integer_buffers_are_copied_from_the_base():
+    base = {"w": torch.zeros(3), "steps": torch.tensor(7), "mask": torch.tensor([True, False])}
+    ft = {"w": torch.ones(3), "steps": torch.tensor(99), "mask": torch.tensor([False, False])}
+    merged = hf_merge.merge(base, [ft], "task_arithmetic", scaling=0.5, progress=False)
+    assert merged["steps"].item() == 7 and merged["mask"].tolist() == [True, False]
+    torch.testing.assert_close(merged["w"], torch.full((3,), 0.5))
+
+
+def test_bf16_deltas_below_the_bf16_spacing_survive_task_arithmetic():
+    base = {"w": torch.ones(16, dtype=torch.bfloat16)}
+    ulp = 2.0**-7  # bf16 spacing at 1.0
+    fts = [{"w": torch.full((16,), 1.0 + ulp, dtype=torch.bfloat16)} for _ in range(8)]
+    merged = hf_merge.merge(base, fts, "task_arithmetic", scaling=0.3, progress=False)
+    assert merged["w"].dtype == torch.bfloat16
+    expected = torch.tensor(1.0 + 0.3 * 8 * ulp).to(torch.bfloat16)  # rounded once: 1 + 2 ulp
+    assert torch.all(merged["w"] == expected)
+    naive = base["w"].clone()
+    for ft in fts:  # what rounding every step in bf16 gives: each 0.3-ulp step vanishes
+        naive = naive + (0.3 * (ft["w"] - base["w"])).to(torch.bfloat16)
+    assert torch.all(naive == 1.0) and not torch.all(merged["w"] == naive)
+
+
+def test_output_dtype_can_be_chosen():
+    base = {"w": torch.zeros(4)}
+    merged = hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=1.0, dtype="bf16",
+                            progress=False)
+    assert merged["w"].dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- TIES
+def _ties_reference(base, fts, density, scaling, aggregate="mean"):
+    """The reference's whole-model computation on one flattened tasks × parameters matrix."""
+    keys = list(base)
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    signs = torch.sign(trimmed.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    merged = disjoint_merge(trimmed, signs, aggregate) * scaling
+    out, offset = {}, 0
+    for k in keys:
+        n = base[k].numel()
+        out[k] = base[k] + merged[offset:offset + n].view_as(base[k])
+        offset += n
+    return out
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.93])
+@pytest.mark.parametrize("aggregate", ["mean", "sum"])
+def test_global_ties_streams_to_the_exact_whole_model_result(density, aggregate):
+    gen = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.weight": torch.randn(17, 9, generator=gen) for i in range(5)}
+    base["bias"] = torch.randn(23, generator=gen)
+    fts = [{k: v + torch.randn(v.shape, generator=gen) * (0.1 + i) for k, v in base.items()} for i in range(3)]
+    merged = hf_merge.merge(base, fts, "ties", density=density, scaling=1.3, aggregate=aggregate, progress=False)
+    expected = _ties_reference(base, fts, density, 1.3, aggregate)
+    for key in base:
+        torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6)
+
+
+def test_global_ties_keeps_ties_at_the_threshold_inclusively():
+    base = {"w": torch.zeros(10)}
+    ft = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1])}
+    merged = hf_merge.merge(base, [ft], "ties", density=0.2, progress=False)
+    assert merged["w"].tolist() == [1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0, 0, 0]
+
+
+def test_ties_with_full_density_and_agreeing_signs_is_the_mean():
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(50, generator=gen)}
+    magnitudes = [torch.rand(50, generator=gen) + 0.1 for _ in range(3)]
+    sign = torch.where(torch.rand(50, generator=gen) > 0.5, 1.0, -1.0)
+    fts = [{"w": base["w"] + sign * m} for m in magnitudes]
+    for scope in ("global", "tensor"):
+        merged = hf_merge.merge(base, fts, "ties", density=1.0, scope=scope, progress=False)
+        torch.testing.assert_close(merged["w"], base["w"] + sign * sum(magnitudes) / 3)
+
+
+def test_tensor_scope_ties_trims_each_tensor_separately():
+    base = {"small": torch.zeros(10), "large": torch.zeros(10)}
+    ft = {"small": torch.arange(1.0, 11.0) * 1e-3, "large": torch.arange(1.0, 11.0)}
+    per_tensor = hf_merge.merge(base, [ft], "ties", density=0.3, scope="tensor", progress=False)
+    assert (per_tensor["small"] != 0).sum() == 4 and (per_tensor["large"] != 0).sum() == 4
+    whole_model = hf_merge.merge(base, [ft], "ties", density=0.3, scope="global", progress=False)
+    assert (whole_model["small"] != 0).sum() == 0
+
+
+def test_elected_sign_falls_back_to_the_majority_sign():
+    trimmed = torch.tensor([[1.0, 2.0, 3.0, -1.0], [-1.0, 1.0, 1.0, 0.0]])
+    signs = elect_signs(trimmed)
+    assert signs.tolist() == [1.0, 1.0, 1.0, -1.0]  # column 0 sums to 0: majority (+) wins
+
+
+# ----------------------------------------------------------------------------------------- DARE
+def test_dare_survivors_are_exactly_rescaled_and_the_rest_dropped():
+    delta = torch.randn(10_000)
+    dropped = dare_drop(delta, 0.9, seed=1)
+    survivors = dropped != 0
+    assert torch.equal(dropped[survivors], delta[survivors] / (1 - 0.9))
+    assert 0.08 < survivors.float().mean() < 0.12
+
+
+def test_dare_is_unbiased_over_seeds():
+    delta = torch.randn(2_000)
+    mean = torch.stack([dare_drop(delta, 0.5, seed=s) for s in range(400)]).mean(0)
+    assert (mean - delta).abs().mean() < 0.05 * delta.abs().mean()
+
+
+def test_dare_masks_do_not_depend_on_key_order_or_inputs_order_of_other_tensors():
+    gen = torch.Generator().manual_seed(2)
+    base = {f"t{i}": torch.zeros(100) for i in range(4)}
+    fts = {"a": {k: torch.randn(100, generator=gen) for k in base}, "b": {k: torch.randn(100, generator=gen) for k in base}}
+    config = hf_merge.DareConfig(drop_rate=0.7, seed=3, then=hf_merge.TaskArithmeticConfig(scaling=1.0))
+    merged = hf_merge.merge(base, fts, config, progress=False)
+    reordered = hf_merge.merge(
+        dict(reversed(base.items())), {n: dict(reversed(sd.items())) for n, sd in fts.items()}, config, progress=False
+    )
+    for key in base:
+        assert torch.equal(merged[key], reordered[key])
+    expected = sum(dare_drop(fts[n]["t2"], 0.7, mask_seed(3, n, "t2")) for n in fts)
+    torch.testing.assert_close(merged["t2"], expected)
+
+
+def test_dare_then_ties_sees_the_dropped_task_vectors():
+    gen = torch.Generator().manual_seed(4)
+    base = {"w": torch.zeros(200)}
+    fts = {"a": {"w": torch.randn(200, generator=gen)}, "b": {"w": torch.randn(200, generator=gen)}}
+    ties = hf_merge.TiesConfig(density=0.5)
+    merged = hf_merge.merge(base, fts, "dare", drop_rate=0.5, seed=0, then=ties, progress=False)
+    dropped = {n: {"w": dare_drop(sd["w"], 0.5, mask_seed(0, n, "w"))} for n, sd in fts.items()}
+    torch.testing.assert_close(merged["w"], hf_merge.merge(base, dropped, ties, progress=False)["w"])
+
+
+def test_dare_with_zero_drop_rate_is_the_inner_merge():
+    base = {"w": torch.zeros(8)}
+    fts = [{"w": torch.randn(8)}, {"w": torch.randn(8)}]
+    ta = hf_merge.TaskArithmeticConfig(scaling=0.5)
+    merged = hf_merge.merge(base, fts, "dare", drop_rate=0.0, then=ta, progress=False)
+    torch.testing.assert_close(merged["w"], hf_merge.merge(base, fts, ta, progress=False)["w"])
