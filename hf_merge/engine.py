@@ -16,7 +16,8 @@ import torch
 
 from .config import MergeConfig
 from .io.sources import SAFE_WEIGHTS_INDEX_NAME, ModelSource, TensorMeta, TensorSource, open_source
-from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, write_safetensors_shards
+from .io.prefetch import Prefetcher
+from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, plan_shards, write_safetensors_shards
 from .methods.base import Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
 from .registry import get_merger, make_config
@@ -187,7 +188,8 @@ class MergeContext:
 
     def _load(self, source: TensorSource, key: str) -> torch.Tensor:
         tensor = source.get(key).to(self.device, torch.float32)
-        if not torch.isfinite(tensor).all():
+        # One reduction first: a finite sum proves every entry finite; only a non-finite sum needs the exact check.
+        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
         return tensor
 
@@ -205,13 +207,23 @@ class MergeContext:
             out.append(delta)
         return out
 
+    def load(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(θ₀, [τ_t])`` of ``key`` in float32 on the compute device."""
+        base = self.base_tensor(key)
+        return base, self.deltas(key, base)
+
+    def prefetcher(self, order: list[str]) -> Prefetcher[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """A :class:`Prefetcher` of :meth:`load` over ``order`` (reads tensor i + 1 while tensor i is merged)."""
+        return Prefetcher(self.load, order)
+
     def iter_deltas(self, desc: str = "statistics") -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
         """Stream ``(key, base, deltas)`` over every floating-point tensor (for statistics passes)."""
         from tqdm.auto import tqdm
 
-        for key in tqdm(self.merge_keys, desc=desc, unit="tensor", disable=not self.progress, leave=False):
-            base = self.base_tensor(key)
-            yield key, base, self.deltas(key, base)
+        with self.prefetcher(self.merge_keys) as prefetcher:
+            for key in tqdm(self.merge_keys, desc=desc, unit="tensor", disable=not self.progress, leave=False):
+                base, deltas = prefetcher.get(key)
+                yield key, base, deltas
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -268,10 +280,12 @@ def emit(
     progress: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     desc: str = "merging",
+    on_order: Callable[[list[str]], None] | None = None,
 ) -> Any:
     """Produce every tensor with ``compute`` and deliver them: a folder, a model, or a state dict.
 
-    ``metas`` gives the output shape and dtype of each key. With ``output_dir`` the result is a checkpoint that
+    ``metas`` gives the output shape and dtype of each key; ``on_order`` is told the order in which ``compute``
+    will be called (so inputs can be prefetched). With ``output_dir`` the result is a checkpoint that
     ``from_pretrained`` loads (returned as a path); with a model base (or ``into``) a new model of the same class
     (ties kept); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state dict.
     """
@@ -288,12 +302,17 @@ def emit(
 
     try:
         if output_dir is not None:
+            if on_order is not None:
+                plan = plan_shards(metas, max_shard_size=max_shard_size)
+                on_order([key for keys in plan.filename_to_tensors.values() for key in keys])
             with atomic_directory(output_dir) as tmp:
                 write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
                 _copy_side_files(base, tmp, dtype=output_dtype)
                 if merge_config is not None:
                     merge_config.save_pretrained(tmp)
             return str(Path(output_dir))
+        if on_order is not None:
+            on_order(list(metas))
         target = into
         if target is None and base.model is not None:
             target = copy.deepcopy(base.model)
@@ -441,22 +460,26 @@ def run_merger(
 ) -> Any:
     """Validate, run the merger's statistics passes, then stream every tensor to the output."""
     metas = validate_sources(base, tasks, dtype=dtype)
-    infos = classify_sources(base, tasks)
+    if merger.uses_param_info:
+        infos = classify_sources(base, tasks)
+    else:  # elementwise methods ignore the kinds: skip building the architecture
+        infos = classify_parameters(base.shapes(), config=base.config)
     ctx = MergeContext(base, tasks, infos, metas, device=device, progress=progress)
     merger.prepare(ctx)
-
     out_metas = _output_metas(metas, dtype)
+    prefetcher = ctx.prefetcher([])
 
     def compute(key: str) -> torch.Tensor:
         if not metas[key].dtype.is_floating_point:
             return base.get(key)
-        theta0 = ctx.base_tensor(key)
-        merged_delta = merger.merge_tensor(key, theta0, ctx.deltas(key, theta0), infos[key])
+        theta0, deltas = prefetcher.get(key)
+        merged_delta = merger.merge_tensor(key, theta0, deltas, infos[key])
         return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
 
-    return emit(
-        base, out_metas, compute,
-        output_dir=output_dir, into=into, merge_config=merger.config, merge_inputs=describe_inputs(base, tasks),
-        progress=progress,
-        max_shard_size=max_shard_size, desc=f"merging ({merger.config.method})",
-    )
+    with prefetcher:
+        return emit(
+            base, out_metas, compute,
+            output_dir=output_dir, into=into, merge_config=merger.config, merge_inputs=describe_inputs(base, tasks),
+            progress=progress, max_shard_size=max_shard_size, desc=f"merging ({merger.config.method})",
+            on_order=lambda order: prefetcher.set_order([k for k in order if metas[k].dtype.is_floating_point]),
+        )

@@ -222,6 +222,18 @@ def test_global_ties_streams_to_the_exact_whole_model_result(density, aggregate)
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6)
 
 
+def test_global_ties_is_exact_on_bf16_task_vectors_full_of_ties():
+    gen = torch.Generator().manual_seed(5)
+    base = {f"w{i}": (torch.randn(40, 30, generator=gen) * 0.02).to(torch.bfloat16) for i in range(3)}
+    fts = [{k: (v.float() + torch.randn(v.shape, generator=gen) * 2e-4).to(torch.bfloat16) for k, v in base.items()}
+           for _ in range(4)]
+    merged = hf_merge.merge(base, fts, "ties", density=0.2, progress=False)
+    as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
+    for key in base:
+        assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
+
+
 def test_global_ties_keeps_ties_at_the_threshold_inclusively():
     base = {"w": torch.zeros(10)}
     ft = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1])}

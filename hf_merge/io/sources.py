@@ -21,6 +21,10 @@ from typing import Any
 import torch
 
 from .safetensors_file import SafetensorsFile
+from .sources_dtypes import SAFETENSORS_DTYPES
+
+__all__ = ["SAFETENSORS_DTYPES", "FolderSource", "ModelSource", "StateDictSource", "TensorMeta", "TensorSource",
+           "open_source"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

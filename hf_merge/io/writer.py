@@ -46,6 +46,19 @@ def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def plan_shards(
+    metas: Mapping[str, TensorMeta],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    filename_pattern: str = "model{suffix}.safetensors",
+):
+    """The shard layout ``huggingface_hub.split_torch_state_dict_into_shards`` gives, planned on meta tensors."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    planned = {k: torch.empty(m.shape, dtype=m.dtype, device="meta") for k, m in metas.items()}
+    return split_torch_state_dict_into_shards(planned, filename_pattern=filename_pattern, max_shard_size=max_shard_size)
+
+
 def write_safetensors_shards(
     folder: str | os.PathLike,
     metas: Mapping[str, TensorMeta],
@@ -58,13 +71,9 @@ def write_safetensors_shards(
 
     Peak memory is one shard plus whatever ``compute`` holds for one tensor.
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    planned = {k: torch.empty(m.shape, dtype=m.dtype, device="meta") for k, m in metas.items()}
-    split = split_torch_state_dict_into_shards(
-        planned, filename_pattern=filename_pattern, max_shard_size=max_shard_size
-    )
+    split = plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
     folder = Path(folder)
     for filename, keys in split.filename_to_tensors.items():
         shard = {}

@@ -42,6 +42,7 @@ def weighted_average(deltas: list[torch.Tensor], weights: Sequence[float]) -> to
 
 
 class AverageMerger(Merger):
+    uses_param_info = False
     config: AverageConfig
 
     def prepare(self, ctx) -> None:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 class Merger(abc.ABC):
     config_class: ClassVar[type[MergeConfig]]
+    #: Whether ``merge_tensor`` reads the parameter kinds. When False (elementwise methods) the engine classifies
+    #: by names only and skips building the model architecture; methods that route by kind keep it True.
+    uses_param_info: ClassVar[bool] = True
 
     def __init__(self, config: MergeConfig) -> None:
         if not isinstance(config, self.config_class):

@@ -58,6 +58,7 @@ def dare_drop(delta: torch.Tensor, drop_rate: float, seed: int, *, rescale: bool
 
 
 class DareMerger(Merger):
+    uses_param_info = False
     config: DareConfig
 
     def __init__(self, config: DareConfig) -> None:

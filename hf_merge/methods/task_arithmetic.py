@@ -33,6 +33,7 @@ def task_arithmetic(deltas: list[torch.Tensor], scaling: float) -> torch.Tensor:
 
 
 class TaskArithmeticMerger(Merger):
+    uses_param_info = False
     config: TaskArithmeticConfig
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:

@@ -6,13 +6,16 @@
 3. Disjoint merge: τ = Σ_{t∈A} τ̂_t / max(|A|, 1) with A = {t : sign(τ̂_t) = γ, τ̂_t ≠ 0} (``aggregate="sum"`` omits
    the division), and θ = θ₀ + λ τ.
 
-Global scope streams: the exact per-task threshold is found without a tasks × parameters matrix, by a histogram
-of the float32 bit patterns of |τ_t| (monotone in |τ_t|) and an exact selection inside the one bin holding it.
+Global scope streams: the exact per-task threshold is found without a tasks × parameters matrix, from histograms
+of the float32 bit patterns of |τ_t| (monotone in |τ_t|): one of the high 16 bits, then one of the low 16 bits inside
+the bin holding the threshold; the global majority sign comes from the second pass when it is settled there, else
+from a third.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -21,8 +24,7 @@ from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
 
-_HIST_SHIFT = 16  # 2**15 bins over the non-negative float32 bit patterns (exponent + 7 mantissa bits)
-_HIST_BINS = 1 << (31 - _HIST_SHIFT)
+_HIST_BINS = 1 << 15  # high 16 bits of a non-negative float32: exponent + 7 mantissa bits
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,12 +75,19 @@ def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor, aggregate: str = 
     return total
 
 
-def _magnitude_bins(delta: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of every |τ|: the top bits of its float32 pattern (monotone in |τ|)."""
-    return (delta.abs().view(torch.int32) >> _HIST_SHIFT).flatten().long()
+def _bit_halves(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 16 bits of the float32 pattern of |τ| as zero-copy views.
+
+    For non-negative floats the bit pattern is monotone in the value, so the high half (exponent + 7 mantissa bits)
+    is a histogram bin and the low half orders values inside one bin.
+    """
+    halves = delta.abs().flatten().view(torch.int16)
+    high, low = (halves[1::2], halves[0::2]) if sys.byteorder == "little" else (halves[0::2], halves[1::2])
+    return high, low
 
 
 class TiesMerger(Merger):
+    uses_param_info = False
     config: TiesConfig
 
     def prepare(self, ctx) -> None:
@@ -88,57 +97,60 @@ class TiesMerger(Merger):
             self.thresholds, self.majority_sign = self._global_statistics(ctx)
 
     def _global_statistics(self, ctx) -> tuple[list[float], float]:
-        """Exact global thresholds and majority sign in two streaming passes."""
+        """Exact whole-model thresholds and majority sign, streamed; no values are stored.
+
+        Pass 1 histograms the high 16 bits of |τ_t|; pass 2 histograms the low 16 bits inside the bin holding each
+        task's threshold, and sums the elected signs of the entries no threshold bin can change. When that partial
+        sum outweighs the undecided entries the majority sign is settled; otherwise a third pass sums it exactly.
+        """
         num_tasks = len(ctx.task_names)
-        density = self.config.density
-        # Pass 1: histogram of |τ_t| per task.
-        counts = torch.zeros(num_tasks, _HIST_BINS, dtype=torch.int64)
+        if self.config.density >= 1.0:
+            return [0.0] * num_tasks, self._majority_sign(ctx, [0.0] * num_tasks)
+        coarse = torch.zeros(num_tasks, _HIST_BINS, dtype=torch.int64)
         numel = 0
-        if density < 1.0:
-            for _, _, deltas in ctx.iter_deltas("TIES threshold (1/2)"):
-                numel += deltas[0].numel()
-                for t, delta in enumerate(deltas):
-                    counts[t] += torch.bincount(_magnitude_bins(delta).cpu(), minlength=_HIST_BINS)
-        threshold_bins, ranks_in_bin = [], []
+        for _, _, deltas in ctx.iter_deltas("TIES threshold (1/2)"):
+            numel += deltas[0].numel()
+            for t, delta in enumerate(deltas):
+                coarse[t] += torch.bincount(_bit_halves(delta)[0], minlength=_HIST_BINS).cpu()
+        rank = threshold_rank(numel, self.config.density)
+        bins, ranks_in_bin = [], []
         for t in range(num_tasks):
-            rank = threshold_rank(numel, density) if density < 1.0 else 0
-            if rank == 0:
-                threshold_bins.append(-1)  # keep everything
-                ranks_in_bin.append(0)
-                continue
-            cumulative = counts[t].cumsum(0)
+            cumulative = coarse[t].cumsum(0)
             b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
-            threshold_bins.append(b)
+            bins.append(b)
             ranks_in_bin.append(rank - (int(cumulative[b - 1]) if b > 0 else 0))
 
-        # Pass 2: exact selection inside the threshold bin; sign mass of the elements decided without it.
-        in_bin: list[list[torch.Tensor]] = [[] for _ in range(num_tasks)]
-        undecided: list[torch.Tensor] = []
-        sign_mass = 0
+        fine = torch.zeros(num_tasks, 1 << 16, dtype=torch.int64)
+        decided_mass, undecided = 0, 0
         for _, _, deltas in ctx.iter_deltas("TIES threshold (2/2)"):
-            stacked = torch.stack([d.flatten() for d in deltas])
-            bins = stacked.abs().view(torch.int32) >> _HIST_SHIFT
-            bin_of_task = torch.tensor(threshold_bins, dtype=torch.int32, device=stacked.device).unsqueeze(1)
-            ambiguous = bins == bin_of_task
-            for t in range(num_tasks):
-                if threshold_bins[t] >= 0:
-                    in_bin[t].append(stacked[t][ambiguous[t]].abs().cpu())
-            any_ambiguous = ambiguous.any(dim=0)
-            decided = stacked[:, ~any_ambiguous]
-            kept = decided * (bins[:, ~any_ambiguous] > bin_of_task)
-            sign_mass += int(torch.sign(kept.sum(dim=0)).sum())
-            undecided.append(stacked[:, any_ambiguous].cpu())
+            kept_sum = torch.zeros_like(deltas[0])
+            ambiguous = torch.zeros(deltas[0].shape, dtype=torch.bool, device=deltas[0].device)
+            for t, delta in enumerate(deltas):
+                high, low = _bit_halves(delta)
+                in_bin = high == bins[t]
+                fine[t] += torch.bincount(low[in_bin].to(torch.int32) & 0xFFFF, minlength=1 << 16).cpu()
+                kept_sum += delta * (high > bins[t]).view_as(delta)
+                ambiguous |= in_bin.view_as(delta)
+            undecided += int(ambiguous.sum())
+            decided_mass += int(torch.sign(kept_sum[~ambiguous]).sum())
         thresholds = []
         for t in range(num_tasks):
-            if threshold_bins[t] < 0:
-                thresholds.append(0.0)
-            else:
-                thresholds.append(torch.cat(in_bin[t]).kthvalue(ranks_in_bin[t]).values.item())
-        if undecided:
-            rest = torch.cat(undecided, dim=1)
-            limits = torch.tensor(thresholds).unsqueeze(1)
-            sign_mass += int(torch.sign((rest * (rest.abs() >= limits)).sum(dim=0)).sum())
-        return thresholds, float(torch.sign(torch.tensor(float(sign_mass))))
+            low = int(torch.searchsorted(fine[t].cumsum(0), torch.tensor(ranks_in_bin[t])))
+            bits = torch.tensor([(bins[t] << 16) | low], dtype=torch.int32)
+            thresholds.append(float(bits.view(torch.float32)))
+        if abs(decided_mass) > undecided:
+            return thresholds, float(1 if decided_mass > 0 else -1)
+        return thresholds, self._majority_sign(ctx, thresholds)
+
+    @staticmethod
+    def _majority_sign(ctx, thresholds: list[float]) -> float:
+        """sign(Σ over all entries of γ) for the trimmed task vectors, in one streaming pass."""
+        limits = torch.tensor(thresholds, device=ctx.device).view(-1, 1)
+        mass = 0
+        for _, _, deltas in ctx.iter_deltas("TIES majority sign"):
+            stacked = torch.stack([d.flatten() for d in deltas])
+            mass += int(torch.sign((stacked * (stacked.abs() >= limits)).sum(dim=0)).sum())
+        return float(torch.sign(torch.tensor(float(mass))))
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         if self.thresholds is not None:

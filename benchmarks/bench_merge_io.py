@@ -1,0 +1,189 @@
+"""Path → path merge speed and memory against the I/O floor (not a test).
+
+Generates a Llama-style checkpoint of about 0.5B parameters (bf16, sharded safetensors) plus T "fine-tuned"
+checkpoints, then measures in one run, each in a fresh subprocess:
+
+- floor: read every input tensor once and write one output checkpoint (no arithmetic) — the I/O floor;
+- Task Arithmetic and global-scope TIES with ``hf_merge.merge(path, paths, ..., output_dir=...)``.
+
+Reports wall time, its ratio to the floor, and peak RSS (VmHWM of the subprocess) against the output size.
+Targets: wall ≤ 1.3× the floor, peak RSS ≤ output size + 2 GB. Results: ``benchmarks/results/merge_io.json``.
+
+    python benchmarks/bench_merge_io.py            # ~0.5B parameters, base + 4 inputs
+    python benchmarks/bench_merge_io.py --quick    # ~60M parameters, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (hidden, hidden),
+            p + "self_attn.v_proj.weight": (hidden, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def generate(workdir: Path, args: argparse.Namespace) -> list[Path]:
+    """Base + T fine-tuned checkpoints (θ_t = θ₀ + 0.01·noise), written once and reused."""
+    from transformers import LlamaConfig
+
+    from hf_merge.io import TensorMeta, write_safetensors_shards
+
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab)
+    folders = [workdir / "base"] + [workdir / f"task{t}" for t in range(args.tasks)]
+    stamp = workdir / "generated.json"
+    signature = {k: v for k, v in vars(args).items() if k in ("hidden", "intermediate", "layers", "vocab", "tasks")}
+    if stamp.is_file() and json.loads(stamp.read_text()) == signature:
+        return folders
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                         num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+                         vocab_size=args.vocab, tie_word_embeddings=False, dtype="bfloat16")
+    config.architectures = ["LlamaForCausalLM"]
+    metas = {k: TensorMeta(s, torch.bfloat16) for k, s in shapes.items()}
+    for index, folder in enumerate(folders):
+        folder.mkdir()
+        config.save_pretrained(folder)
+
+        def tensor(key: str, index: int = index) -> torch.Tensor:
+            seed = abs(hash(key)) % (2**31)
+            base = torch.randn(shapes[key], generator=torch.Generator().manual_seed(seed)) * 0.02
+            if index:
+                noise = torch.Generator().manual_seed(seed + index)
+                base += 0.01 * 0.02 * torch.randn(shapes[key], generator=noise)
+            return base.to(torch.bfloat16)
+
+        write_safetensors_shards(folder, metas, tensor, max_shard_size="400MB")
+        print(f"  generated {folder.name}", flush=True)
+    stamp.write_text(json.dumps(signature))
+    return folders
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(kind: str, workdir: Path, tasks: int) -> dict:
+    """Run one measurement in this (fresh) process; print its JSON."""
+    folders = [workdir / "base"] + [workdir / f"task{t}" for t in range(tasks)]
+    output = workdir / f"out-{kind}"
+    shutil.rmtree(output, ignore_errors=True)
+    start = time.perf_counter()
+    if kind == "floor":
+        from hf_merge.io import open_source, write_safetensors_shards
+
+        sources = [open_source(f) for f in folders]
+        base = sources[0]
+        metas = {k: base.meta(k) for k in base.keys()}
+
+        def read_all(key: str) -> torch.Tensor:
+            tensors = [s.get(key) for s in sources]
+            return tensors[0]
+
+        output.mkdir()
+        write_safetensors_shards(output, metas, read_all)
+    else:
+        import hf_merge
+
+        config = {"ta": hf_merge.TaskArithmeticConfig(scaling=0.3), "ties": hf_merge.TiesConfig()}[kind]
+        hf_merge.merge(folders[0], folders[1:], config, output_dir=output, progress=False)
+    wall = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
+    shutil.rmtree(output, ignore_errors=True)
+    return {"wall_s": wall, "peak_rss_bytes": peak_rss_bytes(), "output_bytes": size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="~60M parameters instead of ~0.5B")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".work" / "merge_io")
+    parser.add_argument("--measure", choices=["floor", "ta", "ties"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.vocab = 512, 2048, 8, 8000
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.workdir, args.tasks)))
+        return
+
+    n_params = sum(int(torch.Size(s).numel()) for s in
+                   llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab).values())
+    print(f"Generating base + {args.tasks} checkpoints, {n_params / 1e6:.0f}M parameters each (bf16) ...")
+    generate(args.workdir, args)
+    runs = {}
+    for kind in ("floor", "ta", "ties", "floor"):  # floor twice: before and after, the faster one counts
+        cmd = [sys.executable, __file__, "--measure", kind, "--workdir", str(args.workdir), "--tasks", str(args.tasks)]
+        result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        if kind in runs:
+            result = min(runs[kind], result, key=lambda r: r["wall_s"])
+        runs[kind] = result
+    floor = runs["floor"]["wall_s"]
+    rows = []
+    for kind, label in (("floor", "I/O floor (read all + write one)"), ("ta", "Task Arithmetic"),
+                        ("ties", "TIES (global scope)")):
+        r = runs[kind]
+        rows.append({
+            "run": label,
+            "wall_s": round(r["wall_s"], 2),
+            "wall_over_floor": round(r["wall_s"] / floor, 2),
+            "peak_rss_gb": round(r["peak_rss_bytes"] / 2**30, 2),
+            "output_gb": round(r["output_bytes"] / 2**30, 2),
+            "rss_minus_output_gb": round((r["peak_rss_bytes"] - r["output_bytes"]) / 2**30, 2),
+        })
+    print(f"\n{'run':<34}{'wall s':>9}{'× floor':>9}{'peak RSS GB':>13}{'output GB':>11}{'RSS−out GB':>12}")
+    for row in rows:
+        print(f"{row['run']:<34}{row['wall_s']:>9}{row['wall_over_floor']:>9}{row['peak_rss_gb']:>13}"
+              f"{row['output_gb']:>11}{row['rss_minus_output_gb']:>12}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {
+        "parameters_per_model": n_params,
+        "inputs": 1 + args.tasks,
+        "dtype": "bfloat16",
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
+        "page_cache": "warm (inputs read before timing)",
+        "targets": {"wall_over_floor": 1.3, "rss_minus_output_gb": 2.0},
+        "rows": rows,
+    }
+    name = "merge_io_quick.json" if args.quick else "merge_io.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / name}")
+
+
+if __name__ == "__main__":
+    main()
