@@ -2,6 +2,7 @@
 
     hf-merge merge CONFIG.yaml [--quiet]     run the merge a YAML file describes
     hf-merge methods                        list the methods and their default parameters
+    hf-merge push DIR REPO_ID [--private] [--revision REV]   upload a merge folder to the Hub in one commit
 
 The YAML keys are ``method``, ``base``, ``models`` (a list or a ``{task: path}`` mapping), ``parameters``,
 ``output``, and optionally ``dtype`` and ``device``. Relative paths are resolved against the YAML file's folder.
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser.set_defaults(func=_merge_command)
     methods_parser = commands.add_parser("methods", help="list merge methods and their defaults")
     methods_parser.set_defaults(func=_methods_command)
+    from .hub.cli_push import add_push_parser
+
+    add_push_parser(commands)
     return parser
 
 

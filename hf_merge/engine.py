@@ -20,6 +20,7 @@ from .io.prefetch import Prefetcher
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, plan_shards, write_safetensors_shards
 from .methods.base import Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
+from .placement import DispatchedOutput, cpu_budget, is_dispatched, parse_size
 from .registry import get_merger, make_config
 
 Inputs = Any  # a PreTrainedModel, a checkpoint path or a state dict
@@ -168,6 +169,7 @@ class MergeContext:
         device: torch.device | str | None = None,
         progress: bool = True,
         transforms: tuple[Callable[[str, str, torch.Tensor], torch.Tensor], ...] = (),
+        prefetch_depth: int = 1,
     ) -> None:
         self.base = base
         self.tasks = dict(tasks)
@@ -177,6 +179,7 @@ class MergeContext:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.progress = progress
         self._transforms = transforms
+        self.prefetch_depth = prefetch_depth
         self.merge_keys = [k for k, m in metas.items() if m.dtype.is_floating_point]
 
     def with_transform(self, transform: Callable[[str, str, torch.Tensor], torch.Tensor]) -> MergeContext:
@@ -184,6 +187,7 @@ class MergeContext:
         return MergeContext(
             self.base, self.tasks, self.infos, self.metas,
             device=self.device, progress=self.progress, transforms=(*self._transforms, transform),
+            prefetch_depth=self.prefetch_depth,
         )
 
     def _load(self, source: TensorSource, key: str) -> torch.Tensor:
@@ -214,7 +218,7 @@ class MergeContext:
 
     def prefetcher(self, order: list[str]) -> Prefetcher[tuple[torch.Tensor, list[torch.Tensor]]]:
         """A :class:`Prefetcher` of :meth:`load` over ``order`` (reads tensor i + 1 while tensor i is merged)."""
-        return Prefetcher(self.load, order)
+        return Prefetcher(self.load, order, depth=self.prefetch_depth)
 
     def iter_deltas(self, desc: str = "statistics") -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
         """Stream ``(key, base, deltas)`` over every floating-point tensor (for statistics passes)."""
@@ -255,9 +259,12 @@ def _copy_side_files(base: TensorSource, destination: Path, dtype: torch.dtype |
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _load_model_from_folder(folder: Path) -> torch.nn.Module | None:
-    if not (folder / "config.json").is_file():
+def _load_model_from_folder(folder: Path | None, *, meta: bool = False) -> torch.nn.Module | None:
+    """The model a checkpoint folder's ``config.json`` describes (weights loaded, or on meta with ``meta=True``)."""
+    if folder is None or not (folder / "config.json").is_file():
         return None
+    if meta:
+        return _meta_model_from_folder(folder)
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
@@ -268,6 +275,16 @@ def _load_model_from_folder(folder: Path) -> torch.nn.Module | None:
     return model_cls.from_pretrained(folder)
 
 
+@dataclasses.dataclass
+class Placement:
+    """Where the merged model goes: ``device_map`` (a mapping, or ``"auto"`` under ``max_memory``) and the folder
+    for ``"disk"`` entries. A base dispatched by Accelerate keeps its own ``hf_device_map`` by default."""
+
+    device_map: Mapping[str, Any] | str | None = None
+    max_memory: Mapping[Any, int | str] | None = None
+    offload_folder: str | os.PathLike | None = None
+
+
 def emit(
     base: TensorSource,
     metas: Mapping[str, TensorMeta],
@@ -275,6 +292,7 @@ def emit(
     *,
     output_dir: str | os.PathLike | None = None,
     into: torch.nn.Module | None = None,
+    placement: Placement | None = None,
     merge_config: MergeConfig | None = None,
     merge_inputs: Mapping[str, Any] | None = None,
     progress: bool = True,
@@ -286,14 +304,14 @@ def emit(
 
     ``metas`` gives the output shape and dtype of each key; ``on_order`` is told the order in which ``compute``
     will be called (so inputs can be prefetched). With ``output_dir`` the result is a checkpoint that
-    ``from_pretrained`` loads (returned as a path); with a model base (or ``into``) a new model of the same class
-    (ties kept); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state dict.
+    ``from_pretrained`` loads (returned as a path, with ``merge_config.json`` and a model card); with a model base (or
+    ``into``) a new model of the same class (ties kept; placed per ``placement`` or the base's Accelerate device
+    map); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state dict.
     """
     from tqdm.auto import tqdm
 
+    placement = placement or Placement()
     bar = tqdm(total=len(metas), desc=desc, unit="tensor", disable=not progress)
-    float_dtypes = {m.dtype for m in metas.values() if m.dtype.is_floating_point}
-    output_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
 
     def produce(key: str) -> torch.Tensor:
         tensor = compute(key)
@@ -305,46 +323,93 @@ def emit(
             if on_order is not None:
                 plan = plan_shards(metas, max_shard_size=max_shard_size)
                 on_order([key for keys in plan.filename_to_tensors.values() for key in keys])
-            with atomic_directory(output_dir) as tmp:
-                write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
-                _copy_side_files(base, tmp, dtype=output_dtype)
-                if merge_config is not None:
-                    merge_config.save_pretrained(tmp)
-            return str(Path(output_dir))
+            return _emit_folder(base, metas, produce, Path(output_dir), merge_config, merge_inputs, max_shard_size)
         if on_order is not None:
             on_order(list(metas))
-        target = into
-        if target is None and base.model is not None:
-            target = copy.deepcopy(base.model)
-        if target is None and base.folder is not None:
-            target = _load_model_from_folder(base.folder)
-        if target is not None:
-            params = target.state_dict(keep_vars=True)
-            memory_names = ModelSource(target).memory_names
-            unmapped = [k for k in metas if memory_names.get(k, k) not in params]
-            if unmapped:
-                raise MergeError(
-                    f"Cannot place merged tensors {_preview(unmapped)} into a {type(target).__name__} (its weights are "
-                    "stored converted on disk); pass output_dir= to write a checkpoint instead."
-                )
-            with torch.no_grad():
-                for key in metas:
-                    tensor = produce(key)
-                    destination = params[memory_names.get(key, key)]
-                    if destination.dtype != tensor.dtype:
-                        destination.data = tensor.to(destination.device)
-                    else:
-                        destination.copy_(tensor)
-            if merge_config is not None:
-                target.merge_config = merge_config
-                target.merge_inputs = dict(merge_inputs or {})
-            return target
-        out = {key: produce(key) for key in metas}
-        for alias, canonical in base.aliases.items():
-            out[alias] = out[canonical]
-        return out
+        device_map = placement.device_map
+        if device_map is None and into is None and base.model is not None and is_dispatched(base.model):
+            device_map = base.model.hf_device_map
+        if device_map is not None:
+            template = base.model if base.model is not None else _load_model_from_folder(base.folder, meta=True)
+            if template is None:
+                raise ValueError("device_map= needs a model base or a checkpoint folder with a config.json.")
+            output = DispatchedOutput(
+                template, device_map, max_memory=placement.max_memory, offload_folder=placement.offload_folder
+            )
+            target = _fill_model(output.model, metas, produce, place=output.place)
+            target = output.finish()
+        else:
+            target = into
+            if target is None and base.model is not None:
+                target = copy.deepcopy(base.model)
+            if target is None and base.folder is not None:
+                target = _load_model_from_folder(base.folder)
+            if target is None:
+                out = {key: produce(key) for key in metas}
+                for alias, canonical in base.aliases.items():
+                    out[alias] = out[canonical]
+                return out
+            _fill_model(target, metas, produce)
+        if merge_config is not None:
+            from .hub import attach_publishing
+
+            target.merge_config = merge_config
+            target.merge_inputs = dict(merge_inputs or {})
+            attach_publishing(target)
+        return target
     finally:
         bar.close()
+
+
+def _emit_folder(
+    base: TensorSource,
+    metas: Mapping[str, TensorMeta],
+    produce: Callable[[str], torch.Tensor],
+    output_dir: Path,
+    merge_config: MergeConfig | None,
+    merge_inputs: Mapping[str, Any] | None,
+    max_shard_size: int | str,
+) -> str:
+    float_dtypes = {m.dtype for m in metas.values() if m.dtype.is_floating_point}
+    with atomic_directory(output_dir) as tmp:
+        write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
+        _copy_side_files(base, tmp, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
+        if merge_config is not None:
+            from .hub import write_card
+
+            merge_config.save_pretrained(tmp)
+            write_card(tmp, merge_config, dict(merge_inputs or {}))
+    return str(output_dir)
+
+
+def _fill_model(
+    target: torch.nn.Module,
+    metas: Mapping[str, TensorMeta],
+    produce: Callable[[str], torch.Tensor],
+    place: Callable[[str, torch.Tensor], None] | None = None,
+) -> torch.nn.Module:
+    """Write every produced tensor into ``target`` under its in-memory name (copy, or ``place`` for skeletons)."""
+    params = target.state_dict(keep_vars=True)
+    memory_names = ModelSource(target).memory_names
+    unmapped = [k for k in metas if memory_names.get(k, k) not in params]
+    if unmapped:
+        raise MergeError(
+            f"Cannot place merged tensors {_preview(unmapped)} into a {type(target).__name__} (its weights are "
+            "stored converted on disk); pass output_dir= to write a checkpoint instead."
+        )
+    with torch.no_grad():
+        for key in metas:
+            tensor = produce(key)
+            name = memory_names.get(key, key)
+            if place is not None:
+                place(name, tensor)
+                continue
+            destination = params[name]
+            if destination.dtype != tensor.dtype:
+                destination.data = tensor.to(destination.device)
+            else:
+                destination.copy_(tensor)
+    return target
 
 
 # --------------------------------------------------------------------------------------------- merge
@@ -359,21 +424,30 @@ def merge(
     progress: bool = True,
     allow_pickle: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    compute_device: torch.device | str | None = None,
+    device_map: Mapping[str, Any] | str | None = None,
+    max_memory: int | str | Mapping[Any, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> Any:
     """Merge fine-tuned models into one, streaming tensor by tensor.
 
     Args:
-        base: the pre-trained model θ₀ — a ``PreTrainedModel``, a local checkpoint folder (single or sharded
-            safetensors) or a state dict.
+        base: the pre-trained model θ₀ — a ``PreTrainedModel`` (possibly dispatched by Accelerate with a device map,
+            offloaded weights included), a local checkpoint folder (single or sharded safetensors) or a state dict.
         finetuned: the fine-tuned models θ_t, a sequence or a ``{task_name: model}`` mapping; kinds may be mixed.
         config: a :class:`~hf_merge.MergeConfig`, or a method name (``"ties"``) with its parameters as keywords.
         output_dir: write a ``from_pretrained``-loadable checkpoint there (atomically) and return its path.
-        device: where the arithmetic runs (default CPU); tensors move there one at a time.
+        device: where the arithmetic runs (default CPU), e.g. ``"cuda"`` while inputs stream from disk; tensors move
+            there one at a time. ``compute_device`` is a synonym.
         dtype: output dtype of floating-point tensors (default: the base's dtype per tensor).
         progress: show tqdm progress bars.
         allow_pickle: accept ``pytorch_model.bin`` inputs (loaded with ``weights_only=True``).
         max_shard_size: shard size of the written checkpoint.
+        device_map: placement of the merged model (an Accelerate device map, or ``"auto"``); a dispatched base's
+            ``hf_device_map`` is reused by default. ``"disk"`` entries go to ``offload_folder``.
+        max_memory: host-memory budget of the merge (bytes, ``"4GB"``, or an Accelerate ``{"cpu": ..., 0: ...}``
+            dict, whose entries also bound ``device_map="auto"``); sets the output shard size and read-ahead.
         **overrides: config fields, e.g. ``scaling=0.3``.
 
     Returns:
@@ -383,20 +457,40 @@ def merge(
     Example:
         >>> merged = hf_merge.merge(base, {"sst2": m1, "mnli": m2}, "ties", density=0.2, scaling=1.0)
     """
+    if device is not None and compute_device is not None and torch.device(device) != torch.device(compute_device):
+        raise ValueError(f"device={device!r} and compute_device={compute_device!r} disagree; give one.")
     config = make_config(config, **overrides)
     merger = get_merger(config)
     tasks = open_tasks(finetuned, allow_pickle=allow_pickle)
-    options = dict(
-        output_dir=output_dir, device=device, dtype=parse_dtype(dtype), progress=progress,
-        max_shard_size=max_shard_size,
+    options = RunOptions(
+        output_dir=output_dir, device=device or compute_device, dtype=parse_dtype(dtype), progress=progress,
+        max_shard_size=max_shard_size, max_memory=max_memory,
+        placement=Placement(
+            device_map=device_map, max_memory=max_memory if isinstance(max_memory, Mapping) else None,
+            offload_folder=offload_folder,
+        ),
     )
     if isinstance(merger, ModelMerger):
         if base is not None:
             raise ValueError(f"Method {config.method!r} merges models without a base: call merge(None, models, ...).")
-        return run_model_merger(merger, tasks, **options)
+        return run_model_merger(merger, tasks, options)
     if base is None:
         raise ValueError(f"Method {config.method!r} needs the pre-trained base model θ₀ (base=None given).")
-    return run_merger(merger, open_source(base, "base", allow_pickle=allow_pickle), tasks, **options)
+    return run_merger(merger, open_source(base, "base", allow_pickle=allow_pickle), tasks, options)
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """How a merge runs and where its result goes (see :func:`merge` for each field)."""
+
+    output_dir: str | os.PathLike | None = None
+    into: torch.nn.Module | None = None
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+    progress: bool = True
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    max_memory: int | str | Mapping[Any, int | str] | None = None
+    placement: Placement = dataclasses.field(default_factory=Placement)
 
 
 def describe_inputs(base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> dict[str, Any]:
@@ -414,25 +508,44 @@ def _output_metas(metas: Mapping[str, TensorMeta], dtype: torch.dtype | None) ->
     }
 
 
-def run_model_merger(
-    merger: ModelMerger,
-    models: Mapping[str, TensorSource],
-    *,
-    output_dir: str | os.PathLike | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> Any:
+def memory_plan(
+    metas: Mapping[str, TensorMeta], num_inputs: int, options: RunOptions
+) -> tuple[int | str, int]:
+    """Output shard size and read-ahead depth that keep the merge within ``options.max_memory``.
+
+    The working set of one tensor is about (inputs + 3) float32 copies of it (base, task vectors, temporaries);
+    read-ahead doubles it and the output shard comes on top. Raises :class:`MergeError` when even one tensor's
+    working set does not fit.
+    """
+    budget = cpu_budget(options.max_memory)
+    if budget is None:
+        return options.max_shard_size, 1
+    floats = {k: m for k, m in metas.items() if m.dtype.is_floating_point}
+    if not floats:
+        return options.max_shard_size, 0
+    largest_key = max(floats, key=lambda k: torch.Size(floats[k].shape).numel())
+    largest = torch.Size(floats[largest_key].shape).numel()
+    working = (num_inputs + 3) * largest * 4
+    if working > budget:
+        raise MergeError(
+            f"max_memory={budget} bytes is below the ~{working} bytes needed to merge the largest tensor "
+            f"{largest_key!r} {floats[largest_key].shape} across {num_inputs} inputs in float32."
+        )
+    depth = 1 if 2 * working <= budget // 2 else 0
+    shard_budget = max(budget - (1 + depth) * working, largest * 4)
+    return min(parse_size(options.max_shard_size), shard_budget), depth
+
+
+def run_model_merger(merger: ModelMerger, models: Mapping[str, TensorSource], options: RunOptions) -> Any:
     """Merge models that share no base: the first model is the reference for keys, shapes and output layout."""
     if len(models) < 2:
         raise ValueError(f"Method {merger.config.method!r} needs at least two models, got {len(models)}.")
     first, *_ = models.values()
-    metas = validate_sources(first, dict(list(models.items())[1:]), dtype=dtype)
+    metas = validate_sources(first, dict(list(models.items())[1:]), dtype=options.dtype)
     infos = classify_sources(first, models)
-    ctx = MergeContext(first, models, infos, metas, device=device, progress=progress)
+    ctx = MergeContext(first, models, infos, metas, device=options.device, progress=options.progress)
     merged = merger.merge_models(ctx)
-    out_metas = _output_metas(metas, dtype)
+    out_metas = _output_metas(metas, options.dtype)
 
     def compute(key: str) -> torch.Tensor:
         if not metas[key].dtype.is_floating_point:
@@ -441,32 +554,28 @@ def run_model_merger(
 
     return emit(
         first, out_metas, compute,
-        output_dir=output_dir, merge_config=merger.config, merge_inputs=describe_inputs(None, models),
-        progress=progress, max_shard_size=max_shard_size, desc=f"merging ({merger.config.method})",
+        output_dir=options.output_dir, placement=options.placement, merge_config=merger.config,
+        merge_inputs=describe_inputs(None, models), progress=options.progress,
+        max_shard_size=options.max_shard_size, desc=f"merging ({merger.config.method})",
     )
 
 
 def run_merger(
-    merger: Merger,
-    base: TensorSource,
-    tasks: Mapping[str, TensorSource],
-    *,
-    output_dir: str | os.PathLike | None = None,
-    into: torch.nn.Module | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    progress: bool = True,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    merger: Merger, base: TensorSource, tasks: Mapping[str, TensorSource], options: RunOptions | None = None
 ) -> Any:
     """Validate, run the merger's statistics passes, then stream every tensor to the output."""
-    metas = validate_sources(base, tasks, dtype=dtype)
+    options = options or RunOptions()
+    metas = validate_sources(base, tasks, dtype=options.dtype)
+    shard_size, prefetch_depth = memory_plan(metas, len(tasks) + 1, options)
     if merger.uses_param_info:
         infos = classify_sources(base, tasks)
     else:  # elementwise methods ignore the kinds: skip building the architecture
         infos = classify_parameters(base.shapes(), config=base.config)
-    ctx = MergeContext(base, tasks, infos, metas, device=device, progress=progress)
+    ctx = MergeContext(
+        base, tasks, infos, metas, device=options.device, progress=options.progress, prefetch_depth=prefetch_depth
+    )
     merger.prepare(ctx)
-    out_metas = _output_metas(metas, dtype)
+    out_metas = _output_metas(metas, options.dtype)
     prefetcher = ctx.prefetcher([])
 
     def compute(key: str) -> torch.Tensor:
@@ -479,7 +588,8 @@ def run_merger(
     with prefetcher:
         return emit(
             base, out_metas, compute,
-            output_dir=output_dir, into=into, merge_config=merger.config, merge_inputs=describe_inputs(base, tasks),
-            progress=progress, max_shard_size=max_shard_size, desc=f"merging ({merger.config.method})",
+            output_dir=options.output_dir, into=options.into, placement=options.placement,
+            merge_config=merger.config, merge_inputs=describe_inputs(base, tasks), progress=options.progress,
+            max_shard_size=shard_size, desc=f"merging ({merger.config.method})",
             on_order=lambda order: prefetcher.set_order([k for k in order if metas[k].dtype.is_floating_point]),
         )

@@ -46,20 +46,24 @@ def merge_with(
         base_input, finetuned = base, [self, *others]
     else:
         base_input, finetuned = self, others
-    engine_keys = {"device", "dtype", "progress", "allow_pickle"}
-    options = {k: kwargs.pop(k) for k in list(kwargs) if k in engine_keys}
-    merger = get_merger(config_or_method, **kwargs)
-    from .engine import parse_dtype
+    from .engine import Placement, RunOptions, parse_dtype
 
-    if "dtype" in options:
-        options["dtype"] = parse_dtype(options["dtype"])
-    allow_pickle = options.pop("allow_pickle", False)
+    allow_pickle = kwargs.pop("allow_pickle", False)
+    run_keys = {"device", "dtype", "progress", "max_shard_size", "max_memory"}
+    options = RunOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in run_keys})
+    options.device = options.device or kwargs.pop("compute_device", None)
+    options.dtype = parse_dtype(options.dtype)
+    options.placement = Placement(
+        device_map=kwargs.pop("device_map", None), offload_folder=kwargs.pop("offload_folder", None),
+        max_memory=options.max_memory if isinstance(options.max_memory, Mapping) else None,
+    )
+    options.into = self if inplace and base is None else None
+    merger = get_merger(config_or_method, **kwargs)
     return run_merger(
         merger,
         open_source(base_input, "base", allow_pickle=allow_pickle),
         open_tasks(finetuned, allow_pickle=allow_pickle),
-        into=self if inplace and base is None else None,
-        **options,
+        options,
     )
 
 

@@ -146,7 +146,7 @@ def test_existing_output_folder_is_replaced_whole(tmp_path):
     (tmp_path / "out" / "stale.txt").write_text("old")
     hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=1.0, output_dir=tmp_path / "out",
                    progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merge_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "merge_config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +35,13 @@ from typing import Any
 from .methods_info import METHOD_INFO
 
 CARD_NAME = "README.md"
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_cards"
+# model_cards/ at the top of the source tree (editable installs); a wheel can ship it as data files under
+# <prefix>/share/hf_merge/model_cards.
+_TEMPLATE_DIRS = (
+    Path(__file__).resolve().parents[2] / "model_cards",
+    Path(sys.prefix) / "share" / "hf_merge" / "model_cards",
+)
+TEMPLATE_DIR = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[0])
 TEMPLATES = {"model": "merged_model.md", "adapter": "merged_model.md", "task_bank": "task_bank.md"}
 ARTIFACT_LIBRARIES = {"model": "transformers", "adapter": "peft", "task_bank": None}
 LIBRARY_NAMES = ("transformers", "peft")
@@ -111,11 +118,14 @@ def input_license(origin: str | os.PathLike | None) -> str | None:
 
 
 def input_records(merge_inputs: Mapping[str, Any] | None) -> list[InputRecord]:
-    """The base (when the merge had one) and every task model, in order."""
+    """The base (when the merge had one) and every task model, in order.
+
+    Only the ``"base"`` and ``"models"`` entries are read; other entries (e.g. ``task_bank_task``, which a task bank
+    records for a task it rebuilt) are not inputs and are left out of the card.
+    """
     merge_inputs = merge_inputs or {}
-    unknown = sorted(set(merge_inputs) - {"base", "models"})
-    if unknown:
-        raise ValueError(f"merge_inputs has unknown key(s) {unknown}; expected 'base' and 'models'.")
+    if not isinstance(merge_inputs, Mapping):
+        raise TypeError(f"merge_inputs must be a mapping with 'base' and 'models', got {type(merge_inputs).__name__}.")
     models = merge_inputs.get("models") or {}
     if not isinstance(models, Mapping):
         raise TypeError(f"merge_inputs['models'] must map task names to origins, got {type(models).__name__}.")
@@ -210,20 +220,27 @@ def _eval_results(eval_results: Any, pipeline_tag: str | None) -> list[Any]:
     return results
 
 
-def _load_snippet(artifact: str, where: str, model_class: str | None) -> str:
+def _load_snippet(artifact: str, repo_id: str | None, model_class: str | None, tasks: Sequence[str]) -> str:
+    where = repo_id or "path/to/this/folder"
     if artifact == "adapter":
-        return (
-            "from peft import AutoPeftModel\n\n"
-            f'model = AutoPeftModel.from_pretrained("{where}")'
-        )
+        return f'from peft import AutoPeftModel\n\nmodel = AutoPeftModel.from_pretrained("{where}")'
     if artifact == "task_bank":
-        return f'from hf_merge import TaskBank\n\nbank = TaskBank.from_pretrained("{where}")'
+        folder = f'snapshot_download("{where}")' if repo_id else f'"{where}"'
+        return (
+            ("from huggingface_hub import snapshot_download\n" if repo_id else "")
+            + "from hf_merge import TaskBank\n\n"
+            f"bank = TaskBank.from_pretrained({folder})\n"
+            + (f'model = bank.load_task("{tasks[0]}")  # the base plus the reconstructed task vector' if tasks else "")
+        ).rstrip("\n")
     cls = model_class or "AutoModel"
+    config_file = f'hf_hub_download("{where}", "merge_config.json")' if repo_id else f'"{where}"'
     return (
-        f"from transformers import {cls}\n"
-        "from hf_merge import MergeConfig\n\n"
-        f'model = {cls}.from_pretrained("{where}")\n'
-        f'merge_config = MergeConfig.from_pretrained("{where}")  # from a local copy of the folder'
+        f"from transformers import {cls}\n\n"
+        f'model = {cls}.from_pretrained("{where}")\n\n'
+        "# the merge recipe, as an hf_merge config\n"
+        + ("from huggingface_hub import hf_hub_download\n" if repo_id else "")
+        + "from hf_merge import MergeConfig\n\n"
+        f"merge_config = MergeConfig.from_pretrained({config_file})"
     )
 
 
@@ -235,7 +252,7 @@ def build_model_card(
     merge_config: Any,
     merge_inputs: Mapping[str, Any] | None,
     *,
-    library_name: str | None = "transformers",
+    library_name: str | None = "auto",
     license: str | None = None,
     pipeline_tag: str | None = None,
     eval_results: Any = None,
@@ -252,7 +269,8 @@ def build_model_card(
     Args:
         merge_config: the :class:`~hf_merge.MergeConfig` (or its dict) that produced the artifact.
         merge_inputs: ``{"base": origin or None, "models": {task: origin or None}}`` as recorded by the engine.
-        library_name: ``"transformers"``, ``"peft"`` or ``None`` (artifacts no library loads by itself).
+        library_name: ``"transformers"``, ``"peft"``, ``None`` (artifacts no library loads by itself), or
+            ``"auto"``: transformers for models, peft for adapters, none for task banks.
         license: overrides license inheritance from the inputs.
         pipeline_tag: the Hub task, e.g. ``"text-classification"``; inferred from ``model_class`` when omitted.
         eval_results: ``huggingface_hub.EvalResult``s, dicts of their fields, or ``{dataset: {metric: value}}``
@@ -274,6 +292,8 @@ def build_model_card(
 
     if artifact not in TEMPLATES:
         raise ValueError(f"artifact must be one of {sorted(TEMPLATES)}, got {artifact!r}.")
+    if library_name == "auto":
+        library_name = ARTIFACT_LIBRARIES[artifact]
     if library_name is not None and library_name not in LIBRARY_NAMES:
         raise ValueError(f"library_name must be one of {list(LIBRARY_NAMES)} or None, got {library_name!r}.")
     config = _config_dict(merge_config)
@@ -296,6 +316,7 @@ def build_model_card(
         eval_results=results or None,
     )
     base = next((r for r in records if r.role == "base"), None)
+    tasks = [r for r in records if r.role != "base"]
     path = Path(template_path) if template_path is not None else TEMPLATE_DIR / TEMPLATES[artifact]
     if not path.is_file():
         raise FileNotFoundError(f"Model card template {path} does not exist.")
@@ -305,7 +326,7 @@ def build_model_card(
         title=model_name,
         artifact=artifact,
         base=base,
-        tasks=[r for r in records if r.role != "base"],
+        tasks=tasks,
         inputs=records,
         method_docs=[
             {"name": name, **dataclasses.asdict(METHOD_INFO[name])} if name in METHOD_INFO
@@ -319,12 +340,13 @@ def build_model_card(
                                       ("metric", r.metric_name or r.metric_type), ("value", r.metric_value))}
             for r in results
         ],
-        load_snippet=load_snippet or _load_snippet(artifact, repo_id or "path/to/this/folder", model_class),
+        load_snippet=load_snippet or _load_snippet(artifact, repo_id, model_class, [r.role for r in tasks]),
         cell=_cell,
     )
 
 
-def _architecture_of(folder: Path) -> str | None:
+def folder_architecture(folder: Path) -> str | None:
+    """The first `architectures` entry of `folder/config.json`, or None."""
     import json
 
     config_file = folder / "config.json"
@@ -350,7 +372,7 @@ def write_card(
     if not folder.is_dir():
         raise FileNotFoundError(f"Cannot write a model card into {folder}: it is not a folder.")
     if card_options.get("model_class") is None and card_options.get("artifact", "model") == "model":
-        card_options["model_class"] = _architecture_of(folder)
+        card_options["model_class"] = folder_architecture(folder)
     card = build_model_card(merge_config, merge_inputs, **card_options)
     path = folder / CARD_NAME
     card.save(path)

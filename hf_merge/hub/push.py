@@ -75,8 +75,10 @@ def status_code_of(error: BaseException) -> int | None:
 def is_transient(error: BaseException) -> bool:
     """True for failures worth retrying unchanged: 5xx/408/429 answers, dropped, refused or timed-out connections."""
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if isinstance(error, OfflineModeIsEnabled):
+        return False
     if isinstance(error, HfHubHTTPError):
         status = status_code_of(error)
         return status is not None and (status in TRANSIENT_STATUS_CODES or status >= 500)
@@ -85,7 +87,7 @@ def is_transient(error: BaseException) -> bool:
 
 def with_retries(action: Callable[[], T], *, what: str, retry: RetryPolicy) -> T:
     """Run ``action``; retry transient failures per ``retry``; turn every other Hub failure into HubPushError."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     attempt = 0
     while True:
@@ -103,6 +105,10 @@ def with_retries(action: Callable[[], T], *, what: str, retry: RetryPolicy) -> T
                     ) from error
                 retry.sleep(retry.delay(attempt))
                 continue
+            if isinstance(error, OfflineModeIsEnabled):
+                raise HubPushError(
+                    f"{what} is impossible: Hugging Face offline mode is on (HF_HUB_OFFLINE=1). Unset it to push."
+                ) from error
             if isinstance(error, HfHubHTTPError):
                 hint = _CLIENT_ERROR_HINTS.get(status or 0, "the Hub rejected the request.")
                 raise HubPushError(

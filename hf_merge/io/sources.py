@@ -160,6 +160,14 @@ class ModelSource(StateDictSource):
             if name not in self.memory_names.values() and _storage_key(tensor) in kept_storage:
                 self.aliases[name] = kept_storage[_storage_key(tensor)]
 
+    def _read(self, key: str) -> torch.Tensor:
+        tensor = self._tensors[key]
+        if tensor.device.type != "meta":
+            return tensor.detach()
+        from ..placement import read_tensor  # offloaded by Accelerate: load through its hook
+
+        return read_tensor(self.model, self.memory_names.get(key, key), tensor)
+
     @property
     def config(self) -> Any:
         return getattr(self.model, "config", None)
