@@ -32,6 +32,10 @@ _EXPORTS = {
     "ParamInfo": "params",
     "classify_parameters": "params",
     "merge_with": "integration",
+    "ATMConfig": "training.config",
+    "ATMTrainer": "training.atm",
+    "merge_adapters": "lora",
+    "MergedAdapter": "lora",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

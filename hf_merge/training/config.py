@@ -57,17 +57,20 @@ class ATMConfig:
     reset_optimizer: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int):
+            raise TypeError(f"rounds must be a positive integer, got {self.rounds!r}.")
+        if self.rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}.")
         if (self.steps_per_round is None) == (self.epochs_per_round is None):
             raise ValueError(
                 "Give exactly one of steps_per_round and epochs_per_round "
                 f"(got steps_per_round={self.steps_per_round!r}, epochs_per_round={self.epochs_per_round!r})."
             )
-        if self.steps_per_round is not None and (
-            isinstance(self.steps_per_round, bool) or not isinstance(self.steps_per_round, int) or self.steps_per_round < 1
-        ):
-            raise ValueError(f"steps_per_round must be a positive integer, got {self.steps_per_round!r}.")
+        if self.steps_per_round is not None:
+            if isinstance(self.steps_per_round, bool) or not isinstance(self.steps_per_round, int):
+                raise TypeError(f"steps_per_round must be a positive integer, got {self.steps_per_round!r}.")
+            if self.steps_per_round < 1:
+                raise ValueError(f"steps_per_round must be a positive integer, got {self.steps_per_round!r}.")
         if self.epochs_per_round is not None:
             check_number("epochs_per_round", self.epochs_per_round)
             if self.epochs_per_round <= 0:
@@ -82,7 +85,7 @@ class ATMConfig:
         from ..registry import get_merger
 
         if isinstance(get_merger(self.merge), ModelMerger):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 (a method of the wrong kind, not a wrong type)
                 f"merge={self.merge.method!r} merges models without a shared base; ATM merges task vectors relative "
                 "to the current model, so it needs a base-relative method (task_arithmetic, ties, dare, ...)."
             )

@@ -1,0 +1,614 @@
+"""``ATMTrainer``: Alternating Tuning and Merging (Zhou et al. 2024, arXiv 2411.03055) on ``transformers.Trainer``.
+
+θ⁰ is the model given to the trainer. Round k = 1..K, for every task t: fine-tune θ^{k−1} on D_t for the per-round
+budget (fresh optimizer and scheduler, seed ``args.seed + (k−1)·T + t``), take τ_t^k = θ_t^k − θ^{k−1}, restore θ^{k−1}.
+Then θ^k = θ^{k−1} + α · merge(τ_1^k, …, τ_T^k) (spec §11). With one full-batch SGD step per task and α = 1 this is
+gradient descent on Σ_t L_t; α = 1/T gives the mean loss.
+
+Each (round, task) fine-tune is one call of the inner :meth:`transformers.Trainer.train` with the user's
+``TrainingArguments`` (optimizer, scheduler, batch size, logging, ``report_to``), except that saving and evaluation
+happen at round boundaries: after every round the trainer evaluates every task that has an evaluation set (when
+``args.eval_strategy != "no"``) and writes ``checkpoint-<round>`` (when ``args.save_strategy != "no"``), which
+``train(resume_from_checkpoint=...)`` continues from, to the same result as an uninterrupted run.
+
+Memory: with Task Arithmetic (the default merge) the trainer holds the model, a copy of θ^{k−1} and a running sum of
+task vectors (float32, or float64 for float64 models): about three models. Any other merge method keeps the T
+fine-tuned models of the round (plus θ^{k−1}) until the round's merge: T + 2 models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    IntervalStrategy,
+    SaveStrategy,
+    TrainOutput,
+    enable_full_determinism,
+    get_last_checkpoint,
+    set_seed,
+)
+
+from ..engine import MergeContext, MergeError, validate_sources
+from ..io.sources import StateDictSource
+from ..methods.task_arithmetic import TaskArithmeticConfig
+from ..params import classify_parameters
+from ..registry import get_merger
+from .config import ATMConfig
+
+ATM_STATE_NAME = "atm_state.json"
+TASK_HEADS_NAME = "task_heads.safetensors"
+OPTIMIZER_STATES_NAME = "atm_optimizer_states.pt"
+_HEAD_KEY_SEPARATOR = "@"  # "<parameter name>@<task>": parameter names never contain "@"
+
+LossFn = Callable[[nn.Module, dict[str, Any]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+class ATMTrainer(transformers.Trainer):
+    """A :class:`transformers.Trainer` that runs ATM over several tasks.
+
+    Args:
+        model: the shared model θ⁰ (a ``PreTrainedModel`` or any module the ``Trainer`` accepts).
+        args: ``TrainingArguments``. Optimizer, learning rate and its schedule, batch size, gradient accumulation,
+            logging and ``report_to`` apply to every (round, task) fine-tune; the schedule spans one such budget.
+            Any ``eval_strategy``/``save_strategy`` other than ``"no"`` means "at every round boundary";
+            ``save_total_limit`` keeps the newest round checkpoints.
+        task_datasets: ``{task: train_dataset}`` or ``{task: (train_dataset, eval_dataset_or_None)}``.
+        atm_config: the :class:`ATMConfig` (rounds, per-round budget, α, merge method).
+        compute_loss_fns: optional ``{task: fn(model, inputs) -> loss or (loss, logits)}``; tasks without one use the
+            ``Trainer``'s loss (the model's ``loss`` output). ``fn`` must call ``model`` (it may be the DDP-wrapped
+            model) rather than a saved reference. Returning ``(loss, logits)`` makes logits available to
+            ``compute_metrics`` during evaluation. Set ``remove_unused_columns=False`` if ``fn`` reads extra columns.
+        task_heads: optional ``{task: module}``, one per task: while task t is trained or evaluated, the model's
+            submodule at ``head_attribute`` is replaced by task t's head. Heads are task-specific: each is trained on
+            its own task only, is not merged, is saved in ``task_heads.safetensors`` next to the model, and the
+            model's own module is put back afterwards. Use :meth:`task_context` to run the model with a task's head.
+        head_attribute: dotted path of the replaced submodule (default ``"classifier"``).
+        **trainer_kwargs: passed to ``transformers.Trainer`` (``data_collator``, ``processing_class``,
+            ``compute_metrics``, ``callbacks``, ...). ``train_dataset``/``eval_dataset`` come from ``task_datasets``;
+            ``model_init`` and pre-built ``optimizers`` are not accepted (every fine-tune builds a fresh optimizer;
+            ``optimizer_cls_and_kwargs`` is fine).
+
+    Example:
+        >>> trainer = ATMTrainer(model, TrainingArguments("out", learning_rate=5e-5, save_strategy="epoch"),
+        ...                      task_datasets={"sst2": (sst2_train, sst2_val), "mnli": (mnli_train, mnli_val)},
+        ...                      atm_config=ATMConfig(rounds=4, epochs_per_round=0.25))
+        >>> trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
+        >>> trainer.save_model("atm-model")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: transformers.TrainingArguments | None = None,
+        *,
+        task_datasets: Mapping[str, Any],
+        atm_config: ATMConfig,
+        compute_loss_fns: Mapping[str, LossFn] | None = None,
+        task_heads: Mapping[str, nn.Module] | None = None,
+        head_attribute: str = "classifier",
+        **trainer_kwargs: Any,
+    ) -> None:
+        for name in ("train_dataset", "eval_dataset"):
+            if trainer_kwargs.get(name) is not None:
+                raise ValueError(f"ATMTrainer takes its datasets from task_datasets; do not pass {name}.")
+            trainer_kwargs.pop(name, None)
+        if trainer_kwargs.get("model_init") is not None:
+            raise ValueError("ATMTrainer needs a model instance (model_init is not supported).")
+        optimizers = trainer_kwargs.get("optimizers", (None, None))
+        if any(part is not None for part in optimizers):
+            raise ValueError(
+                "ATMTrainer builds a fresh optimizer for every (round, task); pass optimizer_cls_and_kwargs "
+                "or TrainingArguments.optim instead of optimizers."
+            )
+        if model is None:
+            raise ValueError("ATMTrainer needs a model.")
+        if not isinstance(atm_config, ATMConfig):
+            raise TypeError(f"atm_config must be an ATMConfig, got {type(atm_config).__name__}.")
+        self.atm_config = atm_config
+        self.task_datasets = _normalise_task_datasets(task_datasets)
+        tasks = list(self.task_datasets)
+        self._loss_fns = dict(compute_loss_fns or {})
+        unknown = sorted(set(self._loss_fns) - set(tasks))
+        if unknown:
+            raise ValueError(f"compute_loss_fns names unknown task(s) {unknown}; tasks are {tasks}.")
+        for task, fn in self._loss_fns.items():
+            if not callable(fn):
+                raise TypeError(f"compute_loss_fns[{task!r}] is not callable.")
+        self.head_attribute = head_attribute
+        self.task_heads: nn.ModuleDict | None = None
+        if task_heads is not None:
+            if set(task_heads) != set(tasks):
+                raise ValueError(
+                    f"task_heads must give one head per task: tasks {tasks}, heads for {sorted(task_heads)}."
+                )
+            _resolve_attribute(model, head_attribute)  # fails early with a clear message
+            for task, head in task_heads.items():
+                if not isinstance(head, nn.Module):
+                    raise TypeError(f"task_heads[{task!r}] must be an nn.Module, got {type(head).__name__}.")
+            self.task_heads = nn.ModuleDict({task: task_heads[task] for task in tasks})
+        if args is not None and args.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end is not supported by ATMTrainer (rounds are merged, not selected).")
+
+        eval_sets = {task: ev for task, (_, ev) in self.task_datasets.items() if ev is not None}
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=self.task_datasets[tasks[0]][0],
+            eval_dataset=eval_sets or None,
+            **trainer_kwargs,
+        )
+        if self.task_heads is not None:
+            self.task_heads.to(self.args.device)
+        self._current_task: str | None = None
+        self._atm_position: tuple[int, int | None] | None = None  # (round, task index) tagged onto logs
+        self._in_fine_tune = False
+        self._steps_done = 0
+        self._history: list[dict[str, Any]] = []
+        self._optimizer_states: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------------------------------ task context
+    @contextlib.contextmanager
+    def task_context(self, task: str) -> Iterator[None]:
+        """Within this block the model carries ``task``'s head (if any) and losses use ``task``'s loss function."""
+        if task not in self.task_datasets:
+            raise KeyError(f"Unknown task {task!r}; tasks are {list(self.task_datasets)}.")
+        previous_task = self._current_task
+        self._current_task = task
+        parent = original = None
+        if self.task_heads is not None:
+            parent, attribute = _resolve_attribute(self.model, self.head_attribute)
+            original = getattr(parent, attribute)
+            setattr(parent, attribute, self.task_heads[task])
+        try:
+            yield
+        finally:
+            if parent is not None:
+                setattr(parent, attribute, original)
+            self._current_task = previous_task
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        loss_fn = self._loss_fns.get(self._current_task) if self._current_task is not None else None
+        if loss_fn is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, logits = _split_loss(loss_fn(model, inputs), self._current_task)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        loss_fn = self._loss_fns.get(self._current_task) if self._current_task is not None else None
+        if loss_fn is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, logits = _split_loss(loss_fn(model, inputs), self._current_task)
+        if prediction_loss_only or logits is None:
+            return loss.detach().mean(), None, None
+        return loss.detach().mean(), logits.detach(), None if labels is None else labels.detach()
+
+    # ------------------------------------------------------------------------------------------ evaluation, logging
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Without ``eval_dataset``: evaluate every task on its evaluation set with its head and loss, returning
+        metrics named ``{metric_key_prefix}_{task}_{metric}``. With ``eval_dataset``: the plain ``Trainer`` evaluation
+        (wrap it in :meth:`task_context` to use a task's head and loss)."""
+        if eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics: dict[str, float] = {}
+        for task, (_, task_eval) in self.task_datasets.items():
+            if task_eval is None:
+                continue
+            with self.task_context(task):
+                metrics.update(super().evaluate(task_eval, ignore_keys, f"{metric_key_prefix}_{task}"))
+        if not metrics:
+            raise ValueError("No task has an evaluation dataset: give task_datasets={task: (train, eval)}.")
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """``Trainer.log`` with steps counted across all fine-tunes and the ATM round (and task index) attached."""
+        if self._atm_position is not None:
+            round_index, task_index = self._atm_position
+            logs = {**logs, "atm_round": round_index}
+            if task_index is not None:
+                logs["atm_task_index"] = task_index
+        if not self._in_fine_tune:
+            super().log(logs, start_time)
+            return
+        inner_step = self.state.global_step
+        self.state.global_step = inner_step + self._steps_done
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.global_step = inner_step
+
+    # ------------------------------------------------------------------------------------------ the ATM loop
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ) -> TrainOutput:
+        """Run ``atm_config.rounds`` rounds of tune-then-merge (from the last completed round when resuming).
+
+        Returns a ``TrainOutput`` whose ``global_step`` counts optimizer steps over all fine-tunes and whose
+        ``training_loss`` is their step-weighted mean loss (this call only).
+        """
+        if trial is not None:
+            raise ValueError("Hyper-parameter search is not supported by ATMTrainer.")
+        if kwargs:
+            raise TypeError(f"ATMTrainer.train() got unexpected keyword arguments {sorted(kwargs)}.")
+        start_time = time.time()
+        user_args = self.args
+        tasks = list(self.task_datasets)
+        alpha = self.atm_config.scaling_for(len(tasks))
+        merger = get_merger(self.atm_config.merge)
+
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            first_round = self._load_round_checkpoint(resume_from_checkpoint) + 1
+        else:
+            first_round = 1
+            self._steps_done = 0
+            self._history = []
+            self._optimizer_states = {}
+        self.state = self._outer_state()
+
+        loss_sum, loss_steps = 0.0, 0
+        for round_index in range(first_round, self.atm_config.rounds + 1):
+            base = {name: tensor.detach().clone() for name, tensor in self._merged_tensors().items()}
+            running_sum = None
+            task_states: dict[str, dict[str, torch.Tensor]] = {}
+            if isinstance(self.atm_config.merge, TaskArithmeticConfig):
+                running_sum = {name: torch.zeros_like(t, dtype=_accumulation_dtype(t.dtype)) for name, t in base.items()}
+            for task_index, task in enumerate(tasks):
+                output = self._fine_tune(user_args, round_index, task_index, task, ignore_keys_for_eval)
+                loss_sum += output.training_loss * output.global_step
+                loss_steps += output.global_step
+                # fetched anew after every fine-tune: distributed wrapping may give parameters new storage
+                live = self._merged_tensors()
+                with torch.no_grad():
+                    if running_sum is not None:
+                        _accumulate_task_vector(running_sum, live, base, f"round {round_index}, task {task!r}")
+                    else:
+                        task_states[task] = {name: tensor.detach().clone() for name, tensor in live.items()}
+                    for name, tensor in live.items():
+                        tensor.copy_(base[name])
+            live = self._merged_tensors()
+            with torch.no_grad():
+                if running_sum is not None:
+                    _apply_task_arithmetic(live, base, running_sum, self.atm_config.merge.scaling, alpha)
+                else:
+                    self._apply_merger(merger, live, base, task_states, alpha, round_index)
+            del base, live, running_sum, task_states
+
+            self.state = self._outer_state()
+            self._atm_position = (round_index, None)
+            try:
+                if user_args.eval_strategy != IntervalStrategy.NO and any(
+                    ev is not None for _, ev in self.task_datasets.values()
+                ):
+                    self.evaluate(ignore_keys=ignore_keys_for_eval)
+                if user_args.save_strategy != SaveStrategy.NO:
+                    self._save_round_checkpoint(round_index)
+            finally:
+                self._atm_position = None
+
+        train_loss = loss_sum / loss_steps if loss_steps else 0.0
+        metrics = {
+            "train_runtime": round(time.time() - start_time, 4),
+            "train_loss": train_loss,
+            "atm_rounds": self.atm_config.rounds,
+        }
+        self.state = self._outer_state()
+        self.log(metrics)
+        self.is_in_train = False
+        return TrainOutput(self._steps_done, train_loss, metrics)
+
+    def _fine_tune(
+        self,
+        user_args: transformers.TrainingArguments,
+        round_index: int,
+        task_index: int,
+        task: str,
+        ignore_keys_for_eval: list[str] | None,
+    ) -> TrainOutput:
+        """One inner ``Trainer.train()`` of the shared model on ``task`` for the per-round budget."""
+        offset = (round_index - 1) * len(self.task_datasets) + task_index
+        seed = user_args.seed + offset
+        args = copy.copy(user_args)
+        args.seed = seed
+        if self.atm_config.steps_per_round is not None:
+            args.max_steps = self.atm_config.steps_per_round
+        else:
+            args.max_steps = -1
+            args.num_train_epochs = self.atm_config.epochs_per_round
+        args.eval_strategy = IntervalStrategy.NO
+        args.save_strategy = SaveStrategy.NO
+        args.eval_on_start = False
+        args.load_best_model_at_end = False
+        args.push_to_hub = False
+        dataloader_config = getattr(self.accelerator, "dataloader_config", None)
+        user_data_seed = getattr(dataloader_config, "data_seed", None)
+
+        self.args = args
+        self.train_dataset = self.task_datasets[task][0]
+        self.optimizer, self.lr_scheduler = None, None
+        self.model_wrapped = self.model  # re-wrap (DDP) every fine-tune: the head may have changed
+        if user_data_seed is not None:
+            dataloader_config.data_seed = user_args.data_seed + offset
+        self._atm_position = (round_index, task_index)
+        self._in_fine_tune = True
+        try:
+            with self.task_context(task):
+                enable_full_determinism(seed) if args.full_determinism else set_seed(seed)
+                output = super().train(ignore_keys_for_eval=ignore_keys_for_eval)
+                if not self.atm_config.reset_optimizer:
+                    self._optimizer_states[task] = copy.deepcopy(self.optimizer.state_dict()["state"])
+        finally:
+            self._in_fine_tune = False
+            self._atm_position = None
+            self.args = user_args
+            if user_data_seed is not None:
+                dataloader_config.data_seed = user_data_seed
+        self._steps_done += output.global_step
+        self._history.extend(self.state.log_history)
+        return output
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The ``Trainer``'s optimizer; with ``reset_optimizer=False`` the task's moments from its previous round."""
+        optimizer = super().create_optimizer(model)
+        saved = self._optimizer_states.get(self._current_task) if self._current_task is not None else None
+        if saved is not None and not self.atm_config.reset_optimizer:
+            state = optimizer.state_dict()
+            state["state"] = copy.deepcopy(saved)
+            optimizer.load_state_dict(state)
+        return optimizer
+
+    def _merged_tensors(self) -> dict[str, torch.Tensor]:
+        """The live tensors ATM merges: trainable parameters and floating-point buffers of the shared model (tied
+        parameters once; task heads and frozen parameters excluded, as they do not change)."""
+        head_prefix = self.head_attribute + "." if self.task_heads is not None else None
+        tensors: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                tensors[name] = param.data
+        for name, buffer in self.model.named_buffers():
+            if buffer.is_floating_point():
+                tensors[name] = buffer.data
+        if head_prefix is not None:
+            tensors = {name: t for name, t in tensors.items() if not name.startswith(head_prefix)}
+        if not tensors:
+            raise ValueError("The model has no trainable floating-point parameters for ATM to merge.")
+        return tensors
+
+    def _apply_merger(
+        self,
+        merger: Any,
+        live: dict[str, torch.Tensor],
+        base: dict[str, torch.Tensor],
+        task_states: dict[str, dict[str, torch.Tensor]],
+        alpha: float,
+        round_index: int,
+    ) -> None:
+        """θ^k = θ^{k−1} + α · merged task vector, with any base-relative merger run through the engine's context."""
+        base_source = StateDictSource(base, f"ATM round {round_index} start model")
+        sources = {
+            task: StateDictSource(state, f"ATM round {round_index} model fine-tuned on {task!r}")
+            for task, state in task_states.items()
+        }
+        metas = validate_sources(base_source, sources)
+        infos = classify_parameters(base_source.shapes(), model=self.model)
+        ctx = MergeContext(base_source, sources, infos, metas, device=next(iter(live.values())).device, progress=False)
+        merger.prepare(ctx)
+        for key in ctx.merge_keys:
+            theta = ctx.base_tensor(key)
+            merged = merger.merge_tensor(key, theta, ctx.deltas(key, theta), infos[key])
+            live[key].copy_((theta + alpha * merged).to(live[key].dtype))
+
+    def _outer_state(self) -> TrainerState:
+        """The state callbacks see between fine-tunes: steps over all fine-tunes, the whole log history."""
+        state = TrainerState()
+        state.global_step = self._steps_done
+        state.epoch = None  # epochs are per (round, task) fine-tune; rounds are logged as atm_round
+        state.log_history = self._history
+        state.is_local_process_zero = self.is_local_process_zero()
+        state.is_world_process_zero = self.is_world_process_zero()
+        return state
+
+    # ------------------------------------------------------------------------------------------ saving, resuming
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` plus ``task_heads.safetensors`` (with task heads) and ``atm_config.json``."""
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.atm_config.save_pretrained(output_dir)
+        if self.task_heads is not None:
+            from safetensors.torch import save_file
+
+            tensors = {
+                f"{name}{_HEAD_KEY_SEPARATOR}{task}": tensor.detach().cpu().contiguous()
+                for task, head in self.task_heads.items()
+                for name, tensor in head.state_dict().items()
+            }
+            save_file(tensors, os.path.join(output_dir, TASK_HEADS_NAME), metadata={"format": "pt"})
+
+    def _save_round_checkpoint(self, round_index: int) -> None:
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{round_index}")
+        self.save_model(folder, _internal_call=True)
+        if self.args.should_save:
+            if not self.atm_config.reset_optimizer:
+                torch.save(self._optimizer_states, os.path.join(folder, OPTIMIZER_STATES_NAME))
+            self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
+            record = {
+                "completed_rounds": round_index,
+                "global_step": self._steps_done,
+                "tasks": list(self.task_datasets),
+                "atm_config": self.atm_config.to_dict(),
+            }
+            with open(os.path.join(folder, ATM_STATE_NAME), "w", encoding="utf-8") as fh:  # written last: complete
+                json.dump(record, fh, indent=2)
+            self._rotate_round_checkpoints()
+        self.accelerator.wait_for_everyone()
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _rotate_round_checkpoints(self) -> None:
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+        rounds = sorted(
+            int(entry.name[len(prefix):])
+            for entry in os.scandir(self.args.output_dir)
+            if entry.is_dir() and entry.name.startswith(prefix) and entry.name[len(prefix):].isdigit()
+        )
+        for round_index in rounds[:-limit]:
+            shutil.rmtree(os.path.join(self.args.output_dir, f"{prefix}{round_index}"), ignore_errors=True)
+
+    def _load_round_checkpoint(self, checkpoint: str | bool) -> int:
+        """Restore the model, heads, optimizer moments and log history of a round checkpoint; return its round."""
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"No checkpoint-<round> folder found in output_dir {self.args.output_dir!r}.")
+        checkpoint = os.fspath(checkpoint)
+        record_path = os.path.join(checkpoint, ATM_STATE_NAME)
+        if not os.path.isfile(record_path):
+            raise FileNotFoundError(
+                f"{checkpoint!r} is not a complete ATM round checkpoint (no {ATM_STATE_NAME}); "
+                "resume from a folder written by ATMTrainer."
+            )
+        with open(record_path, encoding="utf-8") as fh:
+            record = json.load(fh)
+        tasks = list(self.task_datasets)
+        if record["tasks"] != tasks:
+            raise ValueError(f"Checkpoint {checkpoint!r} was trained on tasks {record['tasks']}, this trainer has {tasks}.")
+        saved_config = {k: v for k, v in record["atm_config"].items() if k != "rounds"}
+        ours = {k: v for k, v in self.atm_config.to_dict().items() if k != "rounds"}
+        if saved_config != ours:
+            raise ValueError(
+                f"Checkpoint {checkpoint!r} used ATM settings {saved_config}, which differ from {ours} "
+                "(only rounds may change on resume)."
+            )
+        completed = int(record["completed_rounds"])
+        if completed > self.atm_config.rounds:
+            raise ValueError(
+                f"Checkpoint {checkpoint!r} has {completed} completed rounds, more than rounds={self.atm_config.rounds}."
+            )
+        self._load_from_checkpoint(checkpoint)
+        if self.task_heads is not None:
+            self._load_task_heads(os.path.join(checkpoint, TASK_HEADS_NAME))
+        self._optimizer_states = {}
+        if not self.atm_config.reset_optimizer:
+            states_path = os.path.join(checkpoint, OPTIMIZER_STATES_NAME)
+            if os.path.isfile(states_path):
+                self._optimizer_states = torch.load(states_path, map_location=self.args.device, weights_only=True)
+        self._steps_done = int(record["global_step"])
+        self._history = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).log_history
+        return completed
+
+    def _load_task_heads(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"The checkpoint has no {TASK_HEADS_NAME} at {path!r}, but this trainer has task heads.")
+        per_task: dict[str, dict[str, torch.Tensor]] = {task: {} for task in self.task_heads}
+        for key, tensor in load_file(path, device=str(self.args.device)).items():
+            name, _, task = key.partition(_HEAD_KEY_SEPARATOR)
+            if task not in per_task:
+                raise ValueError(f"{path!r} holds a head for unknown task {task!r}; tasks are {list(per_task)}.")
+            per_task[task][name] = tensor
+        for task, head in self.task_heads.items():
+            head.load_state_dict(per_task[task])
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _normalise_task_datasets(task_datasets: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    if not isinstance(task_datasets, Mapping) or not task_datasets:
+        raise ValueError("task_datasets must be a non-empty {task: train_dataset or (train, eval)} mapping.")
+    out: dict[str, tuple[Any, Any]] = {}
+    for task, value in task_datasets.items():
+        if not isinstance(task, str) or not task:
+            raise TypeError(f"Task names must be non-empty strings, got {task!r}.")
+        train, evaluation = value if isinstance(value, tuple) else (value, None)
+        if isinstance(value, tuple) and len(value) != 2:
+            raise ValueError(f"task_datasets[{task!r}] must be a dataset or a (train, eval) pair.")
+        if train is None:
+            raise ValueError(f"task_datasets[{task!r}] has no training dataset.")
+        out[task] = (train, evaluation)
+    return out
+
+
+def _resolve_attribute(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule at dotted ``path``."""
+    parent_path, _, attribute = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+        parent.get_submodule(attribute)
+    except AttributeError as error:
+        raise ValueError(f"head_attribute={path!r}: the model has no submodule at that path ({error}).") from None
+    return parent, attribute
+
+
+def _split_loss(result: Any, task: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    loss, logits = result if isinstance(result, tuple) else (result, None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"compute_loss_fns[{task!r}] must return a scalar loss tensor (or (loss, logits)).")
+    return loss, logits
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision weights (their deltas fall below the bf16 ulp), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _accumulate_task_vector(
+    running_sum: dict[str, torch.Tensor], live: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str
+) -> None:
+    """running_sum += τ_t = θ_t − θ^{k−1}, in the accumulation dtype."""
+    for name, total in running_sum.items():
+        delta = live[name].to(total.dtype) - base[name].to(total.dtype)
+        if not torch.isfinite(delta).all():
+            raise MergeError(f"ATM {what}: fine-tuning produced NaN/Inf in {name!r} (lower the learning rate?).")
+        total.add_(delta)
+
+
+def _apply_task_arithmetic(
+    live: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
+    running_sum: dict[str, torch.Tensor],
+    task_arithmetic_scaling: float,
+    alpha: float,
+) -> None:
+    """θ^k = θ^{k−1} + α · λ Σ_t τ_t, rounded once to the model's dtype."""
+    for name, total in running_sum.items():
+        merged = base[name].to(total.dtype) + (alpha * task_arithmetic_scaling) * total
+        live[name].copy_(merged.to(live[name].dtype))
