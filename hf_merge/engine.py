@@ -54,16 +54,53 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------------------------- inputs
 def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pickle: bool = False) -> dict[str, TensorSource]:
-    """``{task_name: source}`` from a sequence (names ``task_0``, ...) or a mapping of inputs."""
+    """``{task_name: source}`` from a sequence (names ``task_0``, ...) or a mapping of inputs.
+
+    A PEFT adapter folder or a ``PeftModel`` counts as a fine-tuned model (base + ΔW); a ``PeftModel`` with several
+    adapters contributes one task per adapter (named after the adapter, or ``"<task>.<adapter>"`` in a mapping).
+    """
+    from .lora import is_adapter_folder, is_peft_model, open_lora
+
     if isinstance(finetuned, Mapping):
         items = [(str(name), value) for name, value in finetuned.items()]
+        named = True
     elif isinstance(finetuned, (str, os.PathLike, torch.nn.Module)) or not isinstance(finetuned, Sequence):
         raise TypeError("finetuned must be a sequence or a {task_name: model} mapping of models, paths or state dicts.")
     else:
         items = [(f"task_{i}", value) for i, value in enumerate(finetuned)]
+        named = False
     if not items:
         raise ValueError("finetuned is empty: give at least one fine-tuned model.")
-    return {name: open_source(value, f"task {name!r}", allow_pickle=allow_pickle) for name, value in items}
+    tasks: dict[str, TensorSource] = {}
+    for name, value in items:
+        label = f"task {name!r}"
+        lora = is_peft_model(value) or (isinstance(value, (str, os.PathLike)) and is_adapter_folder(value))
+        if not lora:
+            tasks[name] = open_source(value, label, allow_pickle=allow_pickle)
+            continue
+        adapters = open_lora(value, label, allow_pickle=allow_pickle)
+        for adapter_name, source in adapters:
+            if adapter_name is None or len(adapters) == 1 and named:
+                task_name = name
+            else:
+                task_name = f"{name}.{adapter_name}" if named else adapter_name
+            if task_name in tasks:
+                raise ValueError(f"Two inputs are both named {task_name!r}; pass a mapping with distinct names.")
+            tasks[task_name] = source
+    return tasks
+
+
+def memory_to_key(base: TensorSource) -> dict[str, str]:
+    """In-memory parameter name (what PEFT adapters use) → the base's key (its checkpoint name)."""
+    mapping = {key: key for key in base.keys()}
+    mapping.update({alias: canonical for alias, canonical in base.aliases.items()})
+    source = base if isinstance(base, ModelSource) else None
+    if source is None and base.folder is not None:
+        meta_model = _meta_model_from_folder(base.folder)
+        source = ModelSource(meta_model, "meta model") if meta_model is not None else None
+    if source is not None:
+        mapping.update({memory: key for key, memory in source.memory_names.items() if key in mapping})
+    return mapping
 
 
 def _config_value(config: Any, key: str) -> Any:
@@ -83,6 +120,9 @@ def validate_sources(
     """
     base_keys = base.keys()
     metas = {k: base.meta(k) for k in base_keys}
+    for task in tasks.values():
+        if hasattr(task, "bind"):  # LoRA adapters become base + ΔW
+            task.bind(base)
     for name, task in tasks.items():
         for arch_key in _ARCH_KEYS:
             a, b = _config_value(base.config, arch_key), _config_value(task.config, arch_key)
@@ -205,7 +245,12 @@ class MergeContext:
         base = self.base_tensor(key) if base is None else base
         out = []
         for name, source in self.tasks.items():
-            delta = self._load(source, key) - base  # never in place: _load may return the input's own storage
+            if hasattr(source, "delta"):  # LoRA: ΔW straight from the factors
+                delta = source.delta(key, base)
+                if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():
+                    raise MergeError(f"{source.label}: the update of {key!r} contains NaN or Inf values.")
+            else:
+                delta = self._load(source, key) - base  # never in place: _load may return the input's storage
             for transform in self._transforms:
                 delta = transform(name, key, delta)
             out.append(delta)
@@ -299,6 +344,7 @@ def emit(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     desc: str = "merging",
     on_order: Callable[[list[str]], None] | None = None,
+    state_dict: bool = False,
 ) -> Any:
     """Produce every tensor with ``compute`` and deliver them: a folder, a model, or a state dict.
 
@@ -326,6 +372,8 @@ def emit(
             return _emit_folder(base, metas, produce, Path(output_dir), merge_config, merge_inputs, max_shard_size)
         if on_order is not None:
             on_order(list(metas))
+        if state_dict:
+            return {key: produce(key) for key in metas}
         device_map = placement.device_map
         if device_map is None and into is None and base.model is not None and is_dispatched(base.model):
             device_map = base.model.hf_device_map
@@ -428,6 +476,9 @@ def merge(
     device_map: Mapping[str, Any] | str | None = None,
     max_memory: int | str | Mapping[Any, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    output: str = "model",
+    rank: int | None = None,
+    energy: float | None = None,
     **overrides: Any,
 ) -> Any:
     """Merge fine-tuned models into one, streaming tensor by tensor.
@@ -448,6 +499,8 @@ def merge(
             ``hf_device_map`` is reused by default. ``"disk"`` entries go to ``offload_folder``.
         max_memory: host-memory budget of the merge (bytes, ``"4GB"``, or an Accelerate ``{"cpu": ..., 0: ...}``
             dict, whose entries also bound ``device_map="auto"``); sets the output shard size and read-ahead.
+        output: ``"model"`` (merged weights) or ``"lora"`` (LoRA inputs only: a merged PEFT adapter, see
+            :func:`hf_merge.lora.merge_lora`, saved to ``output_dir`` when given); ``rank``/``energy`` set its ranks.
         **overrides: config fields, e.g. ``scaling=0.3``.
 
     Returns:
@@ -470,6 +523,18 @@ def merge(
             offload_folder=offload_folder,
         ),
     )
+    if output not in ("model", "lora"):
+        raise ValueError(f"output must be 'model' or 'lora', got {output!r}.")
+    if output == "lora":
+        from .lora import merge_lora
+
+        adapter = merge_lora(
+            open_source(base, "base", allow_pickle=allow_pickle), tasks, config, rank=rank, energy=energy,
+            progress=progress,
+        )
+        return adapter.save_pretrained(output_dir) if output_dir is not None else adapter
+    if rank is not None or energy is not None:
+        raise ValueError("rank= and energy= apply to output='lora' only.")
     if isinstance(merger, ModelMerger):
         if base is not None:
             raise ValueError(f"Method {config.method!r} merges models without a base: call merge(None, models, ...).")
@@ -491,6 +556,7 @@ class RunOptions:
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
     max_memory: int | str | Mapping[Any, int | str] | None = None
     placement: Placement = dataclasses.field(default_factory=Placement)
+    state_dict: bool = False  # deliver a state dict whatever the base is
 
 
 def describe_inputs(base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> dict[str, Any]:
@@ -590,6 +656,6 @@ def run_merger(
             base, out_metas, compute,
             output_dir=options.output_dir, into=options.into, placement=options.placement,
             merge_config=merger.config, merge_inputs=describe_inputs(base, tasks), progress=options.progress,
-            max_shard_size=shard_size, desc=f"merging ({merger.config.method})",
+            max_shard_size=shard_size, desc=f"merging ({merger.config.method})", state_dict=options.state_dict,
             on_order=lambda order: prefetcher.set_order([k for k in order if metas[k].dtype.is_floating_point]),
         )

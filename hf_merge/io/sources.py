@@ -283,6 +283,11 @@ def open_source(obj: Any, label: str = "input", *, allow_pickle: bool = False) -
     """Wrap a model, checkpoint path, state dict (or an existing source) as a :class:`TensorSource`."""
     if isinstance(obj, TensorSource):
         return obj
+    if type(obj).__module__.startswith("peft") and hasattr(obj, "peft_config"):
+        raise TypeError(
+            f"{label}: a PeftModel is not a plain model; pass its adapters as fine-tuned inputs, or use "
+            "hf_merge.merge_adapters(peft_model, [...]) to merge adapters into a new one."
+        )
     if isinstance(obj, torch.nn.Module):
         return ModelSource(obj, label)
     if isinstance(obj, (str, os.PathLike)):
