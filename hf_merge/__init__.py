@@ -35,6 +35,9 @@ _EXPORTS = {
     "ATMConfig": "training.config",
     "ATMTrainer": "training.atm",
     "merge_adapters": "lora",
+    "compress": "bank",
+    "TaskBank": "bank",
+    "TaskCompressor": "bank",
     "MergedAdapter": "lora",
 }
 

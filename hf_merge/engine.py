@@ -91,7 +91,10 @@ def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pick
 
 
 def memory_to_key(base: TensorSource) -> dict[str, str]:
-    """In-memory parameter name (what PEFT adapters use) → the base's key (its checkpoint name)."""
+    """In-memory parameter name (what PEFT adapters use) → the base's key (its checkpoint name); cached per source."""
+    cached = getattr(base, "_memory_to_key", None)
+    if cached is not None:
+        return cached
     mapping = {key: key for key in base.keys()}
     mapping.update({alias: canonical for alias, canonical in base.aliases.items()})
     source = base if isinstance(base, ModelSource) else None
@@ -100,6 +103,7 @@ def memory_to_key(base: TensorSource) -> dict[str, str]:
         source = ModelSource(meta_model, "meta model") if meta_model is not None else None
     if source is not None:
         mapping.update({memory: key for key, memory in source.memory_names.items() if key in mapping})
+    base._memory_to_key = mapping
     return mapping
 
 

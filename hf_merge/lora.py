@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .io.sources import TensorMeta, TensorSource
+from .linalg import polar
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,12 +91,6 @@ def stack_factors(parts: Sequence[LowRank], weights: Sequence[float]) -> LowRank
     return LowRank(torch.cat([p.P * w for p, w in zip(parts, weights)], dim=1), torch.cat([p.Q for p in parts], dim=0))
 
 
-def _polar_columns(u: torch.Tensor) -> torch.Tensor:
-    """polar(U) = X Yᵀ for U = X Σ Yᵀ (closest matrix with orthonormal columns), float64 SVD of a tall matrix."""
-    x, _, yh = torch.linalg.svd(u.double(), full_matrices=False)
-    return (x @ yh).float()
-
-
 def lowrank_tsv_merge(parts: Sequence[LowRank], k: int) -> LowRank:
     """TSV-M from factors: per task the top-k singular triplets of P_t Q_t (its non-zero ones: k_t ≤ rank),
     concatenated, U⊥ = polar([U_t]), V⊥ = polar([V_t]); ΔM = U⊥ diag(s) V⊥ᵀ.
@@ -111,7 +106,7 @@ def lowrank_tsv_merge(parts: Sequence[LowRank], k: int) -> LowRank:
     u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
     if s_cat.numel() == 0:
         return LowRank(u_cat, v_cat.transpose(0, 1))
-    return LowRank(_polar_columns(u_cat) * s_cat, _polar_columns(v_cat).transpose(0, 1))
+    return LowRank(polar(u_cat) * s_cat, polar(v_cat).transpose(0, 1))
 
 
 def lowrank_iso_c(parts: Sequence[LowRank], full_rank: int) -> LowRank:
@@ -149,12 +144,14 @@ def lowrank_iso_cts(parts: Sequence[LowRank], full_rank: int, common_space_fract
     u_cat = torch.cat([*us, u_c], dim=1)
     v_cat = torch.cat([*vs, v_c], dim=1)
     mean = torch.cat([*ss, s_c]).sum() / (common + len(parts) * per_task)
-    return LowRank(_polar_columns(u_cat) * mean, _polar_columns(v_cat).transpose(0, 1))
+    return LowRank(polar(u_cat) * mean, polar(v_cat).transpose(0, 1))
 
 
 def truncate(update: LowRank, rank: int | None = None, energy: float | None = None) -> LowRank:
     """The best rank-k approximation (Eckart–Young) of P Q: k = ``rank``, or the fewest triplets holding an
-    ``energy`` fraction of Σ s², or all non-zero triplets. Returned balanced: P = U √s, Q = √s Vᵀ."""
+    ``energy`` fraction of Σ s² (balanced: P = U √s, Q = √s Vᵀ). Neither: the factors unchanged (exact)."""
+    if rank is None and energy is None:
+        return update
     u, s, v = lowrank_svd(update.P, update.Q)
     k = s.numel()
     if rank is not None:
@@ -292,7 +289,10 @@ class LoraSource(TensorSource):
         """Map the adapter's module names (the model's in-memory names) to the base's keys and check shapes."""
         from .engine import MergeError, memory_to_key
 
-        to_key = memory_to_key(base)
+        names = [f"{m}.weight" for m in self.adapter.factors_raw] + list(self.adapter.full_tensors)
+        direct = all(base.has(n) or base.has(re.sub(r"\.modules_to_save\.[^.]+\.", ".", n)) for n in names)
+        # In-memory and checkpoint names differ only for converted architectures: build the map only then.
+        to_key = _IdentityKeys(base) if direct else memory_to_key(base)
         self._base = base
         self._updates.clear()
         self._replacements.clear()
@@ -366,6 +366,16 @@ class LoraSource(TensorSource):
         if not base.dtype.is_floating_point:
             return base
         return (base.to(torch.float32) + self.delta(key, base.to(torch.float32))).to(base.dtype)
+
+
+class _IdentityKeys:
+    """``memory_to_key`` for a base whose checkpoint names are the in-memory names."""
+
+    def __init__(self, base: TensorSource) -> None:
+        self._base = base
+
+    def get(self, name: str) -> str | None:
+        return self._base.resolve(name) if self._base.has(name) else None
 
 
 def open_lora(obj: Any, label: str, *, allow_pickle: bool = False) -> list[tuple[str | None, LoraSource]]:
@@ -504,7 +514,12 @@ def merge_lora(
     both = sorted(set(targeted) & set(replaced))
     if both:
         raise MergeError(f"{both} are LoRA-targeted in one adapter and saved whole (modules_to_save) in another.")
-    infos = classify_sources(base, tasks)
+    if merger.uses_param_info:
+        infos = classify_sources(base, tasks)
+    else:
+        from .params import classify_parameters
+
+        infos = classify_parameters(base.shapes(), config=base.config)
     ctx = MergeContext(base, tasks, infos, metas, progress=progress)
     merged_updates: dict[str, LowRank] = {}
     if merger.config.method in LOW_RANK_METHODS:

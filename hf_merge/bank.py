@@ -1,0 +1,345 @@
+"""Compressed multi-task checkpoints: a :class:`TaskBank` stores T fine-tuned models in about the size of one or two.
+
+``compress(base, {task: finetuned}, config)`` streams tensor by tensor through a :class:`TaskCompressor` method —
+TSV-C (per-task top-k singular triplets of every matrix, :class:`~hf_merge.TSVCompressConfig`) or TALL masks (one
+multi-task vector plus one bit per parameter and task, :class:`~hf_merge.TallMaskConfig`) — and returns a bank from
+which ``bank.load_task(name)`` rebuilds each task's model.
+
+On disk (written atomically)::
+
+    bank_dir/
+      task_bank.json              manifest: method config, task names, base reference, base tensor shapes/dtypes
+      payload/model*.safetensors  the compressed tensors, named "<tensor>::<part>" (e.g. "...q_proj.weight::U.3")
+      base/                       the base checkpoint, only when the base was not given as a folder (else its path)
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .io.sources import (
+    SAFETENSORS_DTYPES,
+    FolderSource,
+    StateDictSource,
+    TensorMeta,
+    TensorSource,
+    open_source,
+)
+from .io.writer import atomic_directory, write_safetensors_shards
+
+if TYPE_CHECKING:
+    from .config import MergeConfig
+    from .params import ParamInfo
+
+BANK_MANIFEST = "task_bank.json"
+BANK_FORMAT = "hf_merge.task_bank"
+BANK_VERSION = 1
+PAYLOAD_DIR = "payload"
+BASE_DIR = "base"
+_SEPARATOR = "::"
+_DTYPE_TO_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+class TaskCompressor(abc.ABC):
+    """A method that stores every task compactly and rebuilds each task vector from what it stored."""
+
+    @abc.abstractmethod
+    def payload_layout(self, key: str, meta: TensorMeta, info: ParamInfo, num_tasks: int) -> dict[str, TensorMeta]:
+        """``{part: meta}`` of what is stored for tensor ``key`` (shapes known before any data is read)."""
+
+    @abc.abstractmethod
+    def encode_tensor(
+        self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo
+    ) -> dict[str, torch.Tensor]:
+        """The stored parts of ``key`` (as laid out by :meth:`payload_layout`) from the float32 task vectors."""
+
+    @abc.abstractmethod
+    def decode_tensor(
+        self, key: str, task_index: int, payload: Callable[[str], torch.Tensor], meta: TensorMeta, info: ParamInfo
+    ) -> torch.Tensor:
+        """The reconstructed task vector of task ``task_index`` (float32) from the stored parts (``payload(part)``)."""
+
+
+def _nbytes(meta: TensorMeta) -> int:
+    numel = 1
+    for size in meta.shape:
+        numel *= size
+    return numel * torch.empty((), dtype=meta.dtype).element_size()
+
+
+class TaskBank:
+    """T task models stored as a shared base plus a compressed payload; see :func:`compress`.
+
+    Example:
+        >>> bank = hf_merge.compress(base, {"sst2": m1, "mnli": m2}, hf_merge.TSVCompressConfig())
+        >>> bank.save_pretrained("bank/")
+        >>> sst2 = hf_merge.TaskBank.from_pretrained("bank/").load_task("sst2")
+    """
+
+    def __init__(
+        self,
+        config: MergeConfig,
+        tasks: Sequence[str],
+        base: TensorSource,
+        payload: TensorSource,
+        *,
+        base_embedded: bool,
+    ) -> None:
+        from .engine import classify_sources
+        from .registry import get_merger
+
+        self.config = config
+        self._tasks = list(tasks)
+        self.base = base
+        self.payload = payload
+        self._base_embedded = base_embedded
+        self._compressor = get_merger(config)
+        if not isinstance(self._compressor, TaskCompressor):
+            raise TypeError(f"Method {config.method!r} cannot build a TaskBank (it is not a TaskCompressor).")
+        self.metas = {k: base.meta(k) for k in base.keys()}  # noqa: SIM118 (a TensorSource, not a dict)
+        self.infos = classify_sources(base, {})
+        self.layout = _payload_layout(self._compressor, self.metas, self.infos, len(self._tasks))
+        missing = [name for name in self.layout if not payload.has(name)]
+        if missing:
+            raise ValueError(f"Task bank payload lacks {len(missing)} tensor(s), e.g. {missing[0]!r}.")
+        for name, meta in self.layout.items():
+            stored = payload.meta(name)
+            if stored != meta:
+                raise ValueError(
+                    f"Task bank payload tensor {name!r} is {stored.shape} {stored.dtype}, expected {meta.shape} {meta.dtype}."
+                )
+
+    # ------------------------------------------------------------------ access
+    @property
+    def tasks(self) -> list[str]:
+        """The task names, in the order they were given to :func:`compress`."""
+        return list(self._tasks)
+
+    def __repr__(self) -> str:
+        return f"TaskBank(method={self.config.method!r}, tasks={self._tasks}, storage_ratio={self.storage_ratio():.3f})"
+
+    def task_delta(self, name: str, key: str) -> torch.Tensor:
+        """The reconstructed task vector τ̂ of task ``name`` for tensor ``key`` (float32)."""
+        index = self._task_index(name)
+        if key not in self.metas or not self.metas[key].dtype.is_floating_point:
+            raise KeyError(f"The bank has no floating-point tensor {key!r}.")
+        return self._compressor.decode_tensor(
+            key, index, lambda part: self.payload.get(f"{key}{_SEPARATOR}{part}"),
+            self.metas[key], self.infos[key],
+        )
+
+    def _task_index(self, name: str) -> int:
+        if name not in self._tasks:
+            raise KeyError(f"Unknown task {name!r}; the bank holds {self._tasks}.")
+        return self._tasks.index(name)
+
+    def load_task(self, name: str, *, output_dir: str | os.PathLike | None = None, progress: bool = False) -> Any:
+        """Rebuild task ``name``: θ₀ + τ̂_name, cast to the base's dtypes.
+
+        Returns a new model of the base's class for a model base (or a folder base with a ``config.json``), a state
+        dict for a state-dict base, or the path of a ``from_pretrained``-loadable checkpoint with ``output_dir``.
+        """
+        from .engine import emit
+
+        self._task_index(name)
+
+        def compute(key: str) -> torch.Tensor:
+            meta = self.metas[key]
+            if not meta.dtype.is_floating_point:
+                return self.base.get(key)
+            theta0 = self.base.get(key).to(torch.float32)
+            return (theta0 + self.task_delta(name, key)).to(meta.dtype)
+
+        return emit(
+            self.base, self.metas, compute, output_dir=output_dir, merge_config=self.config,
+            merge_inputs={"task_bank_task": name}, progress=progress, desc=f"loading task {name!r}",
+        )
+
+    # ------------------------------------------------------------------ size
+    def payload_nbytes(self) -> int:
+        return sum(_nbytes(meta) for meta in self.layout.values())
+
+    def base_nbytes(self) -> int:
+        return sum(_nbytes(meta) for meta in self.metas.values())
+
+    def storage_ratio(self, *, include_base: bool = True) -> float:
+        """Bytes of the bank (payload, plus the base it needs when ``include_base``) over T full checkpoints."""
+        stored = self.payload_nbytes() + (self.base_nbytes() if include_base else 0)
+        return stored / (len(self._tasks) * self.base_nbytes())
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> str:
+        """Write the bank into ``save_directory`` atomically (see the module docstring for the layout)."""
+        target = Path(save_directory).absolute()
+        with atomic_directory(target) as tmp:
+            _write_bank(
+                tmp, target, self.config, self._tasks, self.base, self.metas, self.layout,
+                lambda name: self.payload.get(name), embed_base=self._base_embedded, max_shard_size=max_shard_size,
+            )
+        return str(target)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> TaskBank:
+        """Open a bank written by :meth:`save_pretrained` or ``compress(..., output_dir=...)`` (tensors read lazily)."""
+        from .config import MergeConfig
+
+        folder = Path(directory)
+        manifest_path = folder / BANK_MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"No {BANK_MANIFEST} in {folder}: not a task bank folder.")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != BANK_FORMAT or manifest.get("version") != BANK_VERSION:
+            raise ValueError(
+                f"{manifest_path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                f"expected {BANK_FORMAT!r} version {BANK_VERSION}."
+            )
+        config = MergeConfig.from_dict(manifest["config"])
+        embedded = bool(manifest["base"]["embedded"])
+        base_path = folder / BASE_DIR if embedded else Path(manifest["base"]["path"])
+        if not base_path.exists():
+            raise FileNotFoundError(
+                f"The bank's base checkpoint {base_path} does not exist (the bank stores only its path)."
+            )
+        base = FolderSource(base_path, "task bank base")
+        for key, entry in manifest["base"]["tensors"].items():
+            if not base.has(key):
+                raise ValueError(f"The bank's base {base_path} has no tensor {key!r}; was it changed since compress?")
+            meta = base.meta(key)
+            if list(meta.shape) != entry["shape"] or _DTYPE_TO_NAME[meta.dtype] != entry["dtype"]:
+                raise ValueError(
+                    f"The bank's base {base_path} has {key!r} as {meta.shape} {meta.dtype}, but the bank was built "
+                    f"for {tuple(entry['shape'])} {entry['dtype']}."
+                )
+        payload = FolderSource(folder / PAYLOAD_DIR, "task bank payload")
+        return cls(config, manifest["tasks"], base, payload, base_embedded=embedded)
+
+
+def _payload_layout(
+    compressor: TaskCompressor, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], num_tasks: int
+) -> dict[str, TensorMeta]:
+    layout: dict[str, TensorMeta] = {}
+    for key, meta in metas.items():
+        if meta.dtype.is_floating_point:
+            for part, part_meta in compressor.payload_layout(key, meta, infos[key], num_tasks).items():
+                layout[f"{key}{_SEPARATOR}{part}"] = part_meta
+    return layout
+
+
+def _write_bank(
+    folder: Path,
+    final_location: Path,
+    config: MergeConfig,
+    tasks: Sequence[str],
+    base: TensorSource,
+    metas: Mapping[str, TensorMeta],
+    layout: Mapping[str, TensorMeta],
+    payload: Callable[[str], torch.Tensor],
+    *,
+    embed_base: bool,
+    max_shard_size: int | str,
+) -> None:
+    (folder / PAYLOAD_DIR).mkdir()
+    write_safetensors_shards(folder / PAYLOAD_DIR, layout, payload, max_shard_size=max_shard_size)
+    if embed_base:
+        (folder / BASE_DIR).mkdir()
+        write_safetensors_shards(folder / BASE_DIR, metas, base.get, max_shard_size=max_shard_size)
+        model_config = getattr(base.model, "config", None)
+        if model_config is not None and hasattr(model_config, "save_pretrained"):
+            model_config = copy.deepcopy(model_config)
+            model_config.architectures = [type(base.model).__name__]  # so the rebuilt task is a model of this class
+            model_config.save_pretrained(folder / BASE_DIR)
+        elif base.folder is not None and (base.folder / "config.json").is_file():
+            (folder / BASE_DIR / "config.json").write_bytes((base.folder / "config.json").read_bytes())
+        base_path = None
+    else:
+        base_path = str(base.folder.absolute())
+    manifest = {
+        "format": BANK_FORMAT,
+        "version": BANK_VERSION,
+        "config": config.to_dict(),
+        "tasks": list(tasks),
+        "base": {
+            "embedded": embed_base,
+            "path": base_path,
+            "tensors": {k: {"shape": list(m.shape), "dtype": _DTYPE_TO_NAME[m.dtype]} for k, m in metas.items()},
+        },
+    }
+    (folder / BANK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def compress(
+    base: Any,
+    finetuned: Sequence[Any] | Mapping[str, Any],
+    config: MergeConfig | str,
+    *,
+    output_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    max_shard_size: int | str = "5GB",
+    **overrides: Any,
+) -> TaskBank:
+    """Compress T fine-tuned models into a :class:`TaskBank` (TSV-C factors or TALL masks), streaming per tensor.
+
+    Args:
+        base: the pre-trained θ₀ (model, checkpoint folder or state dict). A folder base is referenced by path;
+            other bases are stored in the bank when it is saved.
+        finetuned: ``{task_name: model}`` (or a sequence, named ``task_0``, ...).
+        config: :class:`~hf_merge.TSVCompressConfig` or :class:`~hf_merge.TallMaskConfig` (or their method names).
+        output_dir: write the bank there atomically while compressing (nothing is held in memory) and return it
+            opened from disk; otherwise the bank is held in memory until :meth:`TaskBank.save_pretrained`.
+        device: where the arithmetic runs.
+
+    Example:
+        >>> bank = hf_merge.compress(base, {"sst2": m1, "mnli": m2}, hf_merge.TallMaskConfig(mask_threshold=0.4))
+        >>> bank.storage_ratio(), bank.load_task("mnli")
+    """
+    from .engine import MergeContext, classify_sources, open_tasks, validate_sources
+    from .registry import get_merger, make_config
+
+    config = make_config(config, **overrides)
+    compressor = get_merger(config)
+    if not isinstance(compressor, TaskCompressor):
+        raise TypeError(
+            f"compress needs a TSVCompressConfig or TallMaskConfig (a TaskCompressor method), got {config.method!r}."
+        )
+    if getattr(config, "task", None) is not None:
+        raise ValueError("config.task selects one task for merge(); compress stores every task, so leave it None.")
+    base_source = open_source(base, "base", allow_pickle=allow_pickle)
+    tasks = open_tasks(finetuned, allow_pickle=allow_pickle)
+    metas = validate_sources(base_source, tasks)
+    infos = classify_sources(base_source, tasks)
+    ctx = MergeContext(base_source, tasks, infos, metas, device=device, progress=progress)
+    compressor.prepare(ctx)
+    layout = _payload_layout(compressor, metas, infos, len(tasks))
+    current: dict[str, Any] = {"key": None, "parts": {}}
+
+    def compute(name: str) -> torch.Tensor:
+        key, part = name.rsplit(_SEPARATOR, 1)
+        if current["key"] != key:
+            theta0 = ctx.base_tensor(key)
+            current["key"], current["parts"] = key, compressor.encode_tensor(key, theta0, ctx.deltas(key, theta0), infos[key])
+        meta = layout[name]
+        return current["parts"][part].to("cpu", meta.dtype).contiguous().clone()
+
+    embed_base = base_source.folder is None or base_source.model is not None
+    if output_dir is not None:
+        target = Path(output_dir).absolute()
+        with atomic_directory(target) as tmp:
+            _write_bank(
+                tmp, target, config, list(tasks), base_source, metas, layout, compute,
+                embed_base=embed_base, max_shard_size=max_shard_size,
+            )
+        return TaskBank.from_pretrained(target)
+    from tqdm.auto import tqdm
+
+    stored = {name: compute(name) for name in tqdm(layout, desc="compressing", disable=not progress, leave=False)}
+    return TaskBank(config, list(tasks), base_source, StateDictSource(stored, "task bank payload"), base_embedded=embed_base)

@@ -1,0 +1,117 @@
+"""Iso-C and Iso-CTS (Marczak et al. 2025, "No Task Left Behind: Isotropic Model Merging", arXiv 2502.04959).
+
+Per 2-D parameter (official rule ``ndim == 2``; names containing an ``exclude`` entry are averaged), with the
+task-arithmetic sum M = Σ_t Δ_t = U S Vᵀ (thin SVD, r = min(m, n)):
+
+* Iso-C (Eq. 4): Δ = α · mean(S) · U Vᵀ = α (‖M‖_* / r) polar(M) — the spectrum of M flattened to its mean.
+* Iso-CTS (Eqs. 6–9): the common subspace is the top-c triplets of M; every task adds the top-p triplets of its
+  residual (I − U_c U_cᵀ) Δ_t (only the left space is projected out); with U_cat = [U_1,p … U_T,p, U_c],
+  V_cat likewise and s_cat the concatenated singular values, Δ = α · mean(s_cat) · polar(U_cat) polar(V_cat)ᵀ.
+  Sizes: c = ⌊f r⌋, then c ← r − round((r − c)/T)·T with Python's half-to-even ``round``, and p = (r − c)/T
+  (r = 768, T = 8, f = 0.8 gives c = 616, p = 19; p = 0 reduces Iso-CTS to Iso-C).
+
+Other floating-point parameters get the mean of τ_t, scaled by α. Factorisations go through
+:mod:`hf_merge.linalg` (exact Gram-eigh routes).
+
+Rank-deficient M (e.g. LoRA deltas, untouched embedding rows) makes Iso-C assign mean(S) to arbitrary null-space
+directions, as in the reference; the result then depends on the SVD driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from ..config import MergeConfig, check_fraction, check_number
+from ..linalg import polar, polar_with_singular_values, top_k_svd
+from ..params import ParamInfo
+from ..registry import register_method
+from .base import Merger
+from .tsv import _check_exclude, is_svd_treated, mean_delta
+
+
+@dataclasses.dataclass(kw_only=True)
+class IsoCConfig(MergeConfig):
+    """``scaling`` α (official search ``linspace(0, 3, 31)[1:]``), ``exclude`` name substrings of 2-D parameters
+    that are averaged instead (official: ``("text_projection",)``)."""
+
+    method: str = dataclasses.field(default="iso_c", init=False)
+    scaling: float = 1.0
+    exclude: Sequence[str] = ("text_projection",)
+
+    def __post_init__(self) -> None:
+        check_number("scaling", self.scaling)
+        self.exclude = _check_exclude(self.exclude)
+
+
+@dataclasses.dataclass(kw_only=True)
+class IsoCTSConfig(MergeConfig):
+    """``scaling`` α, ``common_space_fraction`` f ∈ (0, 1] of the rank given to the common subspace (official 0.8),
+    ``exclude`` as in :class:`IsoCConfig`."""
+
+    method: str = dataclasses.field(default="iso_cts", init=False)
+    scaling: float = 1.0
+    common_space_fraction: float = 0.8
+    exclude: Sequence[str] = ("text_projection",)
+
+    def __post_init__(self) -> None:
+        check_number("scaling", self.scaling)
+        check_fraction("common_space_fraction", self.common_space_fraction, low_open=True)
+        self.exclude = _check_exclude(self.exclude)
+
+
+def iso_c(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """mean(S) · U Vᵀ of M = Σ_t Δ_t (unscaled Iso-C of one matrix)."""
+    total = torch.stack(deltas).sum(dim=0)
+    polar_factor, singular_values = polar_with_singular_values(total)
+    return polar_factor.mul_(singular_values.mean())
+
+
+def iso_cts_sizes(rank: int, num_tasks: int, common_space_fraction: float) -> tuple[int, int]:
+    """(c, p): common-subspace size and per-task size, as the official code rounds them (half-to-even)."""
+    common = int(rank * common_space_fraction)
+    common = rank - round((rank - common) / num_tasks) * num_tasks
+    return common, (rank - common) // num_tasks
+
+
+def iso_cts(deltas: list[torch.Tensor], common_space_fraction: float) -> torch.Tensor:
+    """mean(s_cat) · polar(U_cat) polar(V_cat)ᵀ (unscaled Iso-CTS of one matrix)."""
+    stacked = torch.stack(deltas)
+    total = stacked.sum(dim=0)
+    common, per_task = iso_cts_sizes(min(total.shape), len(deltas), common_space_fraction)
+    u_c, s_c, v_c = top_k_svd(total, common)
+    if per_task == 0:
+        return (u_c @ v_c.transpose(0, 1)).mul_(s_c.mean())
+    residuals = stacked - u_c @ (u_c.transpose(0, 1) @ stacked)  # (I − U_c U_cᵀ) Δ_t
+    u_t, s_t, v_t = top_k_svd(residuals, per_task)
+    u_cat = torch.cat([*u_t, u_c], dim=1)
+    v_cat = torch.cat([*v_t, v_c], dim=1)
+    mean = torch.cat([s_t.reshape(-1), s_c]).mean()
+    return (polar(u_cat) @ polar(v_cat).transpose(0, 1)).mul_(mean)
+
+
+class IsoCMerger(Merger):
+    uses_param_info = False  # only ndim and names decide the SVD treatment
+    config: IsoCConfig
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        merged = iso_c(deltas) if is_svd_treated(info, self.config.exclude) else mean_delta(deltas)
+        return merged.mul_(self.config.scaling)
+
+
+class IsoCTSMerger(Merger):
+    uses_param_info = False  # only ndim and names decide the SVD treatment
+    config: IsoCTSConfig
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        if is_svd_treated(info, self.config.exclude):
+            merged = iso_cts(deltas, self.config.common_space_fraction)
+        else:
+            merged = mean_delta(deltas)
+        return merged.mul_(self.config.scaling)
+
+
+register_method(IsoCConfig, IsoCMerger)
+register_method(IsoCTSConfig, IsoCTSMerger)

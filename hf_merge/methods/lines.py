@@ -1,0 +1,130 @@
+"""LiNeS: post-training layer scaling (Wang et al. 2025, "LiNeS: Post-training Layer Scaling Prevents Forgetting
+and Enhances Model Merging", arXiv 2410.17146).
+
+The task vector of residual block ℓ = 1..L is scaled by λ(ℓ) = α + β (ℓ − 1)/(L − 1) (Eq. 1); parameters outside
+the residual blocks (embeddings, final norm, heads) get α. Blocks come from :class:`~hf_merge.ParamInfo`
+(``block`` is 0-based, so ℓ = block + 1; L = ``num_blocks`` of the block's stack, e.g. encoder and decoder stacks
+are scaled separately, each over its own depth), never from substrings; ``LinesConfig.num_blocks`` overrides L.
+A one-block stack (L = 1) gets α.
+
+* Single-task editing (``inner=None``): θ = θ₀ + λ(ℓ) τ for exactly one fine-tuned model; α must be given (the paper
+  uses α = λ, β = 1 − λ).
+* Multi-task (``inner`` = any merge config): θ = θ₀ + λ(ℓ) τ_merged, where τ_merged is the inner method's merged
+  vector *before* scaling — the inner merger runs with every ``scaling`` field (also nested ones, e.g. DARE's
+  ``then``) set to 1, so LiNeS' λ(ℓ) replaces the inner α. With ``alpha=None``, α = (‖Σ_t τ_t‖₁ / ‖τ_merged‖₁) / T
+  (official ``evaluate``), computed in one streaming statistics pass that runs the inner merge once per tensor (so
+  SVD-based inner methods do their factorisations twice); for Task Arithmetic α = 1/T exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import MergeConfig, check_number
+from ..params import ParamInfo
+from ..registry import register_method
+from .base import Merger, ModelMerger
+
+
+@dataclasses.dataclass(kw_only=True)
+class LinesConfig(MergeConfig):
+    """``alpha`` α (required without ``inner``; ``None`` with ``inner`` = the official norm-ratio rule), ``beta`` β
+    (official grids ``linspace(0, 1, 11)[1:]`` or ``arange(0.1, 1.6, 0.1)`` for TIES), ``num_blocks`` L (default:
+    from the model), ``inner`` the multi-task merge whose unscaled vector is layer-scaled."""
+
+    method: str = dataclasses.field(default="lines", init=False)
+    alpha: float | None = None
+    beta: float = 0.5
+    num_blocks: int | None = None
+    inner: MergeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None:
+            check_number("alpha", self.alpha)
+        check_number("beta", self.beta)
+        if self.num_blocks is not None and (
+            isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1
+        ):
+            raise ValueError(f"num_blocks must be a positive int or None, got {self.num_blocks!r}.")
+        if self.inner is None:
+            if self.alpha is None:
+                raise ValueError("Single-task LiNeS (inner=None) needs alpha; with inner=... alpha=None means the norm rule.")
+        elif not isinstance(self.inner, MergeConfig):
+            raise TypeError(f"inner must be a MergeConfig (e.g. TaskArithmeticConfig), got {type(self.inner).__name__}.")
+        elif isinstance(self.inner, LinesConfig):
+            raise ValueError("inner cannot itself be a LinesConfig.")
+
+
+def lines_scale(block: int | None, num_blocks: int | None, alpha: float, beta: float) -> float:
+    """λ(ℓ) = α + β (ℓ − 1)/(L − 1) for the 0-based ``block`` = ℓ − 1 of a stack of L blocks; α outside blocks."""
+    if block is None:
+        return alpha
+    if num_blocks is None or not 0 <= block < num_blocks:
+        raise ValueError(f"block index {block} is outside a stack of {num_blocks} blocks.")
+    if num_blocks == 1:
+        return alpha
+    return alpha + beta * block / (num_blocks - 1)
+
+
+def with_unit_scaling(config: MergeConfig) -> MergeConfig:
+    """A copy of ``config`` whose ``scaling`` fields (nested configs included) are 1: the merge before scaling."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        if not field.init:
+            continue
+        value = getattr(config, field.name)
+        if field.name == "scaling":
+            changes["scaling"] = 1.0
+        elif isinstance(value, MergeConfig):
+            changes[field.name] = with_unit_scaling(value)
+    return config.replace(**changes) if changes else config
+
+
+class LinesMerger(Merger):
+    config: LinesConfig
+
+    def __init__(self, config: LinesConfig) -> None:
+        super().__init__(config)
+        from ..registry import get_merger
+
+        self.inner = get_merger(with_unit_scaling(config.inner)) if config.inner is not None else None
+        if isinstance(self.inner, ModelMerger):
+            raise TypeError(f"LiNeS needs a base model; inner method {config.inner.method!r} merges without one.")
+
+    def _num_blocks(self, info: ParamInfo) -> int | None:
+        return self.config.num_blocks if self.config.num_blocks is not None else info.num_blocks
+
+    def prepare(self, ctx) -> None:
+        for key in ctx.merge_keys:  # fail before any work on a block index the configured L cannot hold
+            info = ctx.infos[key]
+            if info.block is not None:
+                lines_scale(info.block, self._num_blocks(info), 0.0, 0.0)
+        num_tasks = len(ctx.task_names)
+        if self.inner is None:
+            if num_tasks != 1:
+                raise ValueError(
+                    f"Single-task LiNeS scales one task vector but got {num_tasks} fine-tuned models; pass one model, "
+                    "or set inner=... (e.g. TaskArithmeticConfig) to layer-scale a multi-task merge."
+                )
+            self.alpha = float(self.config.alpha)
+            return
+        self.inner.prepare(ctx)
+        if self.config.alpha is not None:
+            self.alpha = float(self.config.alpha)
+            return
+        sum_l1 = merged_l1 = 0.0
+        for key, base, deltas in ctx.iter_deltas("LiNeS α (norms)"):
+            sum_l1 += torch.stack(deltas).sum(dim=0).abs().sum(dtype=torch.float64).item()
+            merged_l1 += self.inner.merge_tensor(key, base, deltas, ctx.infos[key]).abs().sum(dtype=torch.float64).item()
+        if merged_l1 == 0.0:
+            raise ValueError("The inner merge produced an all-zero task vector; LiNeS α = ‖Στ‖₁/‖τ_merged‖₁/T is undefined.")
+        self.alpha = sum_l1 / merged_l1 / num_tasks
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        merged = deltas[0].clone() if self.inner is None else self.inner.merge_tensor(key, base, deltas, info)
+        return merged.mul_(lines_scale(info.block, self._num_blocks(info), self.alpha, self.config.beta))
+
+
+register_method(LinesConfig, LinesMerger)

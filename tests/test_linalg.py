@@ -1,0 +1,121 @@
+"""The linear-algebra kernels equal the exact full-SVD results, on every precision route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_merge import linalg
+from hf_merge.linalg import polar, polar_with_singular_values, top_k_svd
+
+
+def _with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    left, _ = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))
+    return ((left * singular_values.to(torch.float64)) @ right.T).float()
+
+
+def _spectra(r: int) -> dict[str, torch.Tensor]:
+    i = torch.arange(1, r + 1, dtype=torch.float64)
+    return {
+        "decaying": i ** -0.5,
+        "ill_conditioned": 10.0 ** (-8 * (i - 1) / (r - 1)),
+        "low_rank_plus_noise": torch.where(i <= 4, 10 * i ** -0.3, 1e-4 * i ** -0.5),
+        "rank_deficient": torch.where(i <= 6, i ** -0.5, torch.zeros_like(i)),
+    }
+
+
+def _truncation(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+ROUTES = {
+    "auto": {},
+    "float64_gram": {"FAST_EIGH_MIN_RATIO": 2.0},
+    "full_svd": {"FAST_EIGH_MIN_RATIO": 2.0, "DOUBLE_EIGH_MIN_RATIO": 2.0},
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTES))
+@pytest.mark.parametrize("spectrum", sorted(_spectra(8)))
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (48, 48)])
+def test_top_k_svd_equals_truncated_full_svd(monkeypatch, route, spectrum, shape) -> None:
+    for name, value in ROUTES[route].items():
+        monkeypatch.setattr(linalg, name, value)
+    matrix = _with_spectrum(*shape, _spectra(min(shape))[spectrum])
+    k = 10
+    u, s, v = top_k_svd(matrix, k)
+    assert u.shape == (shape[0], k) and s.shape == (k,) and v.shape == (shape[1], k)
+    assert _rel((u * s) @ v.T, _truncation(matrix, k)) < 1e-4
+    exact = torch.linalg.svdvals(matrix.double())[:k]
+    assert torch.allclose(s.double(), exact, rtol=1e-4, atol=1e-6 * exact[0].item())
+    assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-4)
+    assert torch.allclose(v.T @ v, torch.eye(k), atol=1e-4)
+
+
+def test_batched_top_k_svd_equals_one_matrix_at_a_time() -> None:
+    batch = torch.stack([_with_spectrum(50, 30, _spectra(30)[name], seed=i) for i, name in enumerate(_spectra(30))])
+    u, s, v = top_k_svd(batch, 7)
+    for i, matrix in enumerate(batch):
+        assert _rel((u[i] * s[i]) @ v[i].T, _truncation(matrix, 7)) < 1e-4
+
+
+def test_top_k_svd_of_zero_matrix_and_k_zero() -> None:
+    u, s, v = top_k_svd(torch.zeros(6, 4), 3)
+    assert torch.equal(s, torch.zeros(3)) and torch.allclose(u.T @ u, torch.eye(3), atol=1e-6)
+    u, s, v = top_k_svd(torch.randn(6, 4), 0)
+    assert u.shape == (6, 0) and s.shape == (0,) and v.shape == (4, 0)
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e5])
+@pytest.mark.parametrize("shape", [(80, 30), (30, 80), (40, 40)])
+def test_polar_equals_svd_polar(condition, shape) -> None:
+    r = min(shape)
+    matrix = _with_spectrum(*shape, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), r))
+    p, qh = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
+    exact = p @ qh
+    assert _rel(polar(matrix), exact) < 1e-4
+    factor, singular_values = polar_with_singular_values(matrix)
+    assert _rel(factor, exact) < 1e-4
+    assert torch.allclose(singular_values.double(), torch.linalg.svdvals(matrix.double()), rtol=1e-4, atol=1e-7)
+
+
+def test_polar_of_rank_deficient_matrix_is_orthonormal_and_reproduces_the_range() -> None:
+    matrix = _with_spectrum(60, 20, _spectra(20)["rank_deficient"])
+    factor = polar(matrix)
+    assert torch.allclose(factor.T @ factor, torch.eye(20), atol=1e-5)
+    # On the range of A the polar factor is unique: polar(A) Aᵀ A-part equals (AAᵀ)^{1/2}, i.e. Pᵀ A is PSD.
+    h = factor.T.double() @ matrix.double()
+    assert torch.allclose(h, h.T, atol=1e-5) and torch.linalg.eigvalsh(h).min() > -1e-5
+
+
+def test_orthogonalized_factors_are_orthonormal() -> None:
+    stacked = torch.stack([_with_spectrum(64, 48, _spectra(48)["decaying"], seed=s) for s in range(4)])
+    u, _, v = top_k_svd(stacked, 12)
+    for factors in (u, v):
+        concatenated = factors.transpose(0, 1).reshape(factors.shape[1], -1)
+        orthogonal = polar(concatenated)
+        assert torch.allclose(orthogonal.T @ orthogonal, torch.eye(48), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda: top_k_svd(torch.randn(5), 1), ValueError),
+        (lambda: top_k_svd(torch.ones(3, 3, dtype=torch.int64), 1), TypeError),
+        (lambda: top_k_svd(torch.randn(4, 3), 4), ValueError),
+        (lambda: top_k_svd(torch.randn(4, 3), -1), ValueError),
+        (lambda: polar(torch.randn(2, 2, 2)), ValueError),
+        (lambda: polar([[1.0]]), TypeError),
+    ],
+)
+def test_bad_inputs_raise(call, error) -> None:
+    with pytest.raises(error):
+        call()
