@@ -95,7 +95,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(kind: str, workdir: Path, tasks: int) -> dict:
+def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None) -> dict:
     """Run one measurement in this (fresh) process; print its JSON."""
     folders = [workdir / "base"] + [workdir / f"task{t}" for t in range(tasks)]
     output = workdir / f"out-{kind}"
@@ -118,7 +118,7 @@ def measure(kind: str, workdir: Path, tasks: int) -> dict:
         import hf_merge
 
         config = {"ta": hf_merge.TaskArithmeticConfig(scaling=0.3), "ties": hf_merge.TiesConfig()}[kind]
-        hf_merge.merge(folders[0], folders[1:], config, output_dir=output, progress=False)
+        hf_merge.merge(folders[0], folders[1:], config, output_dir=output, progress=False, max_memory=max_memory)
     wall = time.perf_counter() - start
     size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     shutil.rmtree(output, ignore_errors=True)
@@ -135,11 +135,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~60M parameters instead of ~0.5B")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".work" / "merge_io")
     parser.add_argument("--measure", choices=["floor", "ta", "ties"], help=argparse.SUPPRESS)
+    parser.add_argument("--max-memory", default=None, help="host-memory budget passed to hf_merge.merge, e.g. 4GB")
+    parser.add_argument("--runs", default="floor,ta,ties,floor", help="comma-separated measurements, in order")
+    parser.add_argument("--name", default=None, help="results file name (default merge_io[_quick].json)")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab = 512, 2048, 8, 8000
     if args.measure:
-        print(json.dumps(measure(args.measure, args.workdir, args.tasks)))
+        print(json.dumps(measure(args.measure, args.workdir, args.tasks, args.max_memory)))
         return
 
     n_params = sum(int(torch.Size(s).numel()) for s in
@@ -147,8 +150,10 @@ def main() -> None:
     print(f"Generating base + {args.tasks} checkpoints, {n_params / 1e6:.0f}M parameters each (bf16) ...")
     generate(args.workdir, args)
     runs = {}
-    for kind in ("floor", "ta", "ties", "floor"):  # floor twice: before and after, the faster one counts
+    for kind in args.runs.split(","):  # floor twice by default: before and after, the faster one counts
         cmd = [sys.executable, __file__, "--measure", kind, "--workdir", str(args.workdir), "--tasks", str(args.tasks)]
+        if args.max_memory:
+            cmd += ["--max-memory", args.max_memory]
         result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         if kind in runs:
             result = min(runs[kind], result, key=lambda r: r["wall_s"])
@@ -157,6 +162,8 @@ def main() -> None:
     rows = []
     for kind, label in (("floor", "I/O floor (read all + write one)"), ("ta", "Task Arithmetic"),
                         ("ties", "TIES (global scope)")):
+        if kind not in runs:
+            continue
         r = runs[kind]
         rows.append({
             "run": label,
@@ -176,11 +183,12 @@ def main() -> None:
         "inputs": 1 + args.tasks,
         "dtype": "bfloat16",
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform()},
-        "page_cache": "warm (inputs read before timing)",
+        "page_cache": "warm when the inputs fit in RAM (read before timing), otherwise disk-bound",
+        "max_memory": args.max_memory,
         "targets": {"wall_over_floor": 1.3, "rss_minus_output_gb": 2.0},
         "rows": rows,
     }
-    name = "merge_io_quick.json" if args.quick else "merge_io.json"
+    name = args.name or ("merge_io_quick.json" if args.quick else "merge_io.json")
     (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {RESULTS / name}")
 
