@@ -66,27 +66,37 @@ class MergeConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write ``merge_config.json`` into ``save_directory`` (created if needed); return the file path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        return path
+        return write_json(save_directory, CONFIG_NAME, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> MergeConfig:
         """Read ``merge_config.json`` from a folder (or the file itself)."""
-        path = os.fspath(directory)
-        if os.path.isdir(path):
-            path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {CONFIG_NAME} found at {path!r}.")
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        return cls.from_dict(read_json(directory, CONFIG_NAME))
 
     def replace(self, **overrides: Any) -> MergeConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **overrides)
+
+
+def write_json(directory: str | os.PathLike, filename: str, data: Mapping[str, Any]) -> str:
+    """Write ``data`` as ``directory/filename`` (folder created if needed); return the file path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, filename)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    return path
+
+
+def read_json(directory: str | os.PathLike, filename: str) -> dict[str, Any]:
+    """Read ``directory/filename`` (or ``directory`` itself when it is the file)."""
+    path = os.fspath(directory)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {filename} found at {path!r}.")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def _to_plain(value: Any) -> Any:

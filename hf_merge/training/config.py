@@ -8,12 +8,11 @@ passed to :func:`hf_merge.merge`. It serialises like a :class:`~hf_merge.MergeCo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import MergeConfig, check_number
+from ..config import MergeConfig, check_number, read_json, write_json
 
 ATM_CONFIG_NAME = "atm_config.json"
 
@@ -115,23 +114,12 @@ class ATMConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write ``atm_config.json`` into ``save_directory`` (created if needed); return the file path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, ATM_CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-            fh.write("\n")
-        return path
+        return write_json(save_directory, ATM_CONFIG_NAME, self.to_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ATMConfig:
         """Read ``atm_config.json`` from a folder (or the file itself)."""
-        path = os.fspath(directory)
-        if os.path.isdir(path):
-            path = os.path.join(path, ATM_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {ATM_CONFIG_NAME} found at {path!r}.")
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        return cls.from_dict(read_json(directory, ATM_CONFIG_NAME))
 
     def replace(self, **overrides: Any) -> ATMConfig:
         """A copy with some fields changed (validated again)."""
