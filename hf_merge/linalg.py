@@ -25,6 +25,7 @@ import torch
 FAST_EIGH_MIN_RATIO = 1e-3  # λ_k/λ_1 above which the float32 Gram route is accurate (≤ 5e-6 measured)
 DOUBLE_EIGH_MIN_RATIO = 1e-10  # λ_k/λ_1 above which the float64 Gram route is accurate
 POLAR_MIN_RATIO = 1e-6  # λ_min/λ_max of AᵀA above which the Gram route of the polar factor is used
+FAST_POLAR_MIN_RATIO = 1e-2  # λ_min/λ_max of AᵀA above which that route runs in float32 (error ≲ κ·eps ≈ 1e-5)
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, batched: bool = False) -> None:
@@ -108,8 +109,9 @@ def top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """polar(A) = P Qᵀ for the thin SVD A = P Σ Qᵀ: the closest matrix with orthonormal columns (rows if m < n).
 
-    Computed as A Q Λ^{-1/2} Qᵀ from the float64 eigendecomposition AᵀA = Q Λ Qᵀ of the smaller side (exact when
-    A has full rank); falls back to a float64 SVD when λ_min/λ_max < 1e-6. Returns float32.
+    Computed as A Q Λ^{-1/2} Qᵀ from the eigendecomposition AᵀA = Q Λ Qᵀ of the smaller side (exact when A has
+    full rank): in float32 when λ_min/λ_max ≥ 1e-2 (well conditioned, e.g. stacked nearly orthogonal task
+    bases), else in float64; falls back to a float64 SVD when λ_min/λ_max < 1e-6. Returns float32.
     """
     _check_matrix("matrix", matrix)
     work = matrix.to(torch.float32)
@@ -118,6 +120,10 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
         return polar(work.transpose(0, 1)).transpose(0, 1)
     if n == 0:
         return work.clone()
+    values, vectors = _full_eigh(work)
+    top, bottom = values[-1].item(), values[0].item()
+    if top > 0 and bottom >= FAST_POLAR_MIN_RATIO * top:
+        return ((work @ vectors) * values.rsqrt()) @ vectors.transpose(0, 1)
     values, vectors = _full_eigh(work.to(torch.float64))
     top, bottom = values[-1].item(), values[0].item()
     if top > 0 and bottom >= POLAR_MIN_RATIO * top:
@@ -148,7 +154,7 @@ def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _full_eigh(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending eigenpairs of AᵀA for a tall float64 A (SciPy's divide-and-conquer on the CPU)."""
+    """Ascending eigenpairs of AᵀA for a tall A, in its dtype (SciPy's divide-and-conquer on the CPU)."""
     gram = tall.transpose(0, 1) @ tall
     if gram.device.type == "cpu":
         import scipy.linalg
