@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +43,9 @@ class HeadGroup:
         if not self.perms:
             raise ValueError("A HeadGroup needs at least one permutation name.")
         if len(self.within) != len(self.perms):
-            raise ValueError(f"HeadGroup {self.perms}: within has {len(self.within)} flags for {len(self.perms)} perms.")
+            raise ValueError(
+                f"HeadGroup {self.perms}: within has {len(self.within)} flags for {len(self.perms)} perms."
+            )
         if self.num_heads < 1:
             raise ValueError(f"HeadGroup {self.perms}: num_heads must be >= 1, got {self.num_heads}.")
 
@@ -318,8 +320,3 @@ def validate_spec(
         )
     return worst
 
-
-def iter_permuted_axes(spec: PermutationSpec, key: str) -> Iterator[tuple[int, str]]:
-    for axis, name in enumerate(spec.axes[key]):
-        if name is not None:
-            yield axis, name

@@ -201,7 +201,8 @@ _VIT_LAYER = {
 
 
 def _layer_prefixes(keys: Collection[str], query_suffixes: Sequence[str], model_name: str) -> list[str]:
-    pattern = re.compile(r"^(.*\.(?:layer|layers)\.(\d+))\.(?:%s)\.weight$" % "|".join(map(re.escape, query_suffixes)))
+    alternatives = "|".join(map(re.escape, query_suffixes))
+    pattern = re.compile(rf"^(.*\.(?:layer|layers)\.(\d+))\.(?:{alternatives})\.weight$")
     found = {}
     for key in keys:
         match = pattern.match(key)
@@ -215,7 +216,7 @@ def _layer_prefixes(keys: Collection[str], query_suffixes: Sequence[str], model_
 def _heads(config: Any, layers: int) -> tuple[int, ...]:
     heads = _config_get(config, "num_attention_heads")
     if not isinstance(heads, int):
-        raise ValueError("The model config has no integer num_attention_heads; cannot build the attention spec.")
+        raise TypeError("The model config has no integer num_attention_heads; cannot build the attention spec.")
     return (heads,) * layers
 
 
@@ -278,13 +279,49 @@ def vit_spec(config: Any, keys: Collection[str]) -> PermutationSpec:
     return PermutationSpec(axes, tuple(groups))
 
 
-TRANSFORMER_SPECS = {"bert": bert_spec, "vit": vit_spec}
+def llama_spec(config: Any, keys: Collection[str]) -> PermutationSpec:
+    """Spec of a transformers Llama decoder (rotary, RMSNorm, gated MLP) without grouped-query attention.
+
+    RoPE ties the dimension pairs (i, i + d/2) of q and k to frequencies, so q/k get head-level permutations only
+    (``within=False``); v/o also permute dimensions within heads. The residual stream covers the token embedding
+    and ``lm_head`` columns, every RMSNorm, o_proj/down_proj rows and q/k/v/gate/up columns. Grouped-query attention
+    (fewer kv heads) would tie differently sized axes and is refused.
+    """
+    heads = _config_get(config, "num_attention_heads")
+    kv_heads = _config_get(config, "num_key_value_heads") or heads
+    if kv_heads != heads:
+        raise ValueError(
+            f"llama_spec does not support grouped-query attention ({heads} query heads, {kv_heads} kv heads)."
+        )
+    prefix = _prefix_of(keys, "embed_tokens.weight", "Llama")
+    axes: dict[str, tuple[str | None, ...]] = {f"{prefix}embed_tokens.weight": (None, "P_res")}
+    layers = _layer_prefixes(keys, ("self_attn.q_proj",), "Llama")
+    groups = []
+    for index, (layer, num_heads) in enumerate(zip(layers, _heads(config, len(layers)))):
+        qk, vo, ffn = f"P_qk_{index}", f"P_vo_{index}", f"P_ffn_{index}"
+        _norm(axes, keys, f"{layer}.input_layernorm", "P_res")
+        _linear(axes, keys, f"{layer}.self_attn.q_proj", qk, "P_res")
+        _linear(axes, keys, f"{layer}.self_attn.k_proj", qk, "P_res")
+        _linear(axes, keys, f"{layer}.self_attn.v_proj", vo, "P_res")
+        _linear(axes, keys, f"{layer}.self_attn.o_proj", "P_res", vo)
+        _norm(axes, keys, f"{layer}.post_attention_layernorm", "P_res")
+        _linear(axes, keys, f"{layer}.mlp.gate_proj", ffn, "P_res")
+        _linear(axes, keys, f"{layer}.mlp.up_proj", ffn, "P_res")
+        _linear(axes, keys, f"{layer}.mlp.down_proj", "P_res", ffn)
+        groups.append(HeadGroup((qk, vo), num_heads, (False, True)))
+    _norm(axes, keys, f"{prefix}norm", "P_res")
+    if "lm_head.weight" in keys:
+        axes["lm_head.weight"] = (None, "P_res")
+    return PermutationSpec(axes, tuple(groups))
+
+
+TRANSFORMER_SPECS = {"bert": bert_spec, "vit": vit_spec, "llama": llama_spec}
 
 
 def default_spec(
     model: nn.Module | None = None, *, config: Any = None, keys: Collection[str] | None = None
 ) -> PermutationSpec:
-    """The built-in spec for a model: by ``config.model_type`` (BERT, ViT), else a ResNet of basic blocks, else a
+    """The built-in spec for a model: by ``config.model_type`` (BERT, ViT, Llama), else a ResNet of basic blocks, else a
     feed-forward chain. ``config``/``keys`` describe a model given only as a checkpoint or state dict."""
     if model is not None:
         config = getattr(model, "config", config)

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 
 import torch
 
-from .spec import Perms, PermutationSpec, apply_permutation, identity_permutations, solve_assignment, state_dict_of
+from .spec import (
+    Perms,
+    PermutationSpec,
+    apply_permutation,
+    identity_permutations,
+    solve_assignment,
+    state_dict_of,
+)
 
 
 def spec_tensors(
