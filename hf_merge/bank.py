@@ -186,6 +186,21 @@ class TaskBank:
             )
         return str(target)
 
+    def push_to_hub(self, repo_id: str, **push_options: Any) -> Any:
+        """Save the bank to a temporary folder and upload it in one commit (see :func:`hf_merge.hub.push_folder`).
+
+        A bank whose base is stored as a local path (not embedded) is not self-contained on the Hub: compress from
+        an in-memory base, or push the base too.
+        """
+        import tempfile
+
+        from .hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "bank"
+            self.save_pretrained(folder)
+            return push_folder(folder, repo_id, **push_options)
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> TaskBank:
         """Open a bank written by :meth:`save_pretrained` or ``compress(..., output_dir=...)`` (tensors read lazily)."""
@@ -273,6 +288,9 @@ def _write_bank(
         },
     }
     (folder / BANK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    from .hub import write_card
+
+    write_card(folder, config, {"base": base.origin, "models": dict.fromkeys(tasks)}, artifact="task_bank")
 
 
 def compress(

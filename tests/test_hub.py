@@ -419,3 +419,34 @@ def test_cli_push_reports_a_refused_push_on_stderr(hub, tmp_path) -> None:
     assert code == 1
     assert "push failed" in stderr and "403" in stderr
     assert hub.commits == []
+
+
+def test_task_banks_and_merged_adapters_are_published_with_their_cards(hub, tmp_path) -> None:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny_models import finetuned_copy, tiny_bert
+
+    base = tiny_bert()
+    bank = hf_merge.compress(base, {"a": finetuned_copy(base, 1), "b": finetuned_copy(base, 2)},
+                             hf_merge.TSVCompressConfig())
+    bank.push_to_hub("me/bank", token=TOKEN, endpoint=hub.endpoint, retry=fast_retry()[0])
+    files = hub.files("me/bank")
+    assert "task_bank.json" in files and "tsv_c" in card_metadata(files["README.md"])["tags"]
+
+    adapters = []
+    for seed in (1, 2):
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query"]))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
+        peft_model.save_pretrained(tmp_path / f"adapter{seed}")
+        adapters.append(tmp_path / f"adapter{seed}")
+    merged_adapter = hf_merge.merge(base, adapters, "task_arithmetic", scaling=1.0, output="lora", progress=False)
+    merged_adapter.push_to_hub("me/adapter", token=TOKEN, endpoint=hub.endpoint, retry=fast_retry()[0])
+    files = hub.files("me/adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert card_metadata(files["README.md"])["library_name"] == "peft"
+    assert len(hub.commits) == 2
