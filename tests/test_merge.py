@@ -313,3 +313,17 @@ def test_dare_with_zero_drop_rate_is_the_inner_merge():
     ta = hf_merge.TaskArithmeticConfig(scaling=0.5)
     merged = hf_merge.merge(base, fts, "dare", drop_rate=0.0, then=ta, progress=False)
     torch.testing.assert_close(merged["w"], hf_merge.merge(base, fts, ta, progress=False)["w"])
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_ties_merges_large_tensors_in_chunks_with_the_same_result(monkeypatch, scope):
+    from hf_merge.methods import ties
+
+    gen = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(40, 25, generator=gen), "b": torch.randn(9, generator=gen)}
+    fts = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    whole = hf_merge.merge(base, fts, "ties", density=0.3, scope=scope, progress=False)
+    monkeypatch.setattr(ties, "_CHUNK", 7)
+    chunked = hf_merge.merge(base, fts, "ties", density=0.3, scope=scope, progress=False)
+    for key in base:
+        assert torch.equal(whole[key], chunked[key]), key

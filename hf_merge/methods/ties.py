@@ -25,6 +25,7 @@ from ..registry import register_method
 from .base import Merger
 
 _HIST_BINS = 1 << 15  # high 16 bits of a non-negative float32: exponent + 7 mantissa bits
+_CHUNK = 1 << 22  # elements per chunk of the elementwise merge
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -157,9 +158,21 @@ class TiesMerger(Merger):
             thresholds = self.thresholds
         else:
             thresholds = [trim_threshold(d, self.config.density) for d in deltas]
-        trimmed = torch.stack([d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds)])
-        signs = elect_signs(trimmed, self.majority_sign)
-        return disjoint_merge(trimmed, signs, self.config.aggregate).mul_(self.config.scaling)
+        flat = [d.reshape(-1) for d in deltas]
+        chunks = [slice(i, i + _CHUNK) for i in range(0, flat[0].numel(), _CHUNK)]
+
+        def trimmed(chunk: slice) -> torch.Tensor:
+            return torch.stack([d[chunk] * (d[chunk].abs() >= thr) for d, thr in zip(flat, thresholds)])
+
+        majority = self.majority_sign
+        if majority is None:  # tensor scope: the majority sign of this tensor, summed chunk by chunk
+            mass = sum(float(torch.sign(trimmed(chunk).sum(dim=0)).sum()) for chunk in chunks)
+            majority = float(torch.sign(torch.tensor(mass)))
+        out = torch.empty_like(flat[0])
+        for chunk in chunks:  # elementwise from here: bounded temporaries for embedding-sized tensors
+            part = trimmed(chunk)
+            out[chunk] = disjoint_merge(part, elect_signs(part, majority), self.config.aggregate)
+        return out.view_as(deltas[0]).mul_(self.config.scaling)
 
 
 register_method(TiesConfig, TiesMerger)
