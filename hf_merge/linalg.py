@@ -135,20 +135,25 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(polar(A), singular values of A in descending order), both float32, sharing one factorisation."""
+    """(polar(A), singular values of A in descending order), both float32, sharing one factorisation.
+
+    Same routes as :func:`polar`: float32 Gram eigendecomposition when λ_min/λ_max ≥ 1e-2, float64 when ≥ 1e-6,
+    else a float64 SVD.
+    """
     _check_matrix("matrix", matrix)
     work = matrix.to(torch.float32)
     m, n = work.shape
     if m < n:
         p, s = polar_with_singular_values(work.transpose(0, 1))
         return p.transpose(0, 1), s
-    values, vectors = _full_eigh(work.to(torch.float64))
-    top, bottom = values[-1].item(), values[0].item()
-    if top > 0 and bottom >= POLAR_MIN_RATIO * top:
-        q = vectors.to(torch.float32)
-        singular = values.sqrt()
-        polar_factor = ((work @ q) * (1.0 / singular).to(torch.float32)) @ q.transpose(0, 1)
-        return polar_factor, singular.flip(0).to(torch.float32)
+    for dtype, min_ratio in ((torch.float32, FAST_POLAR_MIN_RATIO), (torch.float64, POLAR_MIN_RATIO)):
+        values, vectors = _full_eigh(work.to(dtype))
+        top, bottom = values[-1].item(), values[0].item()
+        if top > 0 and bottom >= min_ratio * top:
+            q = vectors.to(torch.float32)
+            singular = values.sqrt()
+            polar_factor = ((work @ q) * (1.0 / singular).to(torch.float32)) @ q.transpose(0, 1)
+            return polar_factor, singular.flip(0).to(torch.float32)
     p, s, qh = torch.linalg.svd(work.to(torch.float64), full_matrices=False)
     return (p @ qh).to(torch.float32), s.to(torch.float32)
 
