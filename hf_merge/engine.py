@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from .config import MergeConfig
-from .io.sources import SAFE_WEIGHTS_INDEX_NAME, ModelSource, TensorMeta, TensorSource, open_source
 from .io.prefetch import Prefetcher
+from .io.sources import SAFE_WEIGHTS_INDEX_NAME, ModelSource, TensorMeta, TensorSource, open_source
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, plan_shards, write_safetensors_shards
 from .methods.base import Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
@@ -265,9 +265,27 @@ class MergeContext:
         base = self.base_tensor(key)
         return base, self.deltas(key, base)
 
-    def prefetcher(self, order: list[str]) -> Prefetcher[tuple[torch.Tensor, list[torch.Tensor]]]:
-        """A :class:`Prefetcher` of :meth:`load` over ``order`` (reads tensor i + 1 while tensor i is merged)."""
-        return Prefetcher(self.load, order, depth=self.prefetch_depth)
+    def combine(self, key: str, coefficients: Sequence[float]) -> torch.Tensor:
+        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t: one float32 accumulator fed straight from the
+        stored tensors (no per-task upcast or difference). Non-finite inputs are found from the result's sum and
+        then named by checking each input."""
+        # A new tensor (never in place: the raw tensor may be the input model's own parameter).
+        out = self._load_raw(self.base, key).to(self.device, torch.float32) * (1.0 - sum(coefficients))
+        for source, coefficient in zip(self.tasks.values(), coefficients):
+            out.add_(self._load_raw(source, key).to(self.device), alpha=coefficient)
+        if not torch.isfinite(out.sum()):
+            for source in (self.base, *self.tasks.values()):
+                self._load(source, key)  # raises naming the input
+        return out
+
+    @staticmethod
+    def _load_raw(source: TensorSource, key: str) -> torch.Tensor:
+        return source.get(key)
+
+    def prefetcher(self, order: list[str], load: Callable[[str], Any] | None = None) -> Prefetcher[Any]:
+        """A :class:`Prefetcher` of ``load`` (default :meth:`load`) over ``order``: reads tensor i + 1 while
+        tensor i is merged."""
+        return Prefetcher(load or self.load, order, depth=self.prefetch_depth)
 
     def iter_deltas(self, desc: str = "statistics") -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
         """Stream ``(key, base, deltas)`` over every floating-point tensor (for statistics passes)."""
@@ -646,14 +664,24 @@ def run_merger(
     )
     merger.prepare(ctx)
     out_metas = _output_metas(metas, options.dtype)
-    prefetcher = ctx.prefetcher([])
+    coefficients = merger.linear_coefficients()
+    if coefficients is not None and not any(hasattr(t, "delta") for t in tasks.values()):
+        # Linear in the task vectors (Task Arithmetic, averaging): one fused accumulation per tensor.
+        prefetcher = ctx.prefetcher([], load=lambda key: ctx.combine(key, coefficients))
 
-    def compute(key: str) -> torch.Tensor:
-        if not metas[key].dtype.is_floating_point:
-            return base.get(key)
-        theta0, deltas = prefetcher.get(key)
-        merged_delta = merger.merge_tensor(key, theta0, deltas, infos[key])
-        return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
+        def compute(key: str) -> torch.Tensor:
+            if not metas[key].dtype.is_floating_point:
+                return base.get(key)
+            return prefetcher.get(key).to("cpu", out_metas[key].dtype)
+    else:
+        prefetcher = ctx.prefetcher([])
+
+        def compute(key: str) -> torch.Tensor:
+            if not metas[key].dtype.is_floating_point:
+                return base.get(key)
+            theta0, deltas = prefetcher.get(key)
+            merged_delta = merger.merge_tensor(key, theta0, deltas, infos[key])
+            return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
 
     with prefetcher:
         return emit(

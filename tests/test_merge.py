@@ -51,10 +51,13 @@ def test_weighted_average_matches_formula():
     torch.testing.assert_close(merged["w"], (3 * a["w"] + b["w"]) / 4)
 
 
-def test_merge_leaves_base_and_inputs_untouched(trio):
+@pytest.mark.parametrize(
+    "config", [hf_merge.TiesConfig(density=0.3), hf_merge.TaskArithmeticConfig(scaling=0.3), hf_merge.AverageConfig()]
+)
+def test_merge_leaves_base_and_inputs_untouched(trio, config):
     _, base, fts = trio
     before = [_state(m) for m in (base, *fts)]
-    merged = hf_merge.merge(base, fts, "ties", density=0.3, progress=False)
+    merged = hf_merge.merge(base, fts, config, progress=False)
     assert merged is not base
     for model, state in zip((base, *fts), before):
         _assert_same_state(_state(model), state)

@@ -59,6 +59,10 @@ class AverageMerger(Merger):
                 raise ValueError(f"{len(weights)} weights given for {len(names)} models.")
             self.weights = [float(w) for w in weights]
 
+    def linear_coefficients(self) -> list[float]:
+        total = sum(self.weights)
+        return [w / total for w in self.weights]
+
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         return weighted_average(deltas, self.weights)
 

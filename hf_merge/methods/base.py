@@ -32,6 +32,14 @@ class Merger(abc.ABC):
     def prepare(self, ctx: MergeContext) -> None:
         """Statistics pass(es) over ``ctx.iter_deltas()`` before merging; nothing by default."""
 
+    def linear_coefficients(self) -> list[float] | None:
+        """``[c_t]`` when the merge is Σ_t c_t τ_t for every tensor (after ``prepare``), else ``None``.
+
+        The engine then accumulates (1 − Σc)·θ₀ + Σ c_t θ_t straight from the stored tensors, skipping the
+        per-task task vectors; ``merge_tensor`` must give the same result.
+        """
+        return None
+
     @abc.abstractmethod
     def merge_tensor(
         self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo

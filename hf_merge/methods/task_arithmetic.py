@@ -36,6 +36,12 @@ class TaskArithmeticMerger(Merger):
     uses_param_info = False
     config: TaskArithmeticConfig
 
+    def prepare(self, ctx) -> None:
+        self.num_tasks = len(ctx.task_names)
+
+    def linear_coefficients(self) -> list[float]:
+        return [float(self.config.scaling)] * self.num_tasks
+
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         return task_arithmetic(deltas, self.config.scaling)
 
