@@ -23,11 +23,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
-demo: $(STAMP)
-	$(PY) examples/demo_tiny_merge.py
+demo: $(BENCH_STAMP)
+	$(PY) examples/demo.py
 
 bench: $(BENCH_STAMP)
+	$(PY) benchmarks/bench_text5.py
 	$(PY) benchmarks/bench_merge_io.py
+	$(PY) benchmarks/bench_subspace.py
+	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_c2m3.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check hf_merge tests examples benchmarks

@@ -40,6 +40,8 @@ _EXPORTS = {
     "weight_matching": "permutation",
     "c2m3": "permutation",
     "repair": "permutation",
+    "search": "search",
+    "SearchResult": "search",
     "compress": "bank",
     "TaskBank": "bank",
     "TaskCompressor": "bank",
