@@ -37,6 +37,15 @@ def default_repair_layers(model: nn.Module) -> list[str]:
     return weighted[:-1]
 
 
+def _forward_batches(model: torch.nn.Module, dataloader: Any, device: torch.device, max_batches: int | None) -> None:
+    """Run the model on the loader's batches (the first ``max_batches``) without gradients."""
+    with torch.no_grad():
+        for index, batch in enumerate(dataloader):
+            if max_batches is not None and index >= max_batches:
+                break
+            _call(model, batch, device)
+
+
 def _call(model: nn.Module, batch: Any, device: torch.device) -> None:
     if isinstance(batch, torch.Tensor):
         model(batch.to(device))
@@ -86,11 +95,7 @@ def layer_statistics(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for index, batch in enumerate(dataloader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                _call(model, batch, device)
+        _forward_batches(model, dataloader, device, max_batches)
     finally:
         for handle in handles:
             handle.remove()
@@ -118,11 +123,7 @@ def _reset_batchnorm(
     model.eval()
     module.train()
     try:
-        with torch.no_grad():
-            for index, batch in enumerate(dataloader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                _call(model, batch, device)
+        _forward_batches(model, dataloader, device, max_batches)
     finally:
         module.eval()
         module.momentum = momentum
