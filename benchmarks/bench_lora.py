@@ -27,17 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_merge_io import peak_rss_bytes  # same folder: run as a script
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def generate(workdir: Path, args: argparse.Namespace) -> None:
