@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _text_bench as tb
 
 DEMO_TASKS = ("food_sentiment", "tweet_source", "bird_strike_phase")
-DEMO_BUDGET = tb.Budget(train_per_class=128, val_per_class=16, test_per_class=64, steps=30)  # = bench --quick
+DEMO_BUDGET = tb.Budget(train_per_class=128, val_per_class=16, test_per_class=64, steps=120)
 TINY_BUDGET = tb.Budget(train_per_class=40, val_per_class=10, test_per_class=20, max_length=32, steps=10,
                         batch_size=8, lr_full=1e-3, lr_lora=3e-3, lora_rank=4, probe_steps=100)
 
