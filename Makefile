@@ -28,6 +28,7 @@ demo: $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_text5.py
+	$(PY) benchmarks/bench_atm.py
 	$(PY) benchmarks/bench_merge_io.py
 	$(PY) benchmarks/bench_subspace.py
 	$(PY) benchmarks/bench_lora.py

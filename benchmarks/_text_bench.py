@@ -302,6 +302,7 @@ class TaskSetup:
 
     name: str
     classes: tuple[str, ...]
+    train: Encoded
     validation: Encoded
     test: Encoded
     head: torch.nn.Linear
@@ -353,8 +354,8 @@ def prepare_task(base: BaseModel, task: TextTask, budget: Budget, variant: str, 
         head = _load_head(folder / "head.safetensors")
         expert = AutoModel.from_pretrained(folder / "encoder").eval()
         log(f"  {task.name} [{variant}]: cached expert ({folder.name})")
-        return TaskSetup(task.name, splits.classes, encoded["validation"], encoded["test"], head, expert,
-                         meta["accuracy"], meta["train_seconds"], splits.sizes())
+        return TaskSetup(task.name, splits.classes, encoded["train"], encoded["validation"], encoded["test"], head,
+                         expert, meta["accuracy"], meta["train_seconds"], splits.sizes())
     head, probe_decay = fit_probe(embed(base.encoder, encoded["train"], pad_id),
                                   embed(base.encoder, encoded["validation"], pad_id), splits.num_classes, budget)
     start = time.perf_counter()
@@ -373,8 +374,8 @@ def prepare_task(base: BaseModel, task: TextTask, budget: Budget, variant: str, 
             {"task": task.name, "variant": variant, "budget": dataclasses.asdict(budget), "classes": splits.classes,
              "sizes": splits.sizes(), "accuracy": accuracy, "train_seconds": train_seconds,
              "probe_weight_decay": probe_decay}, indent=2))
-    return TaskSetup(task.name, splits.classes, encoded["validation"], encoded["test"], head, expert, accuracy,
-                     train_seconds, splits.sizes())
+    return TaskSetup(task.name, splits.classes, encoded["train"], encoded["validation"], encoded["test"], head, expert,
+                     accuracy, train_seconds, splits.sizes())
 
 
 # ----------------------------------------------------------------------------------------------- judging merges
@@ -413,6 +414,18 @@ def summarize(accuracies: Mapping[str, float], reference: Mapping[str, Mapping[s
         "normalized": mean(t["normalized"] for t in per_task.values()),
         "retained_gain": retained_gain(merged, expert, base) if expert != base else None,
     }
+
+
+def save_plot(fig: Any, ax: Any, title: str, path: Path, legend_size: int = 8) -> None:
+    """Title, legend and layout of a benchmark figure, written as a PNG and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def percent(value: float | None) -> str:

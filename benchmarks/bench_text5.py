@@ -252,15 +252,11 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     ax.axhline(sum(zero_shot) / len(zero_shot), color="grey", linestyle="--", linewidth=1, label="zero-shot (base)")
     ax.axhline(100, color="black", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right")
-    ax.set_ylabel("normalized accuracy (%)")
     shown = [*zero_shot, *(100 * r["test"]["normalized"] for v in variants
                            for r in results["variants"][v]["methods"].values())]
     ax.set_ylim(max(0.0, min(shown) - 5), max(102.0, max(shown) + 2))
-    ax.set_title(f"{results['meta']['model']}: {len(results['meta']['tasks'])} tasks, merged / fine-tuned accuracy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tb.save_plot(fig, ax, f"{results['meta']['model']}: {len(results['meta']['tasks'])} tasks, merged / fine-tuned "
+                 "accuracy", path)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -286,23 +282,28 @@ def write_outputs(results: Mapping[str, Any], out_dir: Path, name: str, *, plot_
     return table
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", nargs="+", help="task names (default: all of benchmarks/text_tasks.py)")
-    parser.add_argument("--variants", nargs="+", default=list(tb.VARIANTS), choices=tb.VARIANTS)
-    parser.add_argument("--methods", nargs="+", help="only these rows (labels or method names)")
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the tasks' data, the experts' budget and their cache (shared with bench_atm.py)."""
     parser.add_argument("--steps", type=int, help="fine-tuning steps per expert")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--train-per-class", type=int)
     parser.add_argument("--val-per-class", type=int)
     parser.add_argument("--test-per-class", type=int)
     parser.add_argument("--max-length", type=int)
-    parser.add_argument("--grid", choices=("coarse", "paper"), default="coarse",
-                        help="coarse: fewer points over the papers' ranges (default); paper: the papers' grids")
     parser.add_argument("--quick", action="store_true", help="3 tasks, short budgets")
     parser.add_argument("--tiny", action="store_true", help="tiny generated BERT and synthetic tasks (smoke test)")
     parser.add_argument("--cache-dir", type=Path, default=tb.DEFAULT_CACHE)
     parser.add_argument("--no-cache", action="store_true")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", help="task names (default: all of benchmarks/text_tasks.py)")
+    parser.add_argument("--variants", nargs="+", default=list(tb.VARIANTS), choices=tb.VARIANTS)
+    parser.add_argument("--methods", nargs="+", help="only these rows (labels or method names)")
+    add_budget_arguments(parser)
+    parser.add_argument("--grid", choices=("coarse", "paper"), default="coarse",
+                        help="coarse: fewer points over the papers' ranges (default); paper: the papers' grids")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="output file stem (default text5, text5_quick, text5_tiny)")
     parser.add_argument("--no-plot", action="store_true")
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = budget_from(args)
     task_names = args.tasks
     if task_names is None and args.quick and not args.tiny:
-        task_names = ["food_sentiment", "tweet_source", "bird_strike_phase"]
+        task_names = list(tb.EXAMPLE_TASKS)
     tasks = tb.task_table(task_names, tiny=args.tiny)
     name = args.name or ("text5_tiny" if args.tiny else "text5_quick" if args.quick else "text5")
     if args.render:

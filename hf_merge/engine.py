@@ -25,6 +25,9 @@ from .registry import get_merger, make_config
 
 Inputs = Any  # a PreTrainedModel, a checkpoint path or a state dict
 _ARCH_KEYS = ("model_type", "vocab_size")
+#: Elements per piece of the fused linear combination: the float32 accumulator plus one piece per input stay in the
+#: CPU cache (measured on the 468M-parameter merge benchmark: 2²⁰ about 3× faster than 2¹⁶ and than 2²²).
+COMBINE_CHUNK = 1 << 20
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 _SKIPPED_FILES = {SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin.index.json", "merge_config.json", "README.md"}
 _DTYPE_NAMES = {
@@ -214,6 +217,8 @@ class MergeContext:
         progress: bool = True,
         transforms: tuple[Callable[[str, str, torch.Tensor], torch.Tensor], ...] = (),
         prefetch_depth: int = 1,
+        output_dtypes: Mapping[str, torch.dtype] | None = None,
+        bounded_memory: bool = False,
     ) -> None:
         self.base = base
         self.tasks = dict(tasks)
@@ -225,14 +230,33 @@ class MergeContext:
         self._transforms = transforms
         self.prefetch_depth = prefetch_depth
         self.merge_keys = [k for k, m in metas.items() if m.dtype.is_floating_point]
+        self.output_dtypes = output_dtypes
+        self.bounded_memory = bounded_memory
+
+    @property
+    def can_precompute(self) -> bool:
+        """Whether a merger may compute every output during ``prepare`` (:attr:`Merger.precomputed`): the engine
+        gave the output dtypes, memory is not budgeted (the outputs are held until written), the compute device is
+        the CPU and every task vector is a plain difference of stored tensors (no transforms, no LoRA factors)."""
+        return (
+            self.output_dtypes is not None and not self.bounded_memory and self.device.type == "cpu"
+            and not self._transforms and not any(hasattr(s, "delta") for s in self.tasks.values())
+        )
 
     def with_transform(self, transform: Callable[[str, str, torch.Tensor], torch.Tensor]) -> MergeContext:
         """A view whose task vectors pass through ``transform(task_name, key, delta)`` (e.g. DARE's drop)."""
-        return MergeContext(
-            self.base, self.tasks, self.infos, self.metas,
-            device=self.device, progress=self.progress, transforms=(*self._transforms, transform),
-            prefetch_depth=self.prefetch_depth,
-        )
+        return self._view(transforms=(*self._transforms, transform))
+
+    def nested(self) -> MergeContext:
+        """The view a merger wrapped by another one (LiNeS, Consensus) prepares with: it merges tensor by tensor for
+        its wrapper, so it never precomputes whole outputs."""
+        return self._view(output_dtypes=None)
+
+    def _view(self, **changes: Any) -> MergeContext:
+        settings = dict(device=self.device, progress=self.progress, transforms=self._transforms,
+                        prefetch_depth=self.prefetch_depth, output_dtypes=self.output_dtypes,
+                        bounded_memory=self.bounded_memory)
+        return MergeContext(self.base, self.tasks, self.infos, self.metas, **{**settings, **changes})
 
     def _load(self, source: TensorSource, key: str) -> torch.Tensor:
         tensor = source.get(key).to(self.device, torch.float32)
@@ -265,22 +289,45 @@ class MergeContext:
         base = self.base_tensor(key)
         return base, self.deltas(key, base)
 
-    def combine(self, key: str, coefficients: Sequence[float]) -> torch.Tensor:
-        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t: one float32 accumulator fed straight from the
-        stored tensors (no per-task upcast or difference). Non-finite inputs are found from the result's sum and
-        then named by checking each input."""
-        # A new tensor (never in place: the raw tensor may be the input model's own parameter).
-        out = self._load_raw(self.base, key).to(self.device, torch.float32) * (1.0 - sum(coefficients))
-        for source, coefficient in zip(self.tasks.values(), coefficients):
-            out.add_(self._load_raw(source, key).to(self.device), alpha=coefficient)
-        if not torch.isfinite(out.sum()):
-            for source in (self.base, *self.tasks.values()):
-                self._load(source, key)  # raises naming the input
+    def combine(self, key: str, coefficients: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t in ``dtype``, on the CPU.
+
+        On a CPU compute device the inputs stream in pieces of :data:`COMBINE_CHUNK` elements through one float32
+        accumulator that stays in cache, so each input is read once and the output written once (no full-size
+        float32 temporaries). A non-finite piece is traced to the input that holds it.
+        """
+        weights = [1.0 - sum(coefficients), *coefficients]
+        sources = [self.base, *self.tasks.values()]
+        if self.device.type != "cpu":
+            out = sources[0].get(key).to(self.device, torch.float32) * weights[0]
+            for source, weight in zip(sources[1:], weights[1:]):
+                out.add_(source.get(key).to(self.device), alpha=weight)
+            self.check_finite(out, sources, key)
+            return out.to("cpu", dtype)
+        out = torch.empty(self.metas[key].shape, dtype=dtype)
+        flat_out = out.view(-1)
+        accumulator = torch.empty(min(flat_out.numel(), COMBINE_CHUNK), dtype=torch.float32)
+        start = 0
+        for pieces in zip(*(source.iter_chunks(key, COMBINE_CHUNK) for source in sources)):
+            acc = accumulator[: pieces[0].numel()]
+            acc.copy_(pieces[0]).mul_(weights[0])
+            for piece, weight in zip(pieces[1:], weights[1:]):
+                acc.add_(piece.to("cpu"), alpha=weight)
+            self.check_finite(acc, sources, key, pieces)
+            flat_out[start : start + acc.numel()].copy_(acc)
+            start += acc.numel()
         return out
 
     @staticmethod
-    def _load_raw(source: TensorSource, key: str) -> torch.Tensor:
-        return source.get(key)
+    def check_finite(result: torch.Tensor, sources: Sequence[TensorSource], key: str,
+                     pieces: Sequence[torch.Tensor] | None = None) -> None:
+        """A finite sum proves ``result`` finite; otherwise name the input (or its ``pieces``) holding NaN/Inf."""
+        if torch.isfinite(result.sum()):
+            return
+        for index, source in enumerate(sources):
+            tensor = source.get(key) if pieces is None else pieces[index]
+            if not torch.isfinite(tensor.float()).all():
+                raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
 
     def prefetcher(self, order: list[str], load: Callable[[str], Any] | None = None) -> Prefetcher[Any]:
         """A :class:`Prefetcher` of ``load`` (default :meth:`load`) over ``order``: reads tensor i + 1 while
@@ -659,20 +706,26 @@ def run_merger(
         infos = classify_sources(base, tasks)
     else:  # elementwise methods ignore the kinds: skip building the architecture
         infos = classify_parameters(base.shapes(), config=base.config)
+    out_metas = _output_metas(metas, options.dtype)
     ctx = MergeContext(
-        base, tasks, infos, metas, device=options.device, progress=options.progress, prefetch_depth=prefetch_depth
+        base, tasks, infos, metas, device=options.device, progress=options.progress, prefetch_depth=prefetch_depth,
+        output_dtypes={k: m.dtype for k, m in out_metas.items()}, bounded_memory=options.max_memory is not None,
     )
     merger.prepare(ctx)
-    out_metas = _output_metas(metas, options.dtype)
     coefficients = merger.linear_coefficients()
-    if coefficients is not None and not any(hasattr(t, "delta") for t in tasks.values()):
+    if merger.precomputed is not None:  # computed in prepare: hand each tensor over once
+        prefetcher = ctx.prefetcher([], load=merger.precomputed.pop)
+
+        def compute(key: str) -> torch.Tensor:
+            return prefetcher.get(key) if metas[key].dtype.is_floating_point else base.get(key)
+    elif coefficients is not None and not any(hasattr(t, "delta") for t in tasks.values()):
         # Linear in the task vectors (Task Arithmetic, averaging): one fused accumulation per tensor.
-        prefetcher = ctx.prefetcher([], load=lambda key: ctx.combine(key, coefficients))
+        prefetcher = ctx.prefetcher([], load=lambda key: ctx.combine(key, coefficients, out_metas[key].dtype))
 
         def compute(key: str) -> torch.Tensor:
             if not metas[key].dtype.is_floating_point:
                 return base.get(key)
-            return prefetcher.get(key).to("cpu", out_metas[key].dtype)
+            return prefetcher.get(key)
     else:
         prefetcher = ctx.prefetcher([])
 

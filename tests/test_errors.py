@@ -67,7 +67,7 @@ def test_non_finite_values_name_the_input_and_tensor(tmp_path, bad):
     with pytest.raises(MergeError, match=r"task 'math'.*'t3'.*NaN or Inf"):
         _merge_to(tmp_path, base, {"math": finetuned})
     _no_output(tmp_path)
-    with pytest.raises(MergeError, match=r"'t3'.*NaN or Inf"):  # found in the statistics pass of global TIES
+    with pytest.raises(MergeError, match=r"'t3'.*NaN or Inf"):  # global TIES: found while merging
         _merge_to(tmp_path, base, {"math": finetuned}, config="ties")
     _no_output(tmp_path)
 
@@ -135,3 +135,20 @@ def test_unknown_method_lists_the_available_ones():
 def test_average_weights_must_match_the_models():
     with pytest.raises(ValueError, match="2 weights given for 3 models"):
         hf_merge.merge({"w": torch.zeros(1)}, [{"w": torch.zeros(1)}] * 3, "average", weights=[1, 2], progress=False)
+
+
+def test_non_finite_value_in_a_later_piece_of_a_checkpoint_names_the_input(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_merge import engine
+
+    monkeypatch.setattr(engine, "COMBINE_CHUNK", 4)
+    poisoned = torch.ones(3, 5)
+    poisoned[2, 4] = float("nan")  # in the fourth piece of four elements
+    for name, state in {"base": {"w": torch.zeros(3, 5)}, "ok": {"w": torch.ones(3, 5)}, "bad": {"w": poisoned}}.items():
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    with pytest.raises(MergeError, match=r"bad.*'w'.*NaN or Inf"):
+        hf_merge.merge(tmp_path / "base", [tmp_path / "ok", tmp_path / "bad"], "task_arithmetic", scaling=0.5,
+                       output_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

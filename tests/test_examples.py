@@ -92,6 +92,28 @@ def test_text_benchmark_plot_is_written(cache_dir, tmp_path):
     assert (tmp_path / "tiny_plot.png").stat().st_size > 1000
 
 
+def test_atm_benchmark_tiny_run_matches_the_experts_step_budget_and_reports_every_round(cache_dir, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib (benchmark extra)")
+    bench = _load("benchmarks/bench_atm.py")
+    results = bench.main(["--tiny", "--no-progress", "--rounds", "2", "5", "--cache-dir", str(cache_dir),
+                          "--out-dir", str(tmp_path), "--name", "atm_tiny"])
+    saved = json.loads((tmp_path / "atm_tiny.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    steps = saved["meta"]["budget"]["steps"]
+    assert set(saved["baselines"]) == {"task_arithmetic (λ=1/T)", "task_arithmetic", "tsv_m"}
+    assert [s["rounds"] for s in saved["atm"]] == [2, 5]
+    for schedule in saved["atm"]:
+        assert schedule["rounds"] * schedule["steps_per_round"] == steps  # the experts' budget per task
+        assert [r["round"] for r in schedule["per_round"]] == list(range(1, schedule["rounds"] + 1))
+        assert schedule["per_round"][-1]["steps_per_task"] == steps
+        for entry in schedule["per_round"]:
+            for task, values in entry["test"]["per_task"].items():
+                expert = saved["experts"]["per_task"][task]["accuracy"]
+                assert values["normalized"] == pytest.approx(values["accuracy"] / expert)
+    assert (tmp_path / "atm_tiny.png").stat().st_size > 1000
+    assert "| ATM 5×2, round 5 | 10 |" in (tmp_path / "atm_tiny.md").read_text()
+
+
 def test_text_task_splits_are_stratified_balanced_and_disjoint():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from text_tasks import make_splits, synthetic_tasks

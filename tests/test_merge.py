@@ -199,7 +199,10 @@ def _ties_reference(base, fts, density, scaling, aggregate="mean"):
     keys = list(base)
     flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts])
     d = flat.shape[1]
-    kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    if density < 1:
+        kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    else:  # keep everything
+        kth = torch.zeros(len(fts), 1)
     trimmed = flat * (flat.abs() >= kth)
     signs = torch.sign(trimmed.sum(0))
     signs[signs == 0] = torch.sign(signs.sum())
@@ -330,3 +333,132 @@ def test_ties_merges_large_tensors_in_chunks_with_the_same_result(monkeypatch, s
     chunked = hf_merge.merge(base, fts, "ties", density=0.3, scope=scope, progress=False)
     for key in base:
         assert torch.equal(whole[key], chunked[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_merges_stream_files_in_pieces_with_the_in_memory_result(monkeypatch, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from hf_merge import engine
+
+    gen = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(40, 25, generator=gen).to(dtype), "b": torch.randn(9, generator=gen).to(dtype),
+            "s": torch.randn((), generator=gen).to(dtype)}
+    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
+           for _ in range(3)]
+    for name, state in {"base": base, **{f"ft{i}": ft for i, ft in enumerate(fts)}}.items():
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    monkeypatch.setattr(engine, "COMBINE_CHUNK", 7)  # pieces that split every tensor at odd places
+    for config in (hf_merge.TaskArithmeticConfig(scaling=0.4), hf_merge.AverageConfig(weights=[1.0, 2.0, 3.0])):
+        out = tmp_path / f"out-{config.method}"
+        hf_merge.merge(tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)], config, output_dir=out,
+                       progress=False)
+        streamed = load_file(out / "model.safetensors")
+        in_memory = hf_merge.merge(base, fts, config, progress=False)
+        for key in base:
+            assert streamed[key].dtype == dtype and streamed[key].shape == base[key].shape, key
+            assert torch.equal(streamed[key], in_memory[key]), key
+        coefficients = [0.4] * 3 if config.method == "task_arithmetic" else [1 / 6, 2 / 6, 3 / 6]
+        expected = base["w"].float() + sum(c * (ft["w"].float() - base["w"].float())
+                                           for c, ft in zip(coefficients, fts))
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(streamed["w"].float(), expected.to(dtype).float(), rtol=0, atol=tolerance)
+
+
+def _bf16_checkpoints(tmp_path, shapes, num_tasks, seed):
+    """Base + fine-tuned bf16 safetensors folders whose task vectors have different scales per tensor and task."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for k, shape in shapes.items()}
+    fts = [{k: (v.float() + torch.randn(v.shape, generator=gen) * 1e-3 * (1 + i) * (1 + j)).to(torch.bfloat16)
+            for j, (k, v) in enumerate(base.items())} for i in range(num_tasks)]
+    folders = []
+    for name, state in [("base", base), *((f"ft{i}", ft) for i, ft in enumerate(fts))]:
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+        folders.append(tmp_path / name)
+    return base, fts, folders
+
+
+@pytest.mark.parametrize("density", [0.2, 0.9, 1.0])
+def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, monkeypatch, density):
+    from safetensors.torch import load_file
+
+    from hf_merge.io.safetensors_file import SafetensorsFile
+
+    shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks
+    base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 3, seed=11)
+    whole_reads = []
+    original_read = SafetensorsFile.read
+    monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: whole_reads.append((self.path, name))
+                        or original_read(self, name))
+    hf_merge.merge(folders[0], folders[1:], "ties", density=density, output_dir=tmp_path / "out", progress=False)
+    assert sorted(whole_reads) == sorted((folder / "model.safetensors", key) for folder in folders for key in shapes)
+    as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], density, 1.0)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for key in shapes:
+        assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
+
+
+def test_global_ties_with_a_missed_threshold_bracket_falls_back_to_the_exact_streaming_passes(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hf_merge.methods.ties import OnePassTies
+
+    shapes = {"big": (600, 512), "bias": (300,)}
+    base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 2, seed=12)
+    runs = []
+    original_run = OnePassTies.run
+
+    def run_with_a_wrong_bracket(self):  # a bracket far above every |τ|: the verification must reject it
+        self._brackets = lambda: (torch.full((2, 1), 10.0), torch.full((2, 1), 20.0))
+        runs.append(original_run(self))
+        return runs[-1]
+
+    monkeypatch.setattr(OnePassTies, "run", run_with_a_wrong_bracket)
+    hf_merge.merge(folders[0], folders[1:], "ties", density=0.2, output_dir=tmp_path / "out", progress=False)
+    assert runs == [None]
+    as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for key in shapes:
+        assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
+
+
+def test_global_ties_under_a_memory_budget_streams_without_holding_the_output(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from hf_merge.methods.ties import OnePassTies
+
+    base, fts, folders = _bf16_checkpoints(tmp_path, {"w": (64, 48), "b": (48,)}, 2, seed=13)
+    monkeypatch.setattr(OnePassTies, "run", lambda self: pytest.fail("one-pass TIES holds the whole output"))
+    hf_merge.merge(folders[0], folders[1:], "ties", density=0.3, output_dir=tmp_path / "out", max_memory="1GB",
+                   progress=False)
+    as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.3, 1.0)
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    for key in base:
+        assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize("majority", [1.0, -1.0, 0.0])
+def test_global_ties_gives_exactly_cancelling_entries_the_global_majority_sign(monkeypatch, majority):
+    from hf_merge.methods.ties import OnePassTies
+
+    # entry 0 cancels exactly (+2 and -2); the elected signs of entries 1-3 sum to the majority sign's mass
+    rows = {1.0: ([2.0, 1.0, 1.0, -1.0], [-2.0, 3.0, 1.0, -1.0]),   # signs +, +, -: mass +1
+            -1.0: ([2.0, 1.0, -1.0, -1.0], [-2.0, 3.0, -1.0, -1.0]),  # signs +, -, -: mass -1
+            0.0: ([2.0, 1.0, -1.0, 5.0], [-2.0, 3.0, -3.0, -5.0])}  # signs +, -, 0: mass 0
+    base = {"w": torch.zeros(4)}
+    fts = [{"w": torch.tensor(row)} for row in rows[majority]]
+    results = []
+    original_run = OnePassTies.run
+    monkeypatch.setattr(OnePassTies, "run", lambda self: results.append(original_run(self)) or results[-1])
+    merged = hf_merge.merge(base, fts, "ties", density=1.0, progress=False)
+    expected = _ties_reference(base, fts, 1.0, 1.0)
+    assert torch.equal(merged["w"], expected["w"])
+    assert merged["w"][0].item() == {1.0: 2.0, -1.0: -2.0, 0.0: 0.0}[majority]
+    assert (results[0] is None) == (majority == 0)  # a majority sign of exactly 0 takes the streaming passes

@@ -319,3 +319,12 @@ def test_configs_round_trip_through_merge_config_json(tmp_path) -> None:
     config = hf_merge.LinesConfig(inner=hf_merge.ConsensusConfig(mask_threshold={"a": 0.3, "b": 0.5}, base="ties"))
     config.save_pretrained(tmp_path)
     assert hf_merge.MergeConfig.from_pretrained(tmp_path) == config
+
+
+def test_lines_with_unit_scaling_around_global_ties_is_global_ties() -> None:
+    base, tasks = _tasks(3)
+    ties = hf_merge.TiesConfig(density=0.3)
+    plain = hf_merge.merge(base, tasks, ties, progress=False)
+    wrapped = hf_merge.merge(base, tasks, hf_merge.LinesConfig(alpha=1.0, beta=0.0, inner=ties), progress=False)
+    for key in base:
+        assert torch.equal(wrapped[key], plain[key]), key

@@ -61,17 +61,28 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` in a fresh CPU buffer (one copy from the page cache)."""
-        entry = self._entries[name]
-        start, end = entry["data_offsets"]
         tensor = torch.empty(self.shape(name), dtype=self.dtype(name))
-        if end == start:
-            return tensor
-        buffer = tensor.view(-1).view(torch.uint8).numpy()
-        if buffer.nbytes != end - start:
+        start, end = self._entries[name]["data_offsets"]
+        if tensor.numel() * tensor.element_size() != end - start:
             raise ValueError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {self.shape(name)}.")
+        self._read_into(name, tensor.view(-1), 0)
+        return tensor
+
+    def read_range(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``start .. start + out.numel()`` of the flattened tensor ``name`` read into the 1-D ``out``."""
+        first, end = self._entries[name]["data_offsets"]
+        if out.dtype != self.dtype(name) or out.dim() != 1 or first + (start + out.numel()) * out.element_size() > end:
+            raise ValueError(f"{self.path}: range {start}+{out.numel()} is outside tensor {name!r}.")
+        return self._read_into(name, out, start)
+
+    def _read_into(self, name: str, flat: torch.Tensor, start: int) -> torch.Tensor:
+        if flat.numel() == 0:
+            return flat
+        buffer = flat.view(torch.uint8).numpy()
+        offset = self._data_start + self._entries[name]["data_offsets"][0] + start * flat.element_size()
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            offset, view = self._data_start + start, memoryview(buffer)
+            view = memoryview(buffer)
             while view.nbytes:
                 read = os.preadv(fd, [view], offset)
                 if read <= 0:
@@ -79,6 +90,6 @@ class SafetensorsFile:
                 view, offset = view[read:], offset + read
         finally:
             os.close(fd)
-        if sys.byteorder != "little" and tensor.element_size() > 1:
-            tensor = tensor.view(torch.uint8).view(-1, tensor.element_size()).flip(1).view(tensor.dtype)
-        return tensor
+        if sys.byteorder != "little" and flat.element_size() > 1:
+            flat.copy_(flat.view(torch.uint8).view(-1, flat.element_size()).flip(1).view(flat.dtype).view(-1))
+        return flat

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,20 @@ class TensorSource(abc.ABC):
         if resolved not in self._key_set:
             raise KeyError(f"{self.label} has no tensor {key!r}.")
         return self._read(resolved)
+
+    def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
+        """Blocks of ``count`` elements of the flattened tensor ``key`` starting at ``starts``, concatenated (1-D)."""
+        flat = self.get(key).reshape(-1)
+        return torch.cat([flat[start : start + count] for start in starts])
+
+    def iter_chunks(self, key: str, chunk_elements: int) -> Iterator[torch.Tensor]:
+        """The flattened tensor ``key`` in consecutive 1-D pieces of ``chunk_elements`` (the last may be shorter).
+
+        A piece is only valid until the next one is requested: sources reading from files reuse one buffer.
+        """
+        flat = self.get(key).reshape(-1)
+        for start in range(0, flat.numel(), chunk_elements):
+            yield flat[start : start + chunk_elements]
 
     @property
     def _key_set(self) -> set[str]:
@@ -273,6 +288,32 @@ class FolderSource(TensorSource):
     def _read(self, key: str) -> torch.Tensor:
         handle = self._handle(self._key_to_file[key])
         return handle[key] if isinstance(handle, dict) else handle.read(key)
+
+    def _safetensors_handle(self, key: str) -> tuple[str, SafetensorsFile | None]:
+        resolved = self.resolve(key)
+        handle = self._handle(self._key_to_file[resolved]) if resolved in self._key_set else None
+        return resolved, handle if isinstance(handle, SafetensorsFile) else None
+
+    def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
+        resolved, handle = self._safetensors_handle(key)
+        if handle is None:
+            return super().read_blocks(key, starts, count)
+        numel = math.prod(handle.shape(resolved))
+        sizes = [max(0, min(count, numel - start)) for start in starts]
+        out = torch.empty(sum(sizes), dtype=handle.dtype(resolved))
+        for start, piece in zip(starts, out.split(sizes)):
+            handle.read_range(resolved, start, piece)
+        return out
+
+    def iter_chunks(self, key: str, chunk_elements: int) -> Iterator[torch.Tensor]:
+        resolved, handle = self._safetensors_handle(key)
+        if handle is None:
+            yield from super().iter_chunks(key, chunk_elements)
+            return
+        numel = math.prod(handle.shape(resolved))
+        buffer = torch.empty(min(numel, chunk_elements), dtype=handle.dtype(resolved))
+        for start in range(0, numel, chunk_elements):
+            yield handle.read_range(resolved, start, buffer[: min(chunk_elements, numel - start)])
 
     @property
     def config(self) -> dict[str, Any] | None:

@@ -23,6 +23,9 @@ class Merger(abc.ABC):
     #: Whether ``merge_tensor`` reads the parameter kinds. When False (elementwise methods) the engine classifies
     #: by names only and skips building the model architecture; methods that route by kind keep it True.
     uses_param_info: ClassVar[bool] = True
+    #: Final output tensors (output dtype, CPU) that ``prepare`` already computed for every floating-point key; the
+    #: engine then writes them without reading the inputs again. ``None``: the engine merges tensor by tensor.
+    precomputed: dict[str, torch.Tensor] | None = None
 
     def __init__(self, config: MergeConfig) -> None:
         if not isinstance(config, self.config_class):

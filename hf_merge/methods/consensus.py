@@ -127,7 +127,7 @@ class _MaskedMultiTask(Merger):
         self.ties: TiesMerger | None = None
         if self.config.base == "ties":
             self.ties = TiesMerger(TiesConfig(density=TIES_DENSITY, scaling=1.0, scope="global", aggregate="sum"))
-            self.ties.prepare(ctx)
+            self.ties.prepare(ctx.nested())
 
     def multitask_vector(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         """τ_MTL of one tensor: Σ_t τ_t, or the global TIES dis-sum (k = 20 %)."""

@@ -110,7 +110,7 @@ class LinesMerger(Merger):
                 )
             self.alpha = float(self.config.alpha)
             return
-        self.inner.prepare(ctx)
+        self.inner.prepare(ctx.nested())
         if self.config.alpha is not None:
             self.alpha = float(self.config.alpha)
             return

@@ -6,16 +6,32 @@
 3. Disjoint merge: τ = Σ_{t∈A} τ̂_t / max(|A|, 1) with A = {t : sign(τ̂_t) = γ, τ̂_t ≠ 0} (``aggregate="sum"`` omits
    the division), and θ = θ₀ + λ τ.
 
-Global scope streams: the exact per-task threshold is found without a tasks × parameters matrix, from histograms
-of the float32 bit patterns of |τ_t| (monotone in |τ_t|): one of the high 16 bits, then one of the low 16 bits inside
-the bin holding the threshold; the global majority sign comes from the second pass when it is settled there, else
-from a third.
+Global scope never materialises a tasks × parameters matrix. When the engine lets a merger hold the output until it
+is written (the default: no ``max_memory`` budget, CPU, plain checkpoints/models) it reads the inputs **once**:
+
+1. a sample of 1/64 of every tensor (evenly spaced blocks) brackets each task's threshold: lo_t < thr_t ≤ hi_t, with
+   hi_t and lo_t values of the sample (so a threshold on a value shared by many entries, common with bf16 task
+   vectors, sits at hi_t and leaves none of them undecided);
+2. one pass merges every tensor in cache-sized pieces: |τ_t| ≥ hi_t is kept, |τ_t| ≤ lo_t trimmed; it counts the
+   entries at and above hi_t; entries with an |τ_t| strictly inside a bracket are kept aside with their inputs, and
+   entries whose elected sum is exactly 0 (common with bf16 task vectors) take the majority sign +1, their result
+   for -1 kept aside;
+3. the counts and the kept-aside |τ_t| give each exact threshold (verifying the brackets; a missed one, or an exact
+   majority sign of 0, falls back to the passes below), which finish the kept-aside entries with the exact majority
+   sign.
+
+Otherwise (a memory budget, DARE in front, LoRA inputs, an accelerator) it streams the exact threshold from
+histograms of the float32 bit patterns of |τ_t| (monotone in |τ_t|): one of the high 16 bits, then one of the low 16
+bits inside the bin holding the threshold; the global majority sign comes from the second pass when it is settled
+there, else from a third; then a merge pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -26,6 +42,14 @@ from .base import Merger
 
 _HIST_BINS = 1 << 15  # high 16 bits of a non-negative float32: exponent + 7 mantissa bits
 _CHUNK = 1 << 22  # elements per chunk of the elementwise merge
+_PIECE = 1 << 17  # elements per piece of the one-pass merge (T + 1 pieces and temporaries stay in L3)
+_SAMPLE_BLOCK, _SAMPLE_EVERY = 4096, 64  # the bracketing sample: one block of 4096 elements in 64
+#: Half-width of a threshold bracket, in sample ranks: this many binomial standard deviations of the sample quantile
+#: (allowing for blocks of correlated entries), and at least this fraction of the sample.
+_BRACKET_SIGMAS, _BRACKET_MIN_FRACTION = 12.0, 0.0025
+#: The one pass is skipped when a bracket would leave more than this fraction of the entries, and more than this
+#: many entries, undecided (they are held with their inputs until the thresholds are known).
+_MAX_OPEN_FRACTION, _MAX_OPEN_ALWAYS = 0.04, 1 << 22
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -68,11 +92,15 @@ def elect_signs(trimmed: torch.Tensor, majority_sign: float | None = None) -> to
 
 
 def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor, aggregate: str = "mean") -> torch.Tensor:
-    """Σ_{t∈A} τ̂_t (divided by max(|A|, 1) for "mean"), A = tasks agreeing with γ and non-zero."""
-    agree = (torch.sign(trimmed) == signs) & (trimmed != 0)
-    total = (trimmed * agree).sum(dim=0)
+    """Σ_{t∈A} τ̂_t (divided by max(|A|, 1) for "mean"), A = tasks agreeing with γ and non-zero (τ̂_t·γ > 0).
+
+    Float arithmetic only (boolean masks are several times slower on the CPU): max(τ̂_t·γ, 0) is |τ̂_t| on A and 0
+    elsewhere, and Σ_A τ̂_t = γ·Σ_A |τ̂_t| exactly (rounding is symmetric in sign).
+    """
+    agreeing = (trimmed * signs).clamp_(min=0)
+    total = agreeing.sum(dim=0).mul_(signs)
     if aggregate == "mean":
-        total = total / agree.sum(dim=0).clamp(min=1)
+        total = total / torch.sign(agreeing).sum(dim=0).clamp_(min=1)
     return total
 
 
@@ -94,8 +122,12 @@ class TiesMerger(Merger):
     def prepare(self, ctx) -> None:
         self.thresholds: list[float] | None = None
         self.majority_sign: float | None = None
+        self.precomputed = None
         if self.config.scope == "global":
-            self.thresholds, self.majority_sign = self._global_statistics(ctx)
+            if ctx.can_precompute:
+                self.precomputed = OnePassTies(ctx, self.config).run()
+            if self.precomputed is None:
+                self.thresholds, self.majority_sign = self._global_statistics(ctx)
 
     def _global_statistics(self, ctx) -> tuple[list[float], float]:
         """Exact whole-model thresholds and majority sign, streamed; no values are stored.
@@ -173,6 +205,178 @@ class TiesMerger(Merger):
             part = trimmed(chunk)
             out[chunk] = disjoint_merge(part, elect_signs(part, majority), self.config.aggregate)
         return out.view_as(deltas[0]).mul_(self.config.scaling)
+
+
+class OnePassTies:
+    """Global-scope TIES reading every input once (see the module docstring); :meth:`run` returns the outputs."""
+
+    def __init__(self, ctx, config: TiesConfig) -> None:
+        self.ctx, self.config = ctx, config
+        self.sources = [ctx.base, *ctx.tasks.values()]
+        self.numel = {k: math.prod(ctx.metas[k].shape) for k in ctx.merge_keys}
+        total = sum(self.numel.values())
+        self.rank = threshold_rank(total, config.density)
+        self.keep = total - self.rank + 1  # the threshold is the keep-th largest |τ_t|
+
+    def run(self) -> dict[str, torch.Tensor] | None:
+        """The merged tensors in their output dtypes, or ``None`` when the brackets are too wide or missed."""
+        num_tasks = len(self.sources) - 1
+        if self.rank == 0:  # density 1: everything is kept, only the majority sign is open
+            self.low = self.high = torch.full((num_tasks, 1), -1.0)
+        else:
+            brackets = self._brackets()
+            if brackets is None:
+                return None
+            self.low, self.high = brackets
+        self.at_or_above = torch.zeros(num_tasks, dtype=torch.int64)
+        self.strictly_above = torch.zeros(num_tasks, dtype=torch.int64)
+        self.open: list[tuple[str, torch.Tensor, list[torch.Tensor]]] = []  # (key, flat indices, raw input values)
+        self.if_negative: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, flat indices, outputs if M = -1)
+        self.decided_mass = 0
+        outputs = self._merge_pass()
+        thresholds = self._thresholds()
+        if thresholds is None:
+            return None
+        return outputs if self._finish_open_entries(outputs, thresholds) else None
+
+    def _brackets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lo_t, hi_t) with lo_t < thr_t ≤ hi_t expected, from a 1/64 sample of every tensor; ``None`` when a bracket
+        would leave too many entries undecided."""
+        from tqdm.auto import tqdm
+
+        samples: list[list[torch.Tensor]] = [[] for _ in self.sources[1:]]
+        stride = _SAMPLE_BLOCK * _SAMPLE_EVERY
+        for key in tqdm(self.ctx.merge_keys, desc="TIES threshold sample", unit="tensor", leave=False,
+                        disable=not self.ctx.progress):
+            n = self.numel[key]
+            if n < stride:  # small tensor: every 64th entry
+                pieces = [s.read_blocks(key, [0], n)[::_SAMPLE_EVERY].float() for s in self.sources]
+            else:
+                starts = range(0, n - _SAMPLE_BLOCK + 1, stride)
+                pieces = [s.read_blocks(key, starts, _SAMPLE_BLOCK).float() for s in self.sources]
+            for t, piece in enumerate(pieces[1:]):
+                magnitude = (piece - pieces[0]).abs()
+                samples[t].append(magnitude[torch.isfinite(magnitude)])
+        low, high = [], []
+        total = sum(self.numel.values())
+        for values in samples:
+            values = torch.cat(values)
+            count = values.numel()
+            position = self.keep / total * count  # descending rank of the threshold in the sample
+            spread = _BRACKET_SIGMAS * math.sqrt(max(position * (1 - position / max(count, 1)), 1.0))
+            half = max(spread, _BRACKET_MIN_FRACTION * count, 16.0)
+            top, bottom = math.floor(position - half), math.ceil(position + half)  # descending ranks, 1-based
+            hi = values.kthvalue(count - top + 1).values.item() if 1 <= top <= count else math.inf
+            lo = -1.0  # nothing trimmed by the bracket alone
+            if 1 <= bottom <= count:
+                below = values[values < values.kthvalue(count - bottom + 1).values]
+                lo = below.max().item() if below.numel() else -1.0
+            undecided = int(((values > lo) & (values < hi)).sum()) / max(count, 1)  # estimated fraction
+            if undecided * total > max(_MAX_OPEN_FRACTION * total, _MAX_OPEN_ALWAYS):
+                return None
+            low.append(lo)
+            high.append(hi)
+        return torch.tensor(low).view(-1, 1), torch.tensor(high).view(-1, 1)
+
+    def _merge_pass(self) -> dict[str, torch.Tensor]:
+        """Every tensor merged with the entries inside a bracket provisionally trimmed; collects what finishes them."""
+        from tqdm.auto import tqdm
+
+        outputs: dict[str, torch.Tensor] = {}
+        load = lambda key: [s.get(key).reshape(-1) for s in self.sources]  # noqa: E731
+        with self.ctx.prefetcher(self.ctx.merge_keys, load=load) as prefetcher:
+            for key in tqdm(self.ctx.merge_keys, desc="merging (ties, one pass)", unit="tensor", leave=False,
+                            disable=not self.ctx.progress):
+                raw = prefetcher.get(key)
+                out = torch.empty(self.ctx.metas[key].shape, dtype=self.ctx.output_dtypes[key])
+                flat_out = out.view(-1)
+                for start in range(0, self.numel[key], _PIECE):
+                    pieces = [r[start : start + _PIECE] for r in raw]
+                    flat_out[start : start + pieces[0].numel()] = self._merge_piece(key, start, pieces)
+                outputs[key] = out
+        return outputs
+
+    def _deltas(self, key: str, pieces: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 θ₀ and (T, n) task vectors of one piece, after checking the inputs are finite."""
+        base = pieces[0].to("cpu", torch.float32)
+        deltas = torch.empty((len(pieces) - 1, base.numel()), dtype=torch.float32)
+        for row, piece in zip(deltas, pieces[1:]):
+            row.copy_(piece)
+        deltas.sub_(base)
+        self.ctx.check_finite(deltas, self.sources, key, pieces)
+        return base, deltas
+
+    def _merge_piece(self, key: str, start: int, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One piece merged with |τ_t| ≥ hi_t kept and the rest trimmed, and an exactly-zero elected sum taking the
+        majority sign +1; records what the final step needs. Masks are float 0/1 tensors (boolean ones are several
+        times slower on the CPU)."""
+        base, deltas = self._deltas(key, pieces)
+        magnitude = deltas.abs()
+        versus_high = torch.sign(magnitude - self.high)  # -1 below hi_t, 0 at it, +1 above
+        kept = (versus_high + 1).clamp_(max=1)
+        self.at_or_above += kept.sum(dim=1).to(torch.int64)
+        self.strictly_above += versus_high.clamp(min=0).sum(dim=1).to(torch.int64)
+        inside = torch.sign(magnitude - self.low).clamp_(min=0).mul_(versus_high.neg_().clamp_(min=0)).amax(dim=0)
+        trimmed = deltas.mul_(kept)
+        signs = torch.sign(trimmed.sum(dim=0))
+        open_index = inside.nonzero().squeeze(1)  # an |τ_t| strictly inside its bracket: finished at the end
+        self.decided_mass += int(signs.sum()) - int(signs[open_index].sum())
+        if open_index.numel():
+            self.open.append((key, start + open_index, [p[open_index].to("cpu") for p in pieces]))
+        # An elected sum of exactly 0 with a non-zero τ̂_t takes the majority sign: +1 now, the -1 result kept aside.
+        zero_sum = (1 - signs.abs()).mul_(torch.sign(trimmed.abs().sum(dim=0))).mul_(1 - inside)
+        zero_index = zero_sum.nonzero().squeeze(1)
+        if zero_index.numel():
+            negative = disjoint_merge(trimmed[:, zero_index], -torch.ones(zero_index.numel()), self.config.aggregate)
+            negative = (base[zero_index] + negative.mul_(self.config.scaling)).to(self.ctx.output_dtypes[key])
+            self.if_negative.append((key, start + zero_index, negative))
+        merged = disjoint_merge(trimmed, signs.add_(zero_sum), self.config.aggregate)
+        return (base + merged.mul_(self.config.scaling)).to(self.ctx.output_dtypes[key])
+
+    def _open_deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(key, flat indices, θ₀, τ)`` of the entries left open, in float32."""
+        for key, index, values in self.open:
+            yield key, index, *self._deltas(key, values)
+
+    def _thresholds(self) -> list[float] | None:
+        """Each task's exact threshold from the counts at and above hi_t and the |τ_t| strictly inside its bracket
+        (all among the open entries); ``None`` if a threshold lies outside its bracket."""
+        if self.rank == 0:
+            return [0.0] * (len(self.sources) - 1)
+        thresholds = []
+        for t in range(len(self.sources) - 1):
+            if int(self.strictly_above[t]) < self.keep <= int(self.at_or_above[t]):
+                thresholds.append(self.high[t, 0].item())  # the threshold is hi_t itself
+                continue
+            low, high = self.low[t, 0].item(), self.high[t, 0].item()
+            parts = [m[(m > low) & (m < high)] for _, _, _, deltas in self._open_deltas() for m in (deltas[t].abs(),)]
+            values = torch.cat(parts) if parts else torch.empty(0)
+            position = self.keep - int(self.at_or_above[t])  # descending rank of the threshold among those inside
+            if not 1 <= position <= values.numel():
+                return None
+            thresholds.append(values.kthvalue(values.numel() - position + 1).values.item())
+        return thresholds
+
+    def _finish_open_entries(self, outputs: dict[str, torch.Tensor], thresholds: list[float]) -> bool:
+        """The open entries merged with the exact thresholds, and every entry that takes the global majority sign
+        given its exact value; ``False`` (outputs unusable) in the one case not prepared for, a majority sign of 0."""
+        limits = torch.tensor(thresholds).view(-1, 1)
+
+        def trim(deltas: torch.Tensor) -> torch.Tensor:
+            return deltas * (deltas.abs() >= limits)
+
+        mass = self.decided_mass + sum(int(torch.sign(trim(d).sum(dim=0)).sum()) for *_, d in self._open_deltas())
+        majority = float(torch.sign(torch.tensor(float(mass))))
+        if majority == 0:  # the kept-aside results assumed a majority sign of ±1
+            return False
+        if majority < 0:
+            for key, index, values in self.if_negative:
+                outputs[key].view(-1)[index] = values
+        for key, index, base, deltas in self._open_deltas():
+            trimmed = trim(deltas)
+            merged = disjoint_merge(trimmed, elect_signs(trimmed, majority), self.config.aggregate)
+            outputs[key].view(-1)[index] = (base + merged.mul_(self.config.scaling)).to(outputs[key].dtype)
+        return True
 
 
 register_method(TiesConfig, TiesMerger)
