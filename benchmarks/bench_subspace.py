@@ -74,8 +74,19 @@ def task_deltas(key: str, shape: tuple[int, ...], num_tasks: int, seed: int) -> 
 
 
 # --------------------------------------------------------------------------------------------- reference
+def _svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; LAPACK's divide-and-conquer (gesdd) can fail to converge, then the QR-iteration driver (gesvd)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        import scipy.linalg
+
+        u, s, vh = scipy.linalg.svd(x.numpy(), full_matrices=False, lapack_driver="gesvd")
+        return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+
+
 def _polar(x: torch.Tensor) -> torch.Tensor:
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    p, _, qh = _svd(x)
     return p @ qh
 
 
@@ -84,7 +95,7 @@ def reference(method: str, deltas: list[torch.Tensor]) -> torch.Tensor:
     T = len(deltas)
     if method in ("tsv_m", "tsv_c"):
         k = min(deltas[0].shape) // T
-        svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
+        svds = [_svd(d) for d in deltas]
         if method == "tsv_c":
             return sum((u[:, :k] * s[:k]) @ vh[:k] for u, s, vh in svds)
         u = torch.cat([u[:, :k] for u, _, _ in svds], 1)
@@ -92,13 +103,13 @@ def reference(method: str, deltas: list[torch.Tensor]) -> torch.Tensor:
         v = torch.cat([vh[:k].T for _, _, vh in svds], 1)
         return (_polar(u) * s) @ _polar(v).T
     total = torch.stack(deltas).sum(0)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = _svd(total)
     if method == "iso_c":
         return s.mean() * u @ vh
     c, p = iso_cts_sizes(min(total.shape), T, 0.8)
     us, ss, vs = [u[:, :c]], [s[:c]], [vh[:c].T]
     for d in deltas:
-        ut, st, vht = torch.linalg.svd(d - u[:, :c] @ (u[:, :c].T @ d), full_matrices=False)
+        ut, st, vht = _svd(d - u[:, :c] @ (u[:, :c].T @ d))
         us.append(ut[:, :p]), ss.append(st[:p]), vs.append(vht[:p].T)
     return torch.cat(ss).mean() * _polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 1)).T
 
