@@ -30,7 +30,7 @@ bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench_text5.py
 	$(PY) benchmarks/bench_atm.py
 	$(PY) benchmarks/bench_merge_io.py
-	$(PY) benchmarks/bench_subspace.py
+	$(PY) benchmarks/bench_subspace.py --layers 2
 	$(PY) benchmarks/bench_lora.py
 	$(PY) benchmarks/bench_c2m3.py
 
