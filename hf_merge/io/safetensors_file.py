@@ -71,7 +71,8 @@ class SafetensorsFile:
     def read_range(self, name: str, start: int, out: torch.Tensor) -> torch.Tensor:
         """Elements ``start .. start + out.numel()`` of the flattened tensor ``name`` read into the 1-D ``out``."""
         first, end = self._entries[name]["data_offsets"]
-        if out.dtype != self.dtype(name) or out.dim() != 1 or first + (start + out.numel()) * out.element_size() > end:
+        too_far = first + (start + out.numel()) * out.element_size() > end
+        if out.dtype != self.dtype(name) or out.dim() != 1 or start < 0 or too_far:
             raise ValueError(f"{self.path}: range {start}+{out.numel()} is outside tensor {name!r}.")
         return self._read_into(name, out, start)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -207,6 +207,10 @@ class TiesMerger(Merger):
         return out.view_as(deltas[0]).mul_(self.config.scaling)
 
 
+#: ``(key, flat indices, θ₀, τ)`` of the entries the one pass left open, in float32.
+OpenEntries = list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 class OnePassTies:
     """Global-scope TIES reading every input once (see the module docstring); :meth:`run` returns the outputs."""
 
@@ -234,10 +238,12 @@ class OnePassTies:
         self.if_negative: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, flat indices, outputs if M = -1)
         self.decided_mass = 0
         outputs = self._merge_pass()
-        thresholds = self._thresholds()
+        open_entries = [(key, index, *self._deltas(key, values)) for key, index, values in self.open]
+        self.open.clear()
+        thresholds = self._thresholds(open_entries)
         if thresholds is None:
             return None
-        return outputs if self._finish_open_entries(outputs, thresholds) else None
+        return outputs if self._finish_open_entries(outputs, thresholds, open_entries) else None
 
     def _brackets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lo_t, hi_t) with lo_t < thr_t ≤ hi_t expected, from a 1/64 sample of every tensor; ``None`` when a bracket
@@ -333,12 +339,7 @@ class OnePassTies:
         merged = disjoint_merge(trimmed, signs.add_(zero_sum), self.config.aggregate)
         return (base + merged.mul_(self.config.scaling)).to(self.ctx.output_dtypes[key])
 
-    def _open_deltas(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(key, flat indices, θ₀, τ)`` of the entries left open, in float32."""
-        for key, index, values in self.open:
-            yield key, index, *self._deltas(key, values)
-
-    def _thresholds(self) -> list[float] | None:
+    def _thresholds(self, open_entries: OpenEntries) -> list[float] | None:
         """Each task's exact threshold from the counts at and above hi_t and the |τ_t| strictly inside its bracket
         (all among the open entries); ``None`` if a threshold lies outside its bracket."""
         if self.rank == 0:
@@ -349,7 +350,7 @@ class OnePassTies:
                 thresholds.append(self.high[t, 0].item())  # the threshold is hi_t itself
                 continue
             low, high = self.low[t, 0].item(), self.high[t, 0].item()
-            parts = [m[(m > low) & (m < high)] for _, _, _, deltas in self._open_deltas() for m in (deltas[t].abs(),)]
+            parts = [m[(m > low) & (m < high)] for *_, deltas in open_entries for m in (deltas[t].abs(),)]
             values = torch.cat(parts) if parts else torch.empty(0)
             position = self.keep - int(self.at_or_above[t])  # descending rank of the threshold among those inside
             if not 1 <= position <= values.numel():
@@ -357,24 +358,21 @@ class OnePassTies:
             thresholds.append(values.kthvalue(values.numel() - position + 1).values.item())
         return thresholds
 
-    def _finish_open_entries(self, outputs: dict[str, torch.Tensor], thresholds: list[float]) -> bool:
+    def _finish_open_entries(self, outputs: dict[str, torch.Tensor], thresholds: list[float],
+                             open_entries: OpenEntries) -> bool:
         """The open entries merged with the exact thresholds, and every entry that takes the global majority sign
         given its exact value; ``False`` (outputs unusable) in the one case not prepared for, a majority sign of 0."""
         limits = torch.tensor(thresholds).view(-1, 1)
-
-        def trim(deltas: torch.Tensor) -> torch.Tensor:
-            return deltas * (deltas.abs() >= limits)
-
-        mass = self.decided_mass + sum(int(torch.sign(trim(d).sum(dim=0)).sum()) for *_, d in self._open_deltas())
+        trimmed = [deltas * (deltas.abs() >= limits) for *_, deltas in open_entries]
+        mass = self.decided_mass + sum(int(torch.sign(t.sum(dim=0)).sum()) for t in trimmed)
         majority = float(torch.sign(torch.tensor(float(mass))))
         if majority == 0:  # the kept-aside results assumed a majority sign of ±1
             return False
         if majority < 0:
             for key, index, values in self.if_negative:
                 outputs[key].view(-1)[index] = values
-        for key, index, base, deltas in self._open_deltas():
-            trimmed = trim(deltas)
-            merged = disjoint_merge(trimmed, elect_signs(trimmed, majority), self.config.aggregate)
+        for (key, index, base, _), kept in zip(open_entries, trimmed):
+            merged = disjoint_merge(kept, elect_signs(kept, majority), self.config.aggregate)
             outputs[key].view(-1)[index] = (base + merged.mul_(self.config.scaling)).to(outputs[key].dtype)
         return True
 
