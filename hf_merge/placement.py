@@ -11,6 +11,8 @@ materialised whole in CPU memory.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import os
 import re
 import tempfile
@@ -155,3 +157,23 @@ class DispatchedOutput:
             main_device=main_device,
             offload_dir=str(self.offload_folder) if self.offload_folder is not None else None,
         )
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed back to the operating system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold after large blocks are freed, so later input buffers come from the heap, and
+    long-lived small allocations between them keep the freed space resident: on the 468M-parameter TIES benchmark
+    the peak RSS went from 1.6 to 4.1 GB. Streaming loops call this every few hundred MB.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -1,0 +1,181 @@
+"""The numba kernels behind :mod:`hf_merge.kernels` (imported only when they run: importing numba costs ~0.3 s).
+
+Compiled on first use and cached on disk by numba (``cache=True``).
+"""
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic, overload
+
+from .kernels import KERNEL_CHUNK
+
+
+@intrinsic
+def bits_to_float32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def float32_to_bits(typingctx, value):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(types.float32), codegen
+
+
+def load(array, index):  # typed by the overload below
+    raise NotImplementedError
+
+
+def store(array, index, value):
+    raise NotImplementedError
+
+
+@overload(load, inline="always")
+def _load(array, index):
+    if array.dtype == types.uint16:  # bfloat16: the high half of a float32
+        return lambda array, index: bits_to_float32(np.uint32(array[index]) << np.uint32(16))
+    return lambda array, index: np.float32(array[index])
+
+
+@overload(store, inline="always")
+def _store(array, index, value):
+    if array.dtype == types.uint16:  # float32 → bfloat16, round to nearest even (finite values)
+
+        def store_bf16(array, index, value):
+            bits = float32_to_bits(value)
+            array[index] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+                                     >> np.uint32(16))
+
+        return store_bf16
+
+    def store_f32(array, index, value):
+        array[index] = value
+
+    return store_f32
+
+
+SEGMENT = 1024  # entries per inner loop; inner loops index per-segment views from 0 (an index with an offset
+# makes numba emit negative-index wraparound, which stops LLVM vectorising: measured 10× slower)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def ties_one_pass(base, tasks, out, offset, low, high, scaling, mean, counts, open_index, open_values, zero_index,
+                  zero_negative):
+    """One block of one-pass TIES (see :class:`hf_merge.kernels.TiesOnePassKernel`); chunk c of ``counts`` gets
+    [at-or-above per task, strictly-above per task, decided mass, #open, #zero-sum, #non-finite] and its open and
+    zero-sum entries go to the buffers' slots from c·KERNEL_CHUNK on."""
+    n = base.shape[0]
+    num_tasks = len(tasks)
+    zero32, one32 = np.float32(0.0), np.float32(1.0)
+    for chunk in numba.prange(counts.shape[0]):
+        begin, end = chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)
+        kept = np.empty((num_tasks, SEGMENT), np.float32)
+        theta0 = np.empty(SEGMENT, np.float32)
+        kept_sum = np.empty(SEGMENT, np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        agreed = np.empty(SEGMENT, np.float32)
+        agreeing = np.empty(SEGMENT, np.float32)
+        is_open = np.empty(SEGMENT, np.uint8)
+        any_kept = np.empty(SEGMENT, np.uint8)
+        set_aside = np.empty(SEGMENT, np.uint8)
+        counts[chunk, :] = 0
+        opened, zeros, mass, nonfinite = 0, 0, 0, 0
+        for start in range(begin, end, SEGMENT):
+            size = min(SEGMENT, end - start)
+            base_part, out_part = base[start : start + size], out[start : start + size]
+            for j in range(size):
+                theta0[j] = load(base_part, j)
+                kept_sum[j] = zero32
+                agreed[j] = zero32
+                agreeing[j] = zero32
+                is_open[j] = 0
+                any_kept[j] = 0
+            # every loop over j below is branch-free, so it vectorises
+            for t in range(num_tasks):  # trim: kept[t] = τ_t where |τ_t| ≥ hi_t; open where lo_t < |τ_t| < hi_t
+                task, hi, lo, row = tasks[t][start : start + size], high[t], low[t], kept[t]
+                at_or_above, above, bad = 0, 0, 0
+                for j in range(size):
+                    delta = load(task, j) - theta0[j]
+                    magnitude = abs(delta)
+                    keep = magnitude >= hi
+                    value = delta if keep else zero32
+                    row[j] = value
+                    kept_sum[j] += value
+                    at_or_above += keep
+                    above += magnitude > hi
+                    bad += not (magnitude < np.inf)
+                    is_open[j] |= (magnitude > lo) & (not keep)
+                    any_kept[j] |= value != zero32
+                counts[chunk, t] += at_or_above
+                counts[chunk, num_tasks + t] += above
+                nonfinite += bad
+            segment_mass, found = 0, 0
+            for j in range(size):  # elect: γ = sign(Σ kept), an exact 0 taking +1
+                total = kept_sum[j]
+                sign = one32 if total > zero32 else (-one32 if total < zero32 else zero32)
+                segment_mass += int(sign) * (1 - is_open[j])
+                elected[j] = one32 if sign == zero32 else sign
+                # set aside: open, or an exact cancellation of kept values (then its result for γ = −1 is needed)
+                set_aside[j] = is_open[j] | ((sign == zero32) & any_kept[j])
+                found += set_aside[j]
+            mass += segment_mass
+            for t in range(num_tasks):  # disjoint: the kept τ_t agreeing with γ
+                row = kept[t]
+                for j in range(size):
+                    value = row[j] * elected[j]
+                    positive = value > zero32
+                    agreed[j] += value if positive else zero32
+                    agreeing[j] += one32 if positive else zero32
+            if mean:
+                for j in range(size):
+                    store(out_part, j, theta0[j] + (agreed[j] * elected[j] / max(agreeing[j], one32)) * scaling)
+            else:
+                for j in range(size):
+                    store(out_part, j, theta0[j] + (agreed[j] * elected[j]) * scaling)
+            if found == 0:
+                continue
+            for j in range(size):
+                if not set_aside[j]:
+                    continue
+                if is_open[j]:
+                    slot = begin + opened
+                    open_index[0, slot] = offset + start + j
+                    open_values[0, slot] = theta0[j]
+                    opened += 1
+                    for t in range(num_tasks):
+                        open_values[t + 1, slot] = load(tasks[t], start + j) - theta0[j]
+                    continue
+                negative, count = zero32, zero32  # exact cancellation: the result for γ = −1
+                for t in range(num_tasks):
+                    value = -kept[t, j]
+                    if value > zero32:
+                        negative += value
+                        count += one32
+                merged = -negative / max(count, one32) if mean else -negative
+                slot = begin + zeros
+                zero_index[0, slot] = offset + start + j
+                store(zero_negative[0], slot, theta0[j] + merged * scaling)
+                zeros += 1
+        counts[chunk, 2 * num_tasks] = mass
+        counts[chunk, 2 * num_tasks + 1] = opened
+        counts[chunk, 2 * num_tasks + 2] = zeros
+        counts[chunk, 2 * num_tasks + 3] = nonfinite
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def gather_regions(buffer, counts):
+    """The filled heads of the chunks' regions of a (rows, n) buffer (chunk c filled ``counts[c]`` columns from
+    c·KERNEL_CHUNK on), concatenated in chunk order."""
+    out = np.empty((buffer.shape[0], counts.sum()), buffer.dtype)
+    position = 0
+    for chunk in range(counts.shape[0]):
+        size = counts[chunk]
+        if size:
+            out[:, position : position + size] = buffer[:, chunk * KERNEL_CHUNK : chunk * KERNEL_CHUNK + size]
+            position += size
+    return out

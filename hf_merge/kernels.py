@@ -1,0 +1,114 @@
+"""Compiled CPU kernels (numba, the optional ``fast`` extra) for the elementwise hot loops torch cannot fuse.
+
+A chain of torch ops makes one pass over memory per op; a fused loop reads each input once and keeps every
+intermediate in registers. Each kernel here has a torch twin computing the same bits (same float32 operations in the
+same order, round-to-nearest-even casts), and tests compare them. Kernels run when numba is importable and the
+environment does not set ``HF_MERGE_KERNELS=0``; the inputs they take are bfloat16 (as uint16 bit patterns) and
+float32 arrays, anything else keeps the torch route.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: Elements per parallel work item of a kernel (its own slice of every scratch buffer).
+KERNEL_CHUNK = 1 << 14
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def kernels_enabled() -> bool:
+    """Whether the compiled kernels will be used: numba importable and ``HF_MERGE_KERNELS`` not "0"."""
+    if os.environ.get("HF_MERGE_KERNELS", "1") == "0":
+        return False
+    return _numba_available()
+
+
+@functools.cache
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(*dtypes: torch.dtype) -> bool:
+    return all(dtype in _KERNEL_DTYPES for dtype in dtypes)
+
+
+def as_kernel_array(tensor: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a contiguous 1-D CPU tensor: bfloat16 as its uint16 bit patterns."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+@dataclasses.dataclass
+class TiesBlock:
+    """What the one-pass TIES kernel reports for one block besides the merged values it wrote.
+
+    ``open_index``/``open_values``: entries with some |τ_t| strictly inside its bracket, with their float32
+    [θ₀, τ_1, ..., τ_T] (rows); ``zero_index``/``zero_negative``: entries whose elected sum is exactly 0 (written
+    with the majority sign +1) and their result for the majority sign −1, in the output's kernel dtype.
+    """
+
+    at_or_above: np.ndarray
+    strictly_above: np.ndarray
+    decided_mass: int
+    open_index: np.ndarray
+    open_values: np.ndarray
+    zero_index: np.ndarray
+    zero_negative: np.ndarray
+
+
+class TiesOnePassKernel:
+    """Fused one-pass TIES over blocks of flat inputs (the loop of ``OnePassTies._merge_piece``, same bits).
+
+    Per entry: τ_t = θ_t − θ₀; kept if |τ_t| ≥ hi_t; open if some unkept |τ_t| > lo_t; γ = sign(Σ kept τ_t)
+    (an exact 0 with a non-zero kept τ_t takes +1 and its −1 result is reported); disjoint mean (or sum) of the kept
+    τ_t agreeing with γ, times λ, added to θ₀ and cast to the output dtype.
+    """
+
+    def __init__(self, num_tasks: int, low: Sequence[float], high: Sequence[float], scaling: float, mean: bool,
+                 block: int) -> None:
+        self.low = np.asarray(low, dtype=np.float32)
+        self.high = np.asarray(high, dtype=np.float32)
+        self.scaling, self.mean, self.block = np.float32(scaling), mean, block
+        self.counts = np.zeros((-(-block // KERNEL_CHUNK), 2 * num_tasks + 4), dtype=np.int64)
+        self.open_index = np.empty((1, block), dtype=np.int64)
+        self.open_values = np.empty((num_tasks + 1, block), dtype=np.float32)
+        self.zero_index = np.empty((1, block), dtype=np.int64)
+        self.zero_negative: dict[np.dtype, np.ndarray] = {}  # per output dtype
+
+    def __call__(self, base: np.ndarray, tasks: tuple[np.ndarray, ...], out: np.ndarray,
+                 offset: int = 0) -> TiesBlock | None:
+        """Merge one block (``len(base) ≤ block``) into ``out``; reported indices are ``offset`` + positions in the
+        block. ``None`` if an input holds NaN or Inf."""
+        from ._numba_kernels import gather_regions, ties_one_pass
+
+        counts = self.counts[: -(-base.shape[0] // KERNEL_CHUNK)]
+        if out.dtype not in self.zero_negative:
+            self.zero_negative[out.dtype] = np.empty((1, self.block), dtype=out.dtype)
+        zero_negative = self.zero_negative[out.dtype]
+        ties_one_pass(base, tasks, out, offset, self.low, self.high, self.scaling, self.mean, counts,
+                      self.open_index, self.open_values, self.zero_index, zero_negative)
+        num_tasks = len(tasks)
+        if counts[:, 2 * num_tasks + 3].any():
+            return None
+        opened, zeros = counts[:, 2 * num_tasks + 1], counts[:, 2 * num_tasks + 2]
+        return TiesBlock(
+            at_or_above=counts[:, :num_tasks].sum(axis=0),
+            strictly_above=counts[:, num_tasks : 2 * num_tasks].sum(axis=0),
+            decided_mass=int(counts[:, 2 * num_tasks].sum()),
+            open_index=gather_regions(self.open_index, opened)[0],
+            open_values=gather_regions(self.open_values, opened),
+            zero_index=gather_regions(self.zero_index, zeros)[0],
+            zero_negative=gather_regions(zero_negative, zeros)[0],
+        )

@@ -1,0 +1,92 @@
+"""The compiled kernels (numba, the ``fast`` extra) give the torch route's exact bits, and fail the same way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_merge
+from hf_merge.kernels import TiesOnePassKernel
+from tests.test_merge import _ties_reference
+
+pytest.importorskip("numba")
+
+
+def _grid_task_vectors(dtype: torch.dtype, num_tasks: int, seed: int):
+    """Base + fine-tuned state dicts whose task vectors take few distinct values (multiples of 2⁻¹⁰ up to ±8), so
+    many |τ| equal the threshold, many entries sit inside the threshold brackets and many elected sums are
+    exactly 0 — the entries the one pass sets aside."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"big": (300, 257), "mid": (33, 17), "bias": (7,)}
+    base = {k: torch.randint(-64, 64, shape, generator=gen).float().mul(2**-6).to(dtype) for k, shape in shapes.items()}
+    fts = [{k: (v.float() + torch.randint(-8, 9, v.shape, generator=gen).float().mul(2**-10)).to(dtype)
+            for k, v in base.items()} for _ in range(num_tasks)]
+    return base, fts
+
+
+def _merge(monkeypatch, route: str, base, fts, **options):
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1" if route == "compiled" else "0")
+    return hf_merge.merge(base, fts, "ties", progress=False, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("aggregate", ["mean", "sum"])
+@pytest.mark.parametrize("block", [1 << 20, 40_000])  # one block per tensor, or tensors split across blocks
+def test_compiled_one_pass_ties_equals_the_torch_route_and_the_whole_model_reference(monkeypatch, dtype, aggregate,
+                                                                                      block):
+    from hf_merge.methods import ties
+
+    monkeypatch.setattr(ties, "_KERNEL_BLOCK", block)
+    base, fts = _grid_task_vectors(dtype, num_tasks=4, seed=1)
+    reports = []
+    original_call = TiesOnePassKernel.__call__
+    monkeypatch.setattr(TiesOnePassKernel, "__call__",
+                        lambda self, *args: reports.append(original_call(self, *args)) or reports[-1])
+    options = dict(density=0.3, scaling=1.3, aggregate=aggregate)
+    compiled = _merge(monkeypatch, "compiled", base, fts, **options)
+    assert reports, "the compiled kernel did not run"
+    assert sum(r.open_index.size for r in reports) > 0, "no entry was left inside a bracket"
+    assert sum(r.zero_index.size for r in reports) > 0, "no elected sum cancelled exactly"
+    calls = len(reports)
+    torch_route = _merge(monkeypatch, "torch", base, fts, **options)
+    assert len(reports) == calls
+    as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.3, 1.3, aggregate)
+    for key in base:
+        assert compiled[key].dtype == dtype, key
+        assert torch.equal(compiled[key], torch_route[key]), key
+        assert torch.equal(compiled[key], expected[key].to(dtype)), key
+
+
+@pytest.mark.parametrize("route", ["compiled", "torch"])
+def test_one_pass_ties_takes_a_negative_majority_sign_for_cancelling_entries(monkeypatch, route):
+    base, fts = _grid_task_vectors(torch.bfloat16, num_tasks=3, seed=2)
+    for ft in fts:  # every entry that does not cancel elects -1: the global majority sign is -1
+        for key, value in ft.items():
+            delta = value.float() - base[key].float()
+            ft[key] = (base[key].float() - delta.abs()).to(torch.bfloat16)
+    fts[1]["big"][0, 0] = (base["big"][0, 0].float() + (base["big"][0, 0].float() - fts[0]["big"][0, 0].float()))
+    fts[2]["big"][0, 0] = base["big"][0, 0]
+    merged = _merge(monkeypatch, route, base, fts, density=1.0)
+    as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
+    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 1.0, 1.0)
+    for key in base:
+        assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
+    cancelled = merged["big"][0, 0].float() - base["big"][0, 0].float()
+    assert cancelled.item() == (fts[0]["big"][0, 0].float() - base["big"][0, 0].float()).item() < 0
+
+
+@pytest.mark.parametrize("route", ["compiled", "torch"])
+def test_one_pass_ties_names_the_input_holding_nan_and_writes_nothing(tmp_path, monkeypatch, route):
+    from safetensors.torch import save_file
+
+    base, fts = _grid_task_vectors(torch.bfloat16, num_tasks=2, seed=3)
+    fts[1]["big"][123, 45] = float("nan")
+    for name, state in [("base", base), ("ft0", fts[0]), ("ft1", fts[1])]:
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1" if route == "compiled" else "0")
+    with pytest.raises(hf_merge.MergeError, match=r"ft1.*'big'.*NaN"):
+        hf_merge.merge(tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"], "ties", output_dir=tmp_path / "out",
+                       progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1"]
