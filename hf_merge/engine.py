@@ -321,13 +321,16 @@ class MergeContext:
     @staticmethod
     def check_finite(result: torch.Tensor, sources: Sequence[TensorSource], key: str,
                      pieces: Sequence[torch.Tensor] | None = None) -> None:
-        """A finite sum proves ``result`` finite; otherwise name the input (or its ``pieces``) holding NaN/Inf."""
+        """A finite sum proves ``result`` finite; otherwise name the input (or its ``pieces``) holding NaN/Inf, or
+        report the float32 overflow when every input is finite."""
         if torch.isfinite(result.sum()):
             return
         for index, source in enumerate(sources):
             tensor = source.get(key) if pieces is None else pieces[index]
             if not torch.isfinite(tensor.float()).all():
                 raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
+        if not torch.isfinite(result).all():
+            raise MergeError(f"tensor {key!r}: the inputs are finite but merging them overflows float32.")
 
     def prefetcher(self, order: list[str], load: Callable[[str], Any] | None = None) -> Prefetcher[Any]:
         """A :class:`Prefetcher` of ``load`` (default :meth:`load`) over ``order``: reads tensor i + 1 while

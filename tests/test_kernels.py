@@ -90,3 +90,11 @@ def test_one_pass_ties_names_the_input_holding_nan_and_writes_nothing(tmp_path, 
         hf_merge.merge(tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"], "ties", output_dir=tmp_path / "out",
                        progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1"]
+
+
+@pytest.mark.parametrize("route", ["compiled", "torch"])
+def test_ties_reports_a_task_vector_that_overflows_float32(monkeypatch, route):
+    base = {"w": torch.full((8,), -3e38, dtype=torch.bfloat16)}
+    fts = [{"w": torch.full((8,), 3e38, dtype=torch.bfloat16)}, {"w": base["w"].clone()}]
+    with pytest.raises(hf_merge.MergeError, match=r"'w'.*overflows float32"):
+        _merge(monkeypatch, route, base, fts)
