@@ -5,10 +5,13 @@ The environment variables are set before any HF library is imported (pytest impo
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="hf_merge_test_home_")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
