@@ -12,21 +12,25 @@ sign/order freedom of singular vectors, which the methods' outputs do not depend
   λ_k ≥ 1e-3 λ_1 (measured error ≤ 5e-6 relative to a float64 SVD; for Iso-CTS's common space, k ≈ 0.8 r, it
   measured up to 1.7e-4, hence the k bound); float64 Gram + float64 eigh, accepted when λ_k ≥ 1e-10 λ_1; otherwise the
   full float32 SVD (rank-deficient or extremely ill-conditioned matrices, where the top-k factors are not unique).
-* :func:`polar` — polar(A) = A (AᵀA)^{-1/2} from the eigendecomposition of the small Gram matrix (float32 when
-  well conditioned, float64 otherwise), with a float64 SVD when λ_min/λ_max < 1e-6 (ill-conditioned
-  or rank-deficient A, where the Gram route loses precision and the polar factor may not be unique).
+* :func:`polar` — polar(A) = A (AᵀA)^{-1/2} from the float32 eigendecomposition of the small Gram matrix when it is
+  well conditioned (checked first by a cheap Cholesky condition estimate), else the reference's float32 SVD when
+  its first-order error estimate is small, else a float64 SVD (rank-deficient or extremely ill-conditioned A, where
+  the polar factor may not be unique). For square ill-conditioned matrices nothing exact is cheaper than the SVD.
 
 Inputs are upcast to float32; outputs are float32 on the input's device.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FAST_EIGH_MIN_RATIO = 1e-3  # λ_k/λ_1 above which the float32 Gram route is accurate (≤ 5e-6 measured)
 DOUBLE_EIGH_MIN_RATIO = 1e-10  # λ_k/λ_1 above which the float64 Gram route is accurate
-POLAR_MIN_RATIO = 1e-6  # λ_min/λ_max of AᵀA above which the Gram route of the polar factor is used
-FAST_POLAR_MIN_RATIO = 1e-2  # λ_min/λ_max of AᵀA above which that route runs in float32 (error ≲ κ·eps ≈ 1e-5)
+FAST_POLAR_MIN_RATIO = 1e-2  # λ_min/λ_max of AᵀA above which the float32 Gram route is used (error ≲ κ·eps ≈ 1e-5)
+POLAR_PROBE_MIN_RCOND = 1e-3  # Cholesky estimate of AᵀA's reciprocal condition number above which that route is tried
+SVD_POLAR_MAX_ERROR = 1e-5  # first-order error estimate up to which the float32 SVD's polar factor is kept
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, batched: bool = False) -> None:
@@ -121,11 +125,11 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
 def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(polar(A), singular values of A in descending order), both float32, from one factorisation.
 
-    Computed as A Q Λ^{-1/2} Qᵀ from the eigendecomposition AᵀA = Q Λ Qᵀ of the smaller side (exact when A has full
-    rank). The float32 eigendecomposition is used when λ_min/λ_max ≥ 1e-2 (error ≲ κ·eps, e.g. stacked nearly
-    orthogonal task bases), a float64 one when the float32 estimate of λ_min/λ_max is ≥ 1e-6; below that (ill
-    conditioned or rank deficient, where the polar factor is not unique) a float64 SVD, which keeps the result
-    within 1e-4 of the exact polar factor where a float32 SVD is not.
+    Routes, from the cheapest: A Q Λ^{-1/2} Qᵀ from the float32 eigendecomposition AᵀA = Q Λ Qᵀ of the smaller side,
+    when λ_min/λ_max ≥ 1e-2 (error ≲ κ·eps, e.g. stacked nearly orthogonal task bases; tried only when a Cholesky
+    condition estimate of AᵀA, ~1/5 of the eigendecomposition's cost, makes that likely); otherwise the float32 SVD
+    (the reference's route), kept when its first-order error estimate eps·rms_i(s_1/s_i) is ≤ 1e-5; otherwise (rank
+    deficient or extremely ill conditioned, where the polar factor is not unique) a float64 SVD.
     """
     _check_matrix("matrix", matrix)
     work = matrix.to(torch.float32)
@@ -135,22 +139,48 @@ def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torc
         return p.transpose(0, 1), s
     if n == 0:
         return work.clone(), work.new_zeros(0)
-    values, vectors = _full_eigh(work)
-    top, bottom = values[-1].item(), values[0].item()
-    if top > 0 and bottom >= POLAR_MIN_RATIO * top:
-        if bottom < FAST_POLAR_MIN_RATIO * top:
-            values, vectors = _full_eigh(work.to(torch.float64))
-        q = vectors.to(torch.float32)
-        singular = values.sqrt()
-        polar_factor = ((work @ q) * (1.0 / singular).to(torch.float32)) @ q.transpose(0, 1)
-        return polar_factor, singular.flip(0).to(torch.float32)
+    gram = work.transpose(0, 1) @ work
+    if _likely_well_conditioned(gram):
+        values, vectors = _eigh(gram)
+        top, bottom = values[-1].item(), values[0].item()
+        if top > 0 and bottom >= FAST_POLAR_MIN_RATIO * top:
+            singular = values.sqrt()
+            polar_factor = ((work @ vectors) * (1.0 / singular)) @ vectors.transpose(0, 1)
+            return polar_factor, singular.flip(0)
+    p, s, qh = torch.linalg.svd(work, full_matrices=False)
+    if _svd_polar_error(s) <= SVD_POLAR_MAX_ERROR:
+        return p @ qh, s
     p, s, qh = torch.linalg.svd(work.to(torch.float64), full_matrices=False)
     return (p @ qh).to(torch.float32), s.to(torch.float32)
 
 
-def _full_eigh(tall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending eigenpairs of AᵀA for a tall A, in its dtype (SciPy's divide-and-conquer on the CPU)."""
-    gram = tall.transpose(0, 1) @ tall
+def _likely_well_conditioned(gram: torch.Tensor) -> bool:
+    """Whether the float32 Gram route of :func:`polar_with_singular_values` is worth trying: on the CPU, LAPACK's
+    Cholesky factorisation and 1-norm reciprocal condition estimate (spotrf + spocon) say rcond ≥ 1e-3; elsewhere
+    always (batched eigendecompositions are cheap on accelerators)."""
+    if gram.device.type != "cpu":
+        return True
+    from scipy.linalg import lapack
+
+    array = gram.numpy()
+    factor, info = lapack.spotrf(array)
+    if info != 0:
+        return False
+    rcond, info = lapack.spocon(factor, float(abs(array).sum(axis=0).max()))
+    return info == 0 and rcond >= POLAR_PROBE_MIN_RCOND
+
+
+def _svd_polar_error(singular_values: torch.Tensor) -> float:
+    """First-order relative Frobenius error of P Qᵀ from a float32 SVD: a backward error eps·s_1 moves direction i
+    by about eps·s_1/s_i, so the error is eps·rms_i(s_1/s_i) (infinite for a zero singular value)."""
+    s = singular_values.to(torch.float64)
+    if s.numel() == 0 or s[-1] <= 0:
+        return math.inf
+    return torch.finfo(torch.float32).eps * (s[0] / s).square().mean().sqrt().item()
+
+
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenpairs of a symmetric matrix, in its dtype (SciPy's divide-and-conquer on the CPU)."""
     if gram.device.type == "cpu":
         import scipy.linalg
 

@@ -74,9 +74,19 @@ def test_top_k_svd_of_zero_matrix_and_k_zero() -> None:
     assert u.shape == (6, 0) and s.shape == (0,) and v.shape == (4, 0)
 
 
+POLAR_ROUTES = {
+    "auto": {},
+    "float32_svd": {"FAST_POLAR_MIN_RATIO": 2.0},
+    "float64_svd": {"FAST_POLAR_MIN_RATIO": 2.0, "SVD_POLAR_MAX_ERROR": -1.0},
+}
+
+
+@pytest.mark.parametrize("route", sorted(POLAR_ROUTES))
 @pytest.mark.parametrize("condition", [1.0, 1e2, 1e5])
 @pytest.mark.parametrize("shape", [(80, 30), (30, 80), (40, 40)])
-def test_polar_equals_svd_polar(condition, shape) -> None:
+def test_polar_equals_svd_polar(monkeypatch, route, condition, shape) -> None:
+    for name, value in POLAR_ROUTES[route].items():
+        monkeypatch.setattr(linalg, name, value)
     r = min(shape)
     matrix = _with_spectrum(*shape, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), r))
     p, qh = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
@@ -119,3 +129,20 @@ def test_orthogonalized_factors_are_orthonormal() -> None:
 def test_bad_inputs_raise(call, error) -> None:
     with pytest.raises(error):
         call()
+
+
+@pytest.mark.parametrize("condition", [1e2, 1e3, 1e4, 1e6])
+def test_float32_svd_polar_error_estimate_bounds_the_error(condition) -> None:
+    """The estimate that decides whether the float32 SVD's polar factor is kept is not below its actual error."""
+    matrix = _with_spectrum(200, 200, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 200), seed=3)
+    p, s, qh = torch.linalg.svd(matrix, full_matrices=False)
+    p64, qh64 = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
+    assert _rel(p @ qh, p64 @ qh64) <= linalg._svd_polar_error(s)
+
+
+def test_polar_skips_the_gram_route_for_an_ill_conditioned_matrix(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(linalg, "_eigh", lambda gram: calls.append(gram) or pytest.fail("Gram route tried"))
+    matrix = _with_spectrum(64, 64, torch.logspace(0, -4, 64))
+    p64, qh64 = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
+    assert _rel(polar(matrix), p64 @ qh64) < 1e-4 and not calls
