@@ -132,12 +132,14 @@ def test_bad_inputs_raise(call, error) -> None:
 
 
 @pytest.mark.parametrize("condition", [1e2, 1e3, 1e4, 1e6])
-def test_float32_svd_polar_error_estimate_bounds_the_error(condition) -> None:
+@pytest.mark.parametrize("shape", [(200, 200), (400, 200)])
+def test_float32_svd_polar_error_estimate_bounds_the_error(condition, shape) -> None:
     """The estimate that decides whether the float32 SVD's polar factor is kept is not below its actual error."""
-    matrix = _with_spectrum(200, 200, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 200), seed=3)
+    matrix = _with_spectrum(*shape, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), 200),
+                            seed=3)
     p, s, qh = torch.linalg.svd(matrix, full_matrices=False)
     p64, qh64 = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
-    assert _rel(p @ qh, p64 @ qh64) <= linalg._svd_polar_error(s)
+    assert _rel(p @ qh, p64 @ qh64) <= linalg._svd_polar_error(s, shape[0])
 
 
 def test_polar_skips_the_gram_route_for_an_ill_conditioned_matrix(monkeypatch) -> None:
