@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -388,14 +389,27 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
 
     from hf_merge.io.safetensors_file import SafetensorsFile
 
-    shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks
+    shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks, the others whole
     base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 3, seed=11)
-    whole_reads = []
-    original_read = SafetensorsFile.read
+    whole_reads = []  # reads of a whole tensor, into a fresh or a reused buffer (the 1/256 sample reads blocks)
+    original_read, original_read_range = SafetensorsFile.read, SafetensorsFile.read_range
+
+    def read_range(self, name, start, out):
+        if start == 0 and out.numel() == math.prod(self.shape(name)):
+            whole_reads.append((self.path, name))
+        return original_read_range(self, name, start, out)
+
     monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: whole_reads.append((self.path, name))
                         or original_read(self, name))
+    monkeypatch.setattr(SafetensorsFile, "read_range", read_range)
     hf_merge.merge(folders[0], folders[1:], "ties", density=density, output_dir=tmp_path / "out", progress=False)
-    assert sorted(whole_reads) == sorted((folder / "model.safetensors", key) for folder in folders for key in shapes)
+    # once each; with density < 1 a tensor smaller than the threshold sample's stride is also read whole by it
+    from hf_merge.methods import ties
+
+    stride = ties._SAMPLE_BLOCK * ties._SAMPLE_EVERY
+    expected_reads = [(folder / "model.safetensors", key) for folder in folders for key, shape in shapes.items()
+                      for _ in range(2 if density < 1 and math.prod(shape) < stride else 1)]
+    assert sorted(whole_reads) == sorted(expected_reads)
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
     expected = _ties_reference(as_float(base), [as_float(f) for f in fts], density, 1.0)
     merged = load_file(tmp_path / "out" / "model.safetensors")

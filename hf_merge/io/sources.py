@@ -89,6 +89,18 @@ class TensorSource(abc.ABC):
             raise KeyError(f"{self.label} has no tensor {key!r}.")
         return self._read(resolved)
 
+    #: Whether :meth:`read_flat` fills the buffer it is given (sources reading from files) or ignores it.
+    fills_buffers: bool = False
+
+    def read_flat(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The flattened tensor ``key``. Sources reading from files fill ``buffer`` (uint8, at least the tensor's
+        size) instead of allocating, so a loop over tensors recycles its memory rather than faulting in fresh pages."""
+        return self.get(key).reshape(-1)
+
+    def nbytes(self, key: str) -> int:
+        meta = self.meta(key)
+        return math.prod(meta.shape) * meta.dtype.itemsize
+
     def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
         """Blocks of ``count`` elements of the flattened tensor ``key`` starting at ``starts``, concatenated (1-D)."""
         flat = self.get(key).reshape(-1)
@@ -293,6 +305,18 @@ class FolderSource(TensorSource):
         resolved = self.resolve(key)
         handle = self._handle(self._key_to_file[resolved]) if resolved in self._key_set else None
         return resolved, handle if isinstance(handle, SafetensorsFile) else None
+
+    fills_buffers = True
+
+    def read_flat(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        resolved, handle = self._safetensors_handle(key)
+        if handle is None or buffer is None:
+            return super().read_flat(key, buffer)
+        dtype = handle.dtype(resolved)
+        numel = math.prod(handle.shape(resolved))
+        if buffer.dtype != torch.uint8 or buffer.numel() < numel * dtype.itemsize:
+            raise ValueError(f"{self.label}: buffer of {buffer.numel()} bytes for tensor {key!r} of {numel} {dtype}.")
+        return handle.read_range(resolved, 0, buffer[: numel * dtype.itemsize].view(dtype))
 
     def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
         resolved, handle = self._safetensors_handle(key)
