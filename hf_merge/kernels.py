@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +20,8 @@ import torch
 
 #: Elements per parallel work item of a kernel (its own slice of every scratch buffer).
 KERNEL_CHUNK = 1 << 14
+#: One parallel kernel at a time: numba's fallback threading layer (workqueue) is not thread-safe.
+_LAUNCH_LOCK = threading.Lock()
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -97,8 +100,9 @@ class TiesOnePassKernel:
         if out.dtype not in self.zero_negative:
             self.zero_negative[out.dtype] = np.empty((1, self.block), dtype=out.dtype)
         zero_negative = self.zero_negative[out.dtype]
-        ties_one_pass(base, tasks, out, offset, self.low, self.high, self.scaling, self.mean, counts,
-                      self.open_index, self.open_values, self.zero_index, zero_negative)
+        with _LAUNCH_LOCK:
+            ties_one_pass(base, tasks, out, offset, self.low, self.high, self.scaling, self.mean, counts,
+                          self.open_index, self.open_values, self.zero_index, zero_negative)
         num_tasks = len(tasks)
         if counts[:, 2 * num_tasks + 3].any():
             return None

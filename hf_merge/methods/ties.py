@@ -9,7 +9,7 @@
 Global scope never materialises a tasks × parameters matrix. When the engine lets a merger hold the output until it
 is written (the default: no ``max_memory`` budget, CPU, plain checkpoints/models) it reads the inputs **once**:
 
-1. a sample of 1/64 of every tensor (evenly spaced blocks) brackets each task's threshold: lo_t < thr_t ≤ hi_t, with
+1. a sample of 1/256 of every tensor (evenly spaced blocks) brackets each task's threshold: lo_t < thr_t ≤ hi_t, with
    hi_t and lo_t values of the sample (so a threshold on a value shared by many entries, common with bf16 task
    vectors, sits at hi_t and leaves none of them undecided);
 2. one pass merges every tensor in cache-sized pieces: |τ_t| ≥ hi_t is kept, |τ_t| ≤ lo_t trimmed; it counts the
@@ -253,7 +253,7 @@ class OnePassTies:
         return outputs if self._finish_open_entries(outputs, thresholds, self.open_entries) else None
 
     def _brackets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(lo_t, hi_t) with lo_t < thr_t ≤ hi_t expected, from a 1/64 sample of every tensor; ``None`` when a bracket
+        """(lo_t, hi_t) with lo_t < thr_t ≤ hi_t expected, from a 1/256 sample of every tensor; ``None`` when a bracket
         would leave too many entries undecided."""
         from tqdm.auto import tqdm
 
