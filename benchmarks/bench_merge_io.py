@@ -104,10 +104,19 @@ def compile_kernels(tasks: int) -> dict:
 
     if not kernels_enabled():
         return {"wall_s": None}
+    import tempfile
+
+    from safetensors.torch import save_file
+
     start = time.perf_counter()
-    base = {"w": torch.zeros(64, dtype=torch.bfloat16)}
-    finetuned = [{"w": torch.randn(64).to(torch.bfloat16)} for _ in range(tasks)]
-    hf_merge.merge(base, finetuned, hf_merge.TiesConfig(), progress=False)
+    with tempfile.TemporaryDirectory() as tmp:  # checkpoint folders, as the timed run: their inputs are mapped
+        folders = []
+        for index in range(tasks + 1):
+            folders.append(Path(tmp) / f"input{index}")
+            folders[-1].mkdir()
+            tensor = torch.zeros(64) if index == 0 else torch.randn(64)
+            save_file({"w": tensor.to(torch.bfloat16)}, folders[-1] / "model.safetensors")
+        hf_merge.merge(folders[0], folders[1:], hf_merge.TiesConfig(), output_dir=Path(tmp) / "out", progress=False)
     return {"wall_s": time.perf_counter() - start}
 
 

@@ -53,6 +53,11 @@ def as_kernel_array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``dtype`` holding a copy of a kernel array (the inverse of :func:`as_kernel_array`)."""
+    return torch.from_numpy(np.array(array)).view(dtype)
+
+
 @dataclasses.dataclass
 class TiesBlock:
     """What the one-pass TIES kernel reports for one block besides the merged values it wrote.

@@ -391,7 +391,7 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
 
     shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks, the others whole
     base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 3, seed=11)
-    whole_reads = []  # reads of a whole tensor, into a fresh or a reused buffer (the 1/256 sample reads blocks)
+    whole_reads = []  # whole tensors read or mapped (the 1/256 sample reads blocks)
     original_read, original_read_range = SafetensorsFile.read, SafetensorsFile.read_range
 
     def read_range(self, name, start, out):
@@ -399,8 +399,10 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
             whole_reads.append((self.path, name))
         return original_read_range(self, name, start, out)
 
-    monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: whole_reads.append((self.path, name))
-                        or original_read(self, name))
+    original_map = SafetensorsFile.map_array
+    for method, original in (("read", original_read), ("map_array", original_map)):  # a fresh buffer, or mapped
+        monkeypatch.setattr(SafetensorsFile, method, lambda self, name, original=original:
+                            whole_reads.append((self.path, name)) or original(self, name))
     monkeypatch.setattr(SafetensorsFile, "read_range", read_range)
     hf_merge.merge(folders[0], folders[1:], "ties", density=density, output_dir=tmp_path / "out", progress=False)
     # once each; with density < 1 a tensor smaller than the threshold sample's stride is also read whole by it

@@ -1,26 +1,30 @@
-"""Read tensors from a ``.safetensors`` file with positioned reads instead of a memory map.
+"""Read tensors from a ``.safetensors`` file with positioned reads instead of a whole-file memory map.
 
 ``safetensors.safe_open`` memory-maps the file, so every page a merge touches stays in the process's resident set
 until the handle closes: streaming T inputs through a merge would show up as T whole models of RSS. Reading each
 tensor with ``os.preadv`` into a fresh buffer keeps resident memory at the tensors actually held. The file layout is
 the documented safetensors format: an 8-byte little-endian header length, a JSON header mapping each name to
-``{"dtype", "shape", "data_offsets"}``, then the raw little-endian data.
+``{"dtype", "shape", "data_offsets"}``, then the raw little-endian data. Kernels that read a tensor once can map just
+that tensor instead (:meth:`SafetensorsFile.map_array`), which saves the copy out of the page cache.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .sources_dtypes import SAFETENSORS_DTYPES
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in at mmap time
 
 
 class SafetensorsFile:
@@ -75,6 +79,28 @@ class SafetensorsFile:
         if out.dtype != self.dtype(name) or out.dim() != 1 or start < 0 or too_far:
             raise ValueError(f"{self.path}: range {start}+{out.numel()} is outside tensor {name!r}.")
         return self._read_into(name, out, start)
+
+    def map_array(self, name: str) -> np.ndarray | None:
+        """Tensor ``name`` as a flat read-only numpy view of the file, memory-mapped and faulted in up front
+        (``MAP_POPULATE``): no copy out of the page cache, and the mapping (its resident pages) goes when the array
+        does. bfloat16 comes as its uint16 bit patterns. ``None`` on big-endian hosts (the data is little-endian)."""
+        if sys.byteorder != "little":
+            return None
+        dtype = self.dtype(name)
+        numpy_dtype = np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+        first, end = self._entries[name]["data_offsets"]
+        offset = self._data_start + first
+        aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+        if end == first:
+            return np.empty(0, dtype=numpy_dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            mapping = mmap.mmap(fd, offset - aligned + end - first, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                                prot=mmap.PROT_READ, offset=aligned)
+        finally:
+            os.close(fd)
+        return np.frombuffer(mapping, dtype=numpy_dtype, count=(end - first) // numpy_dtype.itemsize,
+                             offset=offset - aligned)
 
     def _read_into(self, name: str, flat: torch.Tensor, start: int) -> torch.Tensor:
         if flat.numel() == 0:

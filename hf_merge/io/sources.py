@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .safetensors_file import SafetensorsFile
@@ -96,6 +97,11 @@ class TensorSource(abc.ABC):
         """The flattened tensor ``key``. Sources reading from files fill ``buffer`` (uint8, at least the tensor's
         size) instead of allocating, so a loop over tensors recycles its memory rather than faulting in fresh pages."""
         return self.get(key).reshape(-1)
+
+    def map_flat(self, key: str) -> np.ndarray | None:
+        """The flattened tensor ``key`` as a read-only numpy view of its file (bfloat16 as uint16 bit patterns), for
+        sources backed by safetensors files; ``None`` otherwise."""
+        return None
 
     def nbytes(self, key: str) -> int:
         meta = self.meta(key)
@@ -317,6 +323,10 @@ class FolderSource(TensorSource):
         if buffer.dtype != torch.uint8 or buffer.numel() < numel * dtype.itemsize:
             raise ValueError(f"{self.label}: buffer of {buffer.numel()} bytes for tensor {key!r} of {numel} {dtype}.")
         return handle.read_range(resolved, 0, buffer[: numel * dtype.itemsize].view(dtype))
+
+    def map_flat(self, key: str) -> np.ndarray | None:
+        resolved, handle = self._safetensors_handle(key)
+        return None if handle is None else handle.map_array(resolved)
 
     def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
         resolved, handle = self._safetensors_handle(key)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..config import MergeConfig, check_choice, check_fraction, check_number
-from ..kernels import TiesOnePassKernel, as_kernel_array, kernels_enabled, supports
+from ..kernels import TiesOnePassKernel, as_kernel_array, from_kernel_array, kernels_enabled, supports
 from ..params import ParamInfo
 from ..placement import release_freed_memory
 from ..registry import register_method
@@ -308,14 +308,20 @@ class OnePassTies:
                  for s in self.sources] for _ in range(self.ctx.prefetch_depth + 1)]
         position = {key: i for i, key in enumerate(keys)}
 
-        def load(key: str) -> list[torch.Tensor]:
-            buffers = ring[position[key] % len(ring)]
-            return [source.read_flat(key, buffer) for source, buffer in zip(self.sources, buffers)]
-
         kernel = None
         if kernels_enabled():
             kernel = TiesOnePassKernel(len(self.sources) - 1, self.low.view(-1).tolist(), self.high.view(-1).tolist(),
                                        self.config.scaling, self.config.aggregate == "mean", _KERNEL_BLOCK)
+
+        def load(key: str) -> list[torch.Tensor] | list[np.ndarray]:
+            """Memory-mapped arrays for the kernel when every input is a safetensors file, else tensors."""
+            if kernel is not None and self._kernel_takes(key):
+                mapped = [source.map_flat(key) for source in self.sources]
+                if all(array is not None for array in mapped):
+                    return mapped
+            buffers = ring[position[key] % len(ring)]
+            return [source.read_flat(key, buffer) for source, buffer in zip(self.sources, buffers)]
+
         since_release = 0
         with self.ctx.prefetcher(keys, load=load) as prefetcher:
             for key in tqdm(keys, desc="merging (ties, one pass)", unit="tensor", leave=False,
@@ -323,30 +329,37 @@ class OnePassTies:
                 raw = prefetcher.get(key)
                 out = torch.empty(self.ctx.metas[key].shape, dtype=self.ctx.output_dtypes[key])
                 flat_out = out.view(-1)
-                task_dtypes = {r.dtype for r in raw[1:]}
-                if kernel is not None and len(task_dtypes) == 1 and supports(raw[0].dtype, *task_dtypes, out.dtype):
-                    self._merge_compiled(kernel, key, raw, flat_out)
+                if kernel is not None and self._kernel_takes(key):
+                    arrays = [r if isinstance(r, np.ndarray) else as_kernel_array(r) for r in raw]
+                    self._merge_compiled(kernel, key, arrays, flat_out)
                 else:
                     for start in range(0, self.numel[key], _PIECE):
                         pieces = [r[start : start + _PIECE] for r in raw]
                         flat_out[start : start + pieces[0].numel()] = self._merge_piece(key, start, pieces)
                 outputs[key] = out
-                since_release += sum(r.numel() * r.element_size() for r in raw)
+                since_release += sum(r.nbytes for r in raw)
+                del raw  # unmaps memory-mapped inputs
                 if since_release > _RELEASE_EVERY:
                     release_freed_memory()
                     since_release = 0
         return outputs
 
-    def _merge_compiled(self, kernel: TiesOnePassKernel, key: str, raw: Sequence[torch.Tensor],
+    def _kernel_takes(self, key: str) -> bool:
+        """Whether the compiled kernel merges ``key``: bfloat16/float32 inputs (one dtype for the tasks) and output."""
+        dtypes = [source.meta(key).dtype for source in self.sources]
+        return len(set(dtypes[1:])) == 1 and supports(dtypes[0], dtypes[1], self.ctx.output_dtypes[key])
+
+    def _merge_compiled(self, kernel: TiesOnePassKernel, key: str, arrays: Sequence[np.ndarray],
                         flat_out: torch.Tensor) -> None:
-        """The fused kernel's version of the :meth:`_merge_piece` loop over one tensor (same bits)."""
-        arrays = [as_kernel_array(r) for r in raw]
+        """The fused kernel's version of the :meth:`_merge_piece` loop over one tensor (same bits); ``arrays`` are
+        the flat inputs as kernel arrays (:func:`~hf_merge.kernels.as_kernel_array`)."""
         out = as_kernel_array(flat_out)
         for start in range(0, self.numel[key], _KERNEL_BLOCK):
             end = start + _KERNEL_BLOCK
             block = kernel(arrays[0][start:end], tuple(a[start:end] for a in arrays[1:]), out[start:end], start)
             if block is None:  # a non-finite τ_t: raises, naming the input holding NaN/Inf (or the overflow)
-                self._deltas(key, [r[start:end] for r in raw])
+                self._deltas(key, [from_kernel_array(a[start:end], s.meta(key).dtype)
+                                   for a, s in zip(arrays, self.sources)])
             self.at_or_above += torch.from_numpy(block.at_or_above)
             self.strictly_above += torch.from_numpy(block.strictly_above)
             self.decided_mass += block.decided_mass
