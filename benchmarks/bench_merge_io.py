@@ -3,7 +3,10 @@
 Generates a Llama-style checkpoint of about 0.5B parameters (bf16, sharded safetensors) plus T "fine-tuned"
 checkpoints, then measures in one run, each in a fresh subprocess:
 
-- floor: read every input tensor once and write one output checkpoint (no arithmetic) — the I/O floor;
+- floor: read every input tensor once (``os.preadv`` into a fresh buffer, as ``TensorSource.get``) and write one
+  output checkpoint (no arithmetic) — the I/O floor of the issue's target;
+- mapped floor: the same without copies out of the page cache — map every input tensor, read each byte once (an OR
+  reduction) and write the output: what a merge reading memory-mapped inputs (one-pass TIES) can at best reach;
 - Task Arithmetic and global-scope TIES with ``hf_merge.merge(path, paths, ..., output_dir=...)``, after a first
   subprocess has compiled (and numba cached on disk) the TIES kernel; the compile time is reported on its own.
 
@@ -141,6 +144,26 @@ def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None)
 
         output.mkdir()
         write_safetensors_shards(output, metas, read_all)
+    elif kind == "floor_mapped":  # the floor without copies: map every input tensor, read each byte once, write
+        import warnings
+
+        import numpy as np
+
+        from hf_merge.io import open_source, write_safetensors_shards
+
+        sources = [open_source(f) for f in folders]
+        metas = {k: sources[0].meta(k) for k in sources[0].keys()}
+
+        def map_all(key: str) -> torch.Tensor:
+            arrays = [s.map_flat(key) for s in sources]
+            for array in arrays:  # one pass over every byte
+                np.bitwise_or.reduce(array.view(np.uint8).view(np.uint64) if array.nbytes % 8 == 0 else array)
+            with warnings.catch_warnings():  # read-only mapping: only read from here
+                warnings.simplefilter("ignore")
+                return torch.from_numpy(arrays[0]).view(metas[key].dtype).view(metas[key].shape)
+
+        output.mkdir()
+        write_safetensors_shards(output, metas, map_all)
     else:
         import hf_merge
 
@@ -161,9 +184,11 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="~60M parameters instead of ~0.5B")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".work" / "merge_io")
-    parser.add_argument("--measure", choices=["compile", "floor", "ta", "ties"], help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["compile", "floor", "floor_mapped", "ta", "ties"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--max-memory", default=None, help="host-memory budget passed to hf_merge.merge, e.g. 4GB")
-    parser.add_argument("--runs", default="floor,ta,ties,floor", help="comma-separated measurements, in order")
+    parser.add_argument("--runs", default="floor,floor_mapped,ta,ties,ta,ties,floor_mapped,floor",
+                        help="comma-separated measurements, in order (a repeated one counts its fastest run)")
     parser.add_argument("--name", default=None, help="results file name (default merge_io[_quick].json)")
     args = parser.parse_args()
     if args.quick:
@@ -186,8 +211,10 @@ def main() -> None:
             result = min(runs[kind], result, key=lambda r: r["wall_s"])
         runs[kind] = result
     floor = runs["floor"]["wall_s"]
+    mapped_floor = runs.get("floor_mapped", {}).get("wall_s")
     rows = []
-    for kind, label in (("floor", "I/O floor (read all + write one)"), ("ta", "Task Arithmetic"),
+    for kind, label in (("floor", "I/O floor (read all + write one)"),
+                        ("floor_mapped", "mapped floor (map all, read once, write)"), ("ta", "Task Arithmetic"),
                         ("ties", "TIES (global scope)")):
         if kind not in runs:
             continue
@@ -196,16 +223,18 @@ def main() -> None:
             "run": label,
             "wall_s": round(r["wall_s"], 2),
             "wall_over_floor": round(r["wall_s"] / floor, 2),
+            "wall_over_mapped_floor": round(r["wall_s"] / mapped_floor, 2) if mapped_floor else None,
             "peak_rss_gb": round(r["peak_rss_bytes"] / 2**30, 2),
             "output_gb": round(r["output_bytes"] / 2**30, 2),
             "rss_minus_output_gb": round((r["peak_rss_bytes"] - r["output_bytes"]) / 2**30, 2),
         })
     if runs["compile"]["wall_s"] is not None:
         print(f"one-time numba kernel compile (cached on disk afterwards): {runs['compile']['wall_s']:.1f} s")
-    print(f"\n{'run':<34}{'wall s':>9}{'× floor':>9}{'peak RSS GB':>13}{'output GB':>11}{'RSS−out GB':>12}")
+    print(f"\n{'run':<42}{'wall s':>8}{'× floor':>9}{'× mapped':>10}{'peak RSS GB':>13}{'output GB':>11}"
+          f"{'RSS−out GB':>12}")
     for row in rows:
-        print(f"{row['run']:<34}{row['wall_s']:>9}{row['wall_over_floor']:>9}{row['peak_rss_gb']:>13}"
-              f"{row['output_gb']:>11}{row['rss_minus_output_gb']:>12}")
+        print(f"{row['run']:<42}{row['wall_s']:>8}{row['wall_over_floor']:>9}{str(row['wall_over_mapped_floor']):>10}"
+              f"{row['peak_rss_gb']:>13}{row['output_gb']:>11}{row['rss_minus_output_gb']:>12}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "parameters_per_model": n_params,
