@@ -14,6 +14,7 @@ import abc
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,6 +345,12 @@ class FolderSource(TensorSource):
         if handle is None:
             yield from super().iter_chunks(key, chunk_elements)
             return
+        mapped = handle.map_array(resolved)
+        if mapped is not None:  # pieces of the mapping: read in place, no copy out of the page cache
+            flat = _read_only_tensor(mapped, handle.dtype(resolved))
+            for start in range(0, flat.numel(), chunk_elements):
+                yield flat[start : start + chunk_elements]
+            return
         numel = math.prod(handle.shape(resolved))
         buffer = torch.empty(min(numel, chunk_elements), dtype=handle.dtype(resolved))
         for start in range(0, numel, chunk_elements):
@@ -372,3 +379,10 @@ def open_source(obj: Any, label: str = "input", *, allow_pickle: bool = False) -
     raise TypeError(
         f"{label}: expected a PreTrainedModel, a checkpoint folder path or a state dict, got {type(obj).__name__}."
     )
+
+
+def _read_only_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor view of a read-only array (a file mapping), for code that only reads it."""
+    with warnings.catch_warnings():  # torch warns that writing to it would be undefined: nothing here writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).view(dtype)
