@@ -27,12 +27,20 @@ def float32_to_bits(typingctx, value):
     return types.uint32(types.float32), codegen
 
 
-def load(array, index):  # typed by the overload below
-    raise NotImplementedError
+def load(array, index):
+    """``array[index]`` as float32, bfloat16 coming as its uint16 bit pattern (compiled: the overload below)."""
+    if array.dtype == np.uint16:
+        return (np.uint32(array[index]) << np.uint32(16)).view(np.float32)
+    return np.float32(array[index])
 
 
 def store(array, index, value):
-    raise NotImplementedError
+    """``array[index] = value`` (float32), rounded to nearest even into bfloat16 bits for a uint16 array."""
+    if array.dtype == np.uint16:
+        bits = int(np.float32(value).view(np.uint32))
+        array[index] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    else:
+        array[index] = value
 
 
 @overload(load, inline="always")

@@ -100,3 +100,17 @@ def test_ties_reports_a_task_vector_that_overflows_float32(monkeypatch, route):
     fts = [{"w": torch.full((8,), 3e38, dtype=torch.bfloat16)}, {"w": base["w"].clone()}]
     with pytest.raises(hf_merge.MergeError, match=r"'w'.*overflows float32"):
         _merge(monkeypatch, route, base, fts)
+
+
+def test_kernel_bfloat16_load_and_store_match_torchs_conversions():
+    import numpy as np
+
+    from hf_merge._numba_kernels import load, store
+
+    values = torch.cat([torch.randn(500), torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3e38])])  # ties
+    stored = np.empty(values.numel(), dtype=np.uint16)
+    for i, value in enumerate(values.tolist()):
+        store(stored, i, value)
+    assert np.array_equal(stored, values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+    loaded = np.array([load(stored, i) for i in range(stored.size)], dtype=np.float32)
+    assert np.array_equal(loaded, values.to(torch.bfloat16).float().numpy())
