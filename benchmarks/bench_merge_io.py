@@ -8,7 +8,7 @@ checkpoints, then measures in one run, each in a fresh subprocess:
 - mapped floor: the same without copies out of the page cache — map every input tensor, read each byte once (an OR
   reduction) and write the output: what a merge reading memory-mapped inputs (one-pass TIES) can at best reach;
 - Task Arithmetic and global-scope TIES with ``hf_merge.merge(path, paths, ..., output_dir=...)``, after a first
-  subprocess has compiled (and numba cached on disk) the TIES kernel; the compile time is reported on its own.
+  subprocess has compiled (and numba cached on disk) their kernels; the compile time is reported on its own.
 
 Reports wall time, its ratio to the floor, and peak RSS (VmHWM of the subprocess) against the output size.
 Targets: wall ≤ 1.3× the floor, peak RSS ≤ output size + 2 GB. Results: ``benchmarks/results/merge_io.json``.
@@ -100,8 +100,8 @@ def peak_rss_bytes() -> int:
 
 
 def compile_kernels(tasks: int) -> dict:
-    """Compile the numba kernels the TIES run uses (once per machine: numba caches them on disk) and time it, so
-    the timed runs measure merging, not compiling. Reports ``None`` without the ``fast`` extra (numba)."""
+    """Compile the numba kernels the TIES and Task Arithmetic runs use (once per machine: numba caches them on disk)
+    and time it, so the timed runs measure merging, not compiling. Reports ``None`` without the ``fast`` extra."""
     import hf_merge
     from hf_merge.kernels import kernels_enabled
 
@@ -119,7 +119,8 @@ def compile_kernels(tasks: int) -> dict:
             folders[-1].mkdir()
             tensor = torch.zeros(64) if index == 0 else torch.randn(64)
             save_file({"w": tensor.to(torch.bfloat16)}, folders[-1] / "model.safetensors")
-        hf_merge.merge(folders[0], folders[1:], hf_merge.TiesConfig(), output_dir=Path(tmp) / "out", progress=False)
+        for config in (hf_merge.TiesConfig(), hf_merge.TaskArithmeticConfig(scaling=0.3)):
+            hf_merge.merge(folders[0], folders[1:], config, output_dir=Path(tmp) / config.method, progress=False)
     return {"wall_s": time.perf_counter() - start}
 
 

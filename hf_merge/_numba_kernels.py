@@ -187,3 +187,38 @@ def gather_regions(buffer, counts):
             out[:, position : position + size] = buffer[:, chunk * KERNEL_CHUNK : chunk * KERNEL_CHUNK + size]
             position += size
     return out
+
+
+@intrinsic
+def fused_multiply_add(typingctx, a, b, c):
+    """a·b + c rounded once (LLVM's fma), as torch's vectorised ``add_(other, alpha=w)`` computes it."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def linear_combine(first, others, weights, out, nonfinite):
+    """out = w_0·x_0 + Σ_t w_t·x_t in float32, accumulated in input order with a fused multiply-add per term (the
+    torch route of ``MergeContext.combine``), cast to the output dtype; ``nonfinite[c]`` counts chunk c's
+    non-finite results."""
+    n = first.shape[0]
+    for chunk in numba.prange(nonfinite.shape[0]):
+        begin, end = chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)
+        accumulator = np.empty(SEGMENT, np.float32)
+        bad = 0
+        for start in range(begin, end, SEGMENT):
+            size = min(SEGMENT, end - start)
+            part, out_part = first[start : start + size], out[start : start + size]
+            for j in range(size):
+                accumulator[j] = load(part, j) * weights[0]
+            for t in range(len(others)):
+                part, weight = others[t][start : start + size], weights[t + 1]
+                for j in range(size):
+                    accumulator[j] = fused_multiply_add(load(part, j), weight, accumulator[j])
+            for j in range(size):
+                bad += not (abs(accumulator[j]) < np.inf)
+                store(out_part, j, accumulator[j])
+        nonfinite[chunk] = bad

@@ -1,4 +1,5 @@
-"""Compiled CPU kernels (numba, the optional ``fast`` extra) for the elementwise hot loops torch cannot fuse.
+"""Compiled CPU kernels (numba, the optional ``fast`` extra) for the elementwise hot loops torch cannot fuse:
+one-pass global TIES and the linear combination of Task Arithmetic / averaging.
 
 A chain of torch ops makes one pass over memory per op; a fused loop reads each input once and keeps every
 intermediate in registers. Each kernel here has a torch twin computing the same bits (same float32 operations in the
@@ -51,6 +52,18 @@ def as_kernel_array(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+def linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> bool:
+    """out = Σ_i w_i·x_i over flat kernel arrays (x_0 any kernel dtype, the others one dtype), accumulated in float32
+    in input order with one fused multiply-add per term: the bits of torch's ``acc.mul_(w_0)`` then
+    ``acc.add_(x_i, alpha=w_i)``. Returns whether every result is finite."""
+    from ._numba_kernels import linear_combine as kernel
+
+    nonfinite = np.zeros(-(-out.shape[0] // KERNEL_CHUNK), dtype=np.int64)
+    with _LAUNCH_LOCK:
+        kernel(arrays[0], tuple(arrays[1:]), np.asarray(weights, dtype=np.float32), out, nonfinite)
+    return not nonfinite.any()
 
 
 def from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

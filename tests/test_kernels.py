@@ -114,3 +114,37 @@ def test_kernel_bfloat16_load_and_store_match_torchs_conversions():
     assert np.array_equal(stored, values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
     loaded = np.array([load(stored, i) for i in range(stored.size)], dtype=np.float32)
     assert np.array_equal(loaded, values.to(torch.bfloat16).float().numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("inputs", ["folders", "state_dicts"])
+def test_compiled_linear_merges_equal_the_torch_route(tmp_path, monkeypatch, dtype, inputs):
+    from safetensors.torch import save_file
+
+    from hf_merge import engine
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"w": (300, 257), "b": (7,), "s": ()}
+    base = {k: torch.randn(shape, generator=gen).to(dtype) for k, shape in shapes.items()}
+    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
+           for _ in range(3)]
+    if inputs == "folders":
+        for name, state in [("base", base), *((f"ft{i}", ft) for i, ft in enumerate(fts))]:
+            (tmp_path / name).mkdir()
+            save_file(state, tmp_path / name / "model.safetensors")
+        base, fts = tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)]
+    calls = []
+    original = engine.linear_combine
+    monkeypatch.setattr(engine, "linear_combine", lambda *args: calls.append(args) or original(*args))
+    for config in (hf_merge.TaskArithmeticConfig(scaling=0.37), hf_merge.AverageConfig(weights=[1.0, 2.0, 4.0])):
+        monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+        compiled = hf_merge.merge(base, fts, config, progress=False, dtype=dtype)
+        assert len(calls) == len(shapes), "the compiled kernel did not merge every tensor"
+        monkeypatch.setenv("HF_MERGE_KERNELS", "0")
+        torch_route = hf_merge.merge(base, fts, config, progress=False, dtype=dtype)
+        assert len(calls) == len(shapes)
+        calls.clear()
+        compiled = compiled if isinstance(compiled, dict) else compiled.state_dict()
+        torch_route = torch_route if isinstance(torch_route, dict) else torch_route.state_dict()
+        for key in shapes:
+            assert compiled[key].dtype == dtype and torch.equal(compiled[key], torch_route[key]), key
