@@ -62,8 +62,17 @@ def linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: 
 
     nonfinite = np.zeros(-(-out.shape[0] // KERNEL_CHUNK), dtype=np.int64)
     with _LAUNCH_LOCK:
-        kernel(arrays[0], tuple(arrays[1:]), np.asarray(weights, dtype=np.float32), out, nonfinite)
+        kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.asarray(weights, dtype=np.float32),
+               out, nonfinite)
     return not nonfinite.any()
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only view: inputs from memory and from file mappings then have one numba type (one compilation, and a
+    homogeneous tuple the kernels can index)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -119,8 +128,9 @@ class TiesOnePassKernel:
             self.zero_negative[out.dtype] = np.empty((1, self.block), dtype=out.dtype)
         zero_negative = self.zero_negative[out.dtype]
         with _LAUNCH_LOCK:
-            ties_one_pass(base, tasks, out, offset, self.low, self.high, self.scaling, self.mean, counts,
-                          self.open_index, self.open_values, self.zero_index, zero_negative)
+            ties_one_pass(_read_only(base), tuple(_read_only(a) for a in tasks), out, offset, self.low, self.high,
+                          self.scaling, self.mean, counts, self.open_index, self.open_values, self.zero_index,
+                          zero_negative)
         num_tasks = len(tasks)
         if counts[:, 2 * num_tasks + 3].any():
             return None

@@ -117,7 +117,7 @@ def test_kernel_bfloat16_load_and_store_match_torchs_conversions():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("inputs", ["folders", "state_dicts"])
+@pytest.mark.parametrize("inputs", ["folders", "state_dicts", "mixed"])  # mixed: mapped and in-memory inputs
 def test_compiled_linear_merges_equal_the_torch_route(tmp_path, monkeypatch, dtype, inputs):
     from safetensors.torch import save_file
 
@@ -128,11 +128,12 @@ def test_compiled_linear_merges_equal_the_torch_route(tmp_path, monkeypatch, dty
     base = {k: torch.randn(shape, generator=gen).to(dtype) for k, shape in shapes.items()}
     fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(dtype) for k, v in base.items()}
            for _ in range(3)]
-    if inputs == "folders":
+    if inputs != "state_dicts":
         for name, state in [("base", base), *((f"ft{i}", ft) for i, ft in enumerate(fts))]:
             (tmp_path / name).mkdir()
             save_file(state, tmp_path / name / "model.safetensors")
-        base, fts = tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)]
+        base, fts = tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)] if inputs == "folders" else \
+            [tmp_path / "ft0", fts[1], tmp_path / "ft2"]
     calls = []
     original = engine.linear_combine
     monkeypatch.setattr(engine, "linear_combine", lambda *args: calls.append(args) or original(*args))
