@@ -156,7 +156,7 @@ def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None)
         metas = {k: sources[0].meta(k) for k in sources[0].keys()}
 
         def map_all(key: str) -> torch.Tensor:
-            arrays = [s.map_flat(key) for s in sources]
+            arrays = [s.flat_array(key) for s in sources]
             for array in arrays:  # one pass over every byte
                 np.bitwise_or.reduce(array.view(np.uint8).view(np.uint64) if array.nbytes % 8 == 0 else array)
             with warnings.catch_warnings():  # read-only mapping: only read from here

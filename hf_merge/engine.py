@@ -17,8 +17,9 @@ import torch
 from .config import MergeConfig
 from .io.prefetch import Prefetcher
 from .io.sources import SAFE_WEIGHTS_INDEX_NAME, ModelSource, TensorMeta, TensorSource, open_source
+from .io.sources_dtypes import numpy_view
 from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, plan_shards, write_safetensors_shards
-from .kernels import as_kernel_array, kernels_enabled, linear_combine, supports
+from .kernels import kernels_enabled, linear_combine, takes
 from .methods.base import Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
 from .placement import DispatchedOutput, cpu_budget, is_dispatched, parse_size
@@ -307,13 +308,10 @@ class MergeContext:
             return out.to("cpu", dtype)
         out = torch.empty(self.metas[key].shape, dtype=dtype)
         flat_out = out.view(-1)
-        dtypes = [source.meta(key).dtype for source in sources]
-        if len(sources) > 1 and len(set(dtypes[1:])) == 1 and kernels_enabled() and supports(*dtypes, dtype):
+        if len(sources) > 1 and kernels_enabled() and takes([s.meta(key).dtype for s in sources], dtype):
             # one fused compiled loop, reading checkpoint tensors through a mapping: the same bits as below
-            arrays = [source.map_flat(key) for source in sources]
-            arrays = [as_kernel_array(source.get(key).reshape(-1)) if array is None else array
-                      for source, array in zip(sources, arrays)]
-            if not linear_combine(arrays, weights, as_kernel_array(flat_out)):
+            arrays = [source.flat_array(key) for source in sources]
+            if not linear_combine(arrays, weights, numpy_view(flat_out)):
                 self.check_finite(out.float(), sources, key)
             return out
         accumulator = torch.empty(min(flat_out.numel(), COMBINE_CHUNK), dtype=torch.float32)

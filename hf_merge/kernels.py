@@ -42,16 +42,11 @@ def _numba_available() -> bool:
     return True
 
 
-def supports(*dtypes: torch.dtype) -> bool:
-    return all(dtype in _KERNEL_DTYPES for dtype in dtypes)
-
-
-def as_kernel_array(tensor: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a contiguous 1-D CPU tensor: bfloat16 as its uint16 bit patterns."""
-    tensor = tensor.detach()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
+def takes(input_dtypes: Sequence[torch.dtype], output_dtype: torch.dtype) -> bool:
+    """Whether the kernels take these inputs (the first, then one dtype for all others) and output: each bfloat16 or
+    float32. Inputs and outputs are flat numpy arrays (:func:`hf_merge.io.sources_dtypes.numpy_view`)."""
+    return (len(set(input_dtypes[1:])) <= 1 and output_dtype in _KERNEL_DTYPES
+            and all(dtype in _KERNEL_DTYPES for dtype in input_dtypes))
 
 
 def linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> bool:
@@ -73,11 +68,6 @@ def _read_only(array: np.ndarray) -> np.ndarray:
     view = array.view()
     view.flags.writeable = False
     return view
-
-
-def from_kernel_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of ``dtype`` holding a copy of a kernel array (the inverse of :func:`as_kernel_array`)."""
-    return torch.from_numpy(np.array(array)).view(dtype)
 
 
 @dataclasses.dataclass

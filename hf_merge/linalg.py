@@ -47,17 +47,8 @@ def _top_eigh(grams: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs (descending) of a batch of symmetric matrices, in their dtype, on their device."""
     n = grams.shape[-1]
     if grams.device.type == "cpu":
-        import scipy.linalg
-
-        values, vectors = [], []
-        for gram in grams:
-            if k < n:
-                w, q = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False)
-            else:
-                w, q = scipy.linalg.eigh(gram.numpy(), driver="evd", check_finite=False)
-            values.append(torch.from_numpy(w[::-1].copy()))
-            vectors.append(torch.from_numpy(q[:, ::-1].copy()))
-        return torch.stack(values), torch.stack(vectors)
+        pairs = [_eigh(gram, top=k) for gram in grams]
+        return torch.stack([w.flip(0) for w, _ in pairs]), torch.stack([q.flip(1) for _, q in pairs])
     w, q = torch.linalg.eigh(grams)
     return w[..., n - k :].flip(-1), q[..., n - k :].flip(-1)
 
@@ -185,14 +176,19 @@ def _svd_polar_error(singular_values: torch.Tensor, rows: int) -> float:
     return (torch.finfo(torch.float32).eps * s[0] * (total / n).sqrt()).item()
 
 
-def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascending eigenpairs of a symmetric matrix, in its dtype (SciPy's divide-and-conquer on the CPU)."""
+def _eigh(gram: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenpairs of a symmetric matrix, in its dtype; with ``top``, only the ``top`` largest. On the CPU
+    through SciPy: LAPACK's subset solver (syevr) for some, divide-and-conquer (syevd) for all."""
+    n = gram.shape[-1]
+    some = top is not None and top < n
     if gram.device.type == "cpu":
         import scipy.linalg
 
-        w, q = scipy.linalg.eigh(gram.numpy(), driver="evd", check_finite=False)
+        subset = {"subset_by_index": [n - top, n - 1], "driver": "evr"} if some else {"driver": "evd"}
+        w, q = scipy.linalg.eigh(gram.numpy(), check_finite=False, **subset)
         return torch.from_numpy(w), torch.from_numpy(q)
-    return torch.linalg.eigh(gram)
+    w, q = torch.linalg.eigh(gram)
+    return (w[n - top :], q[:, n - top :]) if some else (w, q)
 
 
 def reference_top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

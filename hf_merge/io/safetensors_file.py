@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sources_dtypes import SAFETENSORS_DTYPES
+from .sources_dtypes import SAFETENSORS_DTYPES, numpy_dtype
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: fault the pages in at mmap time
@@ -86,20 +86,19 @@ class SafetensorsFile:
         does. bfloat16 comes as its uint16 bit patterns. ``None`` on big-endian hosts (the data is little-endian)."""
         if sys.byteorder != "little":
             return None
-        dtype = self.dtype(name)
-        numpy_dtype = np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+        array_dtype = numpy_dtype(self.dtype(name))
         first, end = self._entries[name]["data_offsets"]
         offset = self._data_start + first
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         if end == first:
-            return np.empty(0, dtype=numpy_dtype)
+            return np.empty(0, dtype=array_dtype)
         fd = os.open(self.path, os.O_RDONLY)
         try:
             mapping = mmap.mmap(fd, offset - aligned + end - first, flags=mmap.MAP_SHARED | _MAP_POPULATE,
                                 prot=mmap.PROT_READ, offset=aligned)
         finally:
             os.close(fd)
-        return np.frombuffer(mapping, dtype=numpy_dtype, count=(end - first) // numpy_dtype.itemsize,
+        return np.frombuffer(mapping, dtype=array_dtype, count=(end - first) // array_dtype.itemsize,
                              offset=offset - aligned)
 
     def _read_into(self, name: str, flat: torch.Tensor, start: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .safetensors_file import SafetensorsFile
-from .sources_dtypes import SAFETENSORS_DTYPES
+from .sources_dtypes import SAFETENSORS_DTYPES, numpy_view
 
 __all__ = ["SAFETENSORS_DTYPES", "FolderSource", "ModelSource", "StateDictSource", "TensorMeta", "TensorSource",
            "open_source"]
@@ -91,22 +91,10 @@ class TensorSource(abc.ABC):
             raise KeyError(f"{self.label} has no tensor {key!r}.")
         return self._read(resolved)
 
-    #: Whether :meth:`read_flat` fills the buffer it is given (sources reading from files) or ignores it.
-    fills_buffers: bool = False
-
-    def read_flat(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """The flattened tensor ``key``. Sources reading from files fill ``buffer`` (uint8, at least the tensor's
-        size) instead of allocating, so a loop over tensors recycles its memory rather than faulting in fresh pages."""
-        return self.get(key).reshape(-1)
-
-    def map_flat(self, key: str) -> np.ndarray | None:
-        """The flattened tensor ``key`` as a read-only numpy view of its file (bfloat16 as uint16 bit patterns), for
-        sources backed by safetensors files; ``None`` otherwise."""
-        return None
-
-    def nbytes(self, key: str) -> int:
-        meta = self.meta(key)
-        return math.prod(meta.shape) * meta.dtype.itemsize
+    def flat_array(self, key: str) -> np.ndarray:
+        """The flattened tensor ``key`` as a numpy array (bfloat16 as uint16 bit patterns) for one read: a view of
+        an in-memory tensor, or a read-only mapping of just that tensor from a safetensors file (no copy)."""
+        return numpy_view(self.get(key).reshape(-1))
 
     def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
         """Blocks of ``count`` elements of the flattened tensor ``key`` starting at ``starts``, concatenated (1-D)."""
@@ -313,21 +301,10 @@ class FolderSource(TensorSource):
         handle = self._handle(self._key_to_file[resolved]) if resolved in self._key_set else None
         return resolved, handle if isinstance(handle, SafetensorsFile) else None
 
-    fills_buffers = True
-
-    def read_flat(self, key: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    def flat_array(self, key: str) -> np.ndarray:
         resolved, handle = self._safetensors_handle(key)
-        if handle is None or buffer is None:
-            return super().read_flat(key, buffer)
-        dtype = handle.dtype(resolved)
-        numel = math.prod(handle.shape(resolved))
-        if buffer.dtype != torch.uint8 or buffer.numel() < numel * dtype.itemsize:
-            raise ValueError(f"{self.label}: buffer of {buffer.numel()} bytes for tensor {key!r} of {numel} {dtype}.")
-        return handle.read_range(resolved, 0, buffer[: numel * dtype.itemsize].view(dtype))
-
-    def map_flat(self, key: str) -> np.ndarray | None:
-        resolved, handle = self._safetensors_handle(key)
-        return None if handle is None else handle.map_array(resolved)
+        mapped = None if handle is None else handle.map_array(resolved)
+        return super().flat_array(key) if mapped is None else mapped
 
     def read_blocks(self, key: str, starts: Sequence[int], count: int) -> torch.Tensor:
         resolved, handle = self._safetensors_handle(key)

@@ -1,5 +1,6 @@
-"""Safetensors dtype names and their torch dtypes."""
+"""Safetensors dtype names and their torch dtypes; numpy views of tensors (bfloat16 as its uint16 bit patterns)."""
 
+import numpy as np
 import torch
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -16,3 +17,21 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype holding ``dtype``'s bytes: itself, or uint16 for bfloat16 (which numpy lacks)."""
+    return np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+
+
+def numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a CPU tensor: bfloat16 as its uint16 bit patterns."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def tensor_copy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``dtype`` holding a copy of ``array`` (the inverse of :func:`numpy_view`)."""
+    return torch.from_numpy(np.array(array)).view(dtype)

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from ..config import MergeConfig, check_choice, check_fraction, check_number
-from ..kernels import TiesOnePassKernel, as_kernel_array, from_kernel_array, kernels_enabled, supports
+from ..io.sources_dtypes import numpy_view, tensor_copy
+from ..kernels import TiesOnePassKernel, kernels_enabled, takes
 from ..params import ParamInfo
 from ..placement import release_freed_memory
 from ..registry import register_method
@@ -302,25 +303,17 @@ class OnePassTies:
 
         outputs: dict[str, torch.Tensor] = {}
         keys = self.ctx.merge_keys
-        # Inputs are read into a ring of buffers, one set per tensor in flight (the one merged + those read ahead):
-        # recycled memory, where fresh buffers per tensor cost a page fault per 4 KiB (~25% of the pass measured).
-        ring = [[torch.empty(max(s.nbytes(k) for k in keys), dtype=torch.uint8) if s.fills_buffers and keys else None
-                 for s in self.sources] for _ in range(self.ctx.prefetch_depth + 1)]
-        position = {key: i for i, key in enumerate(keys)}
-
-        kernel = None
+        kernel, compiled = None, set()
         if kernels_enabled():
             kernel = TiesOnePassKernel(len(self.sources) - 1, self.low.view(-1).tolist(), self.high.view(-1).tolist(),
                                        self.config.scaling, self.config.aggregate == "mean", _KERNEL_BLOCK)
+            compiled = {k for k in keys if takes([s.meta(k).dtype for s in self.sources], self.ctx.output_dtypes[k])}
 
         def load(key: str) -> list[torch.Tensor] | list[np.ndarray]:
-            """Memory-mapped arrays for the kernel when every input is a safetensors file, else tensors."""
-            if kernel is not None and self._kernel_takes(key):
-                mapped = [source.map_flat(key) for source in self.sources]
-                if all(array is not None for array in mapped):
-                    return mapped
-            buffers = ring[position[key] % len(ring)]
-            return [source.read_flat(key, buffer) for source, buffer in zip(self.sources, buffers)]
+            """Arrays for the kernel (checkpoint tensors mapped, not copied), else flat tensors."""
+            if key in compiled:
+                return [source.flat_array(key) for source in self.sources]
+            return [source.get(key).reshape(-1) for source in self.sources]
 
         since_release = 0
         with self.ctx.prefetcher(keys, load=load) as prefetcher:
@@ -329,9 +322,8 @@ class OnePassTies:
                 raw = prefetcher.get(key)
                 out = torch.empty(self.ctx.metas[key].shape, dtype=self.ctx.output_dtypes[key])
                 flat_out = out.view(-1)
-                if kernel is not None and self._kernel_takes(key):
-                    arrays = [r if isinstance(r, np.ndarray) else as_kernel_array(r) for r in raw]
-                    self._merge_compiled(kernel, key, arrays, flat_out)
+                if key in compiled:
+                    self._merge_compiled(kernel, key, raw, flat_out)
                 else:
                     for start in range(0, self.numel[key], _PIECE):
                         pieces = [r[start : start + _PIECE] for r in raw]
@@ -344,21 +336,16 @@ class OnePassTies:
                     since_release = 0
         return outputs
 
-    def _kernel_takes(self, key: str) -> bool:
-        """Whether the compiled kernel merges ``key``: bfloat16/float32 inputs (one dtype for the tasks) and output."""
-        dtypes = [source.meta(key).dtype for source in self.sources]
-        return len(set(dtypes[1:])) == 1 and supports(dtypes[0], dtypes[1], self.ctx.output_dtypes[key])
-
     def _merge_compiled(self, kernel: TiesOnePassKernel, key: str, arrays: Sequence[np.ndarray],
                         flat_out: torch.Tensor) -> None:
         """The fused kernel's version of the :meth:`_merge_piece` loop over one tensor (same bits); ``arrays`` are
-        the flat inputs as kernel arrays (:func:`~hf_merge.kernels.as_kernel_array`)."""
-        out = as_kernel_array(flat_out)
+        the flat inputs (:meth:`~hf_merge.io.TensorSource.flat_array`)."""
+        out = numpy_view(flat_out)
         for start in range(0, self.numel[key], _KERNEL_BLOCK):
             end = start + _KERNEL_BLOCK
             block = kernel(arrays[0][start:end], tuple(a[start:end] for a in arrays[1:]), out[start:end], start)
             if block is None:  # a non-finite τ_t: raises, naming the input holding NaN/Inf (or the overflow)
-                self._deltas(key, [from_kernel_array(a[start:end], s.meta(key).dtype)
+                self._deltas(key, [tensor_copy(a[start:end], s.meta(key).dtype)
                                    for a, s in zip(arrays, self.sources)])
             self.at_or_above += torch.from_numpy(block.at_or_above)
             self.strictly_above += torch.from_numpy(block.strictly_above)
