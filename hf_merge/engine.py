@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,15 @@ from .config import MergeConfig
 from .io.prefetch import Prefetcher
 from .io.sources import SAFE_WEIGHTS_INDEX_NAME, ModelSource, TensorMeta, TensorSource, open_source
 from .io.sources_dtypes import numpy_view
-from .io.writer import DEFAULT_MAX_SHARD_SIZE, atomic_directory, plan_shards, write_safetensors_shards
+from .io.writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    OutputBuffers,
+    atomic_directory,
+    plan_shards,
+    write_safetensors_shards,
+)
 from .kernels import kernels_enabled, linear_combine, takes
-from .methods.base import Merger, ModelMerger
+from .methods.base import Amendment, Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
 from .placement import DispatchedOutput, cpu_budget, is_dispatched, parse_size
 from .registry import get_merger, make_config
@@ -236,10 +243,10 @@ class MergeContext:
         self.bounded_memory = bounded_memory
 
     @property
-    def can_precompute(self) -> bool:
-        """Whether a merger may compute every output during ``prepare`` (:attr:`Merger.precomputed`): the engine
-        gave the output dtypes, memory is not budgeted (the outputs are held until written), the compute device is
-        the CPU and every task vector is a plain difference of stored tensors (no transforms, no LoRA factors)."""
+    def can_merge_in_one_pass(self) -> bool:
+        """Whether a merger may merge reading every input once (:attr:`Merger.one_pass`): the engine gave the output
+        dtypes, memory is not budgeted (what the pass leaves open is held until its end), the compute device is the
+        CPU and every task vector is a plain difference of stored tensors (no transforms, no LoRA factors)."""
         return (
             self.output_dtypes is not None and not self.bounded_memory and self.device.type == "cpu"
             and not self._transforms and not any(hasattr(s, "delta") for s in self.tasks.values())
@@ -291,8 +298,9 @@ class MergeContext:
         base = self.base_tensor(key)
         return base, self.deltas(key, base)
 
-    def combine(self, key: str, coefficients: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t in ``dtype``, on the CPU.
+    def combine(self, key: str, coefficients: Sequence[float], dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t in ``dtype``, on the CPU (into ``out`` if given).
 
         On a CPU compute device the inputs stream in pieces of :data:`COMBINE_CHUNK` elements through one float32
         accumulator that stays in cache, so each input is read once and the output written once (no full-size
@@ -301,12 +309,13 @@ class MergeContext:
         weights = [1.0 - sum(coefficients), *coefficients]
         sources = [self.base, *self.tasks.values()]
         if self.device.type != "cpu":
-            out = sources[0].get(key).to(self.device, torch.float32) * weights[0]
+            total = sources[0].get(key).to(self.device, torch.float32) * weights[0]
             for source, weight in zip(sources[1:], weights[1:]):
-                out.add_(source.get(key).to(self.device), alpha=weight)
-            self.check_finite(out, sources, key)
-            return out.to("cpu", dtype)
-        out = torch.empty(self.metas[key].shape, dtype=dtype)
+                total.add_(source.get(key).to(self.device), alpha=weight)
+            self.check_finite(total, sources, key)
+            return total.to("cpu", dtype) if out is None else out.copy_(total)
+        if out is None:
+            out = torch.empty(self.metas[key].shape, dtype=dtype)
         flat_out = out.view(-1)
         if len(sources) > 1 and kernels_enabled() and takes([s.meta(key).dtype for s in sources], dtype):
             # one fused compiled loop, reading checkpoint tensors through a mapping: the same bits as below
@@ -425,11 +434,13 @@ def emit(
     desc: str = "merging",
     on_order: Callable[[list[str]], None] | None = None,
     state_dict: bool = False,
+    amendments: Callable[[], Iterable[Amendment]] | None = None,
 ) -> Any:
     """Produce every tensor with ``compute`` and deliver them: a folder, a model, or a state dict.
 
     ``metas`` gives the output shape and dtype of each key; ``on_order`` is told the order in which ``compute``
-    will be called (so inputs can be prefetched). With ``output_dir`` the result is a checkpoint that
+    will be called (so inputs can be prefetched). ``amendments`` (with ``output_dir`` only) is called once every
+    tensor was written, and what it yields is patched into the written files. With ``output_dir`` the result is a checkpoint that
     ``from_pretrained`` loads (returned as a path, with ``merge_config.json`` and a model card); with a model base (or
     ``into``) a new model of the same class (ties kept; placed per ``placement`` or the base's Accelerate device
     map); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state dict.
@@ -447,9 +458,11 @@ def emit(
     try:
         if output_dir is not None:
             if on_order is not None:
-                plan = plan_shards(metas, max_shard_size=max_shard_size)
-                on_order([key for keys in plan.filename_to_tensors.values() for key in keys])
-            return _emit_folder(base, metas, produce, Path(output_dir), merge_config, merge_inputs, max_shard_size)
+                on_order(plan_shards(metas, max_shard_size=max_shard_size).order)
+            return _emit_folder(base, metas, produce, Path(output_dir), merge_config, merge_inputs, max_shard_size,
+                                amendments)
+        if amendments is not None:
+            raise ValueError("amendments= applies to output_dir= only.")
         if on_order is not None:
             on_order(list(metas))
         if state_dict:
@@ -497,10 +510,13 @@ def _emit_folder(
     merge_config: MergeConfig | None,
     merge_inputs: Mapping[str, Any] | None,
     max_shard_size: int | str,
+    amendments: Callable[[], Iterable[Amendment]] | None = None,
 ) -> str:
     float_dtypes = {m.dtype for m in metas.values() if m.dtype.is_floating_point}
     with atomic_directory(output_dir) as tmp:
-        write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
+        plan = write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
+        if amendments is not None:
+            plan.patch(tmp, amendments())
         _copy_side_files(base, tmp, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
         if merge_config is not None:
             from .hub import write_card
@@ -724,34 +740,64 @@ def run_merger(
     )
     merger.prepare(ctx)
     coefficients = merger.linear_coefficients()
-    if merger.precomputed is not None:  # computed in prepare: hand each tensor over once
-        prefetcher = ctx.prefetcher([], load=merger.precomputed.pop)
+    one_pass = merger.one_pass
+    amendments = None
+    # Each output tensor is written as soon as it is produced into a folder: a few reused buffers hold them.
+    buffers = OutputBuffers(out_metas, count=prefetch_depth + 1) if options.output_dir is not None else None
 
-        def compute(key: str) -> torch.Tensor:
-            return prefetcher.get(key) if metas[key].dtype.is_floating_point else base.get(key)
-    elif coefficients is not None and not any(hasattr(t, "delta") for t in tasks.values()):
-        # Linear in the task vectors (Task Arithmetic, averaging): one fused accumulation per tensor.
-        prefetcher = ctx.prefetcher([], load=lambda key: ctx.combine(key, coefficients, out_metas[key].dtype))
+    def output(key: str) -> torch.Tensor:
+        meta = out_metas[key]
+        return buffers.take(key) if buffers is not None else torch.empty(meta.shape, dtype=meta.dtype)
 
-        def compute(key: str) -> torch.Tensor:
-            if not metas[key].dtype.is_floating_point:
-                return base.get(key)
-            return prefetcher.get(key)
-    else:
-        prefetcher = ctx.prefetcher([])
+    with contextlib.ExitStack() as prefetchers:  # read-ahead threads, closed however the merge ends
+        if one_pass is not None:
+            inputs = prefetchers.enter_context(ctx.prefetcher(ctx.merge_keys, load=one_pass.load))
 
-        def compute(key: str) -> torch.Tensor:
-            if not metas[key].dtype.is_floating_point:
-                return base.get(key)
-            theta0, deltas = prefetcher.get(key)
-            merged_delta = merger.merge_tensor(key, theta0, deltas, infos[key])
-            return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
+            def merge_one(key: str) -> torch.Tensor:
+                out = output(key)
+                one_pass.merge(key, inputs.get(key), out)
+                return out
 
-    with prefetcher:
+            if options.output_dir is None:  # in-memory result: every tensor merged and amended, then placed
+                held = {key: merge_one(key) for key in ctx.merge_keys}
+                for key, index, values in one_pass.amendments():
+                    held[key].view(-1)[slice(None) if index is None else index] = values.view(-1)
+                load = held.pop
+            else:
+                load, amendments = merge_one, one_pass.amendments
+            prefetcher = prefetchers.enter_context(ctx.prefetcher([], load=load))
+
+            def compute(key: str) -> torch.Tensor:
+                return prefetcher.get(key) if metas[key].dtype.is_floating_point else base.get(key)
+        elif coefficients is not None and not any(hasattr(t, "delta") for t in tasks.values()):
+            # Linear in the task vectors (Task Arithmetic, averaging): one fused accumulation per tensor.
+            prefetcher = prefetchers.enter_context(ctx.prefetcher(
+                [], load=lambda key: ctx.combine(key, coefficients, out_metas[key].dtype, out=output(key))))
+
+            def compute(key: str) -> torch.Tensor:
+                if not metas[key].dtype.is_floating_point:
+                    return base.get(key)
+                return prefetcher.get(key)
+        else:
+            prefetcher = prefetchers.enter_context(ctx.prefetcher([]))
+
+            def compute(key: str) -> torch.Tensor:
+                if not metas[key].dtype.is_floating_point:
+                    return base.get(key)
+                theta0, deltas = prefetcher.get(key)
+                merged_delta = merger.merge_tensor(key, theta0, deltas, infos[key])
+                return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
+
+        def on_order(order: list[str]) -> None:
+            floating = [k for k in order if metas[k].dtype.is_floating_point]
+            prefetcher.set_order(floating)
+            if one_pass is not None:
+                inputs.set_order(floating)
+
         return emit(
             base, out_metas, compute,
             output_dir=options.output_dir, into=options.into, placement=options.placement,
             merge_config=merger.config, merge_inputs=describe_inputs(base, tasks), progress=options.progress,
             max_shard_size=shard_size, desc=f"merging ({merger.config.method})", state_dict=options.state_dict,
-            on_order=lambda order: prefetcher.set_order([k for k in order if metas[k].dtype.is_floating_point]),
+            on_order=on_order, amendments=amendments,
         )

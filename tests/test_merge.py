@@ -426,17 +426,18 @@ def test_global_ties_with_a_missed_threshold_bracket_falls_back_to_the_exact_str
 
     shapes = {"big": (600, 512), "bias": (300,)}
     base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 2, seed=12)
-    runs = []
-    original_run = OnePassTies.run
+    passes = []
+    original_bracket = OnePassTies.bracket
 
-    def run_with_a_wrong_bracket(self):  # a bracket far above every |τ|: the verification must reject it
+    def wrong_bracket(self):  # a bracket far above every |τ|: the verification at the end must reject it
+        passes.append(self)
         self._brackets = lambda: (torch.full((2, 1), 10.0), torch.full((2, 1), 20.0))
-        runs.append(original_run(self))
-        return runs[-1]
+        return original_bracket(self)
 
-    monkeypatch.setattr(OnePassTies, "run", run_with_a_wrong_bracket)
+    monkeypatch.setattr(OnePassTies, "bracket", wrong_bracket)
+    # the provisional outputs are written as they are merged, then every tensor is rewritten in place
     hf_merge.merge(folders[0], folders[1:], "ties", density=0.2, output_dir=tmp_path / "out", progress=False)
-    assert runs == [None]
+    assert [one_pass.settled for one_pass in passes] == [False]
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
     expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
     merged = load_file(tmp_path / "out" / "model.safetensors")
@@ -444,13 +445,13 @@ def test_global_ties_with_a_missed_threshold_bracket_falls_back_to_the_exact_str
         assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
 
 
-def test_global_ties_under_a_memory_budget_streams_without_holding_the_output(tmp_path, monkeypatch):
+def test_global_ties_under_a_memory_budget_takes_the_exact_streaming_passes(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from hf_merge.methods.ties import OnePassTies
 
     base, fts, folders = _bf16_checkpoints(tmp_path, {"w": (64, 48), "b": (48,)}, 2, seed=13)
-    monkeypatch.setattr(OnePassTies, "run", lambda self: pytest.fail("one-pass TIES holds the whole output"))
+    monkeypatch.setattr(OnePassTies, "bracket", lambda self: pytest.fail("one-pass TIES under a memory budget"))
     hf_merge.merge(folders[0], folders[1:], "ties", density=0.3, output_dir=tmp_path / "out", max_memory="1GB",
                    progress=False)
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
@@ -470,11 +471,11 @@ def test_global_ties_gives_exactly_cancelling_entries_the_global_majority_sign(m
             0.0: ([2.0, 1.0, -1.0, 5.0], [-2.0, 3.0, -3.0, -5.0])}  # signs +, -, 0: mass 0
     base = {"w": torch.zeros(4)}
     fts = [{"w": torch.tensor(row)} for row in rows[majority]]
-    results = []
-    original_run = OnePassTies.run
-    monkeypatch.setattr(OnePassTies, "run", lambda self: results.append(original_run(self)) or results[-1])
+    passes = []
+    original_bracket = OnePassTies.bracket
+    monkeypatch.setattr(OnePassTies, "bracket", lambda self: passes.append(self) or original_bracket(self))
     merged = hf_merge.merge(base, fts, "ties", density=1.0, progress=False)
     expected = _ties_reference(base, fts, 1.0, 1.0)
     assert torch.equal(merged["w"], expected["w"])
     assert merged["w"][0].item() == {1.0: 2.0, -1.0: -2.0, 0.0: 0.0}[majority]
-    assert (results[0] is None) == (majority == 0)  # a majority sign of exactly 0 takes the streaming passes
+    assert passes[0].settled == (majority != 0)  # a majority sign of exactly 0 takes the exact streaming passes

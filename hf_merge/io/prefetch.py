@@ -1,7 +1,7 @@
 """Overlap reading with merging: load the inputs of the next tensor in a background thread.
 
-Reads (``os.preadv``) and torch kernels release the GIL, so while the main thread merges tensor i, one worker reads
-and upcasts tensor i + 1. Extra memory is ``depth`` tensors per input.
+Reads (``os.preadv``) and torch kernels release the GIL, so while the main thread merges (or writes) tensor i, one
+worker reads (or merges) tensor i + 1. Extra memory is ``depth`` tensors per input.
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ class Prefetcher(Generic[T]):
         self._position = {key: i for i, key in enumerate(self._order)}
 
     def get(self, key: str) -> T:
+        """``load(key)``; every load runs on the one worker thread, in request order, so loads never overlap."""
+        future = self._pending.pop(key, None)
+        if future is None:
+            future = self._pool.submit(self._load, key)
         index = self._position.get(key)
         if index is not None:
             for upcoming in self._order[index + 1 : index + 1 + self._depth]:
                 if upcoming not in self._pending:
                     self._pending[upcoming] = self._pool.submit(self._load, upcoming)
-        future = self._pending.pop(key, None)
-        return future.result() if future is not None else self._load(key)
+        return future.result()
 
     def close(self) -> None:
         for future in self._pending.values():

@@ -1,26 +1,35 @@
 """Streaming, atomic checkpoint writing.
 
-Tensors are produced one at a time by a callback and written shard by shard with the layout that
-``huggingface_hub.split_torch_state_dict_into_shards`` plans (planned on meta tensors, so nothing is materialised
-early). Everything goes into a temporary sibling folder that is renamed into place only when complete: a failed merge
-leaves no output folder behind.
+Tensors are produced one at a time by a callback and written straight into their shard file as they come: the shard
+grouping is the one ``huggingface_hub.split_torch_state_dict_into_shards`` plans (from shapes and dtypes, nothing is
+materialised) and each shard's safetensors header is written first, since shapes and dtypes give every
+offset. Peak memory is the tensor being written, never a whole shard. Written tensors can be amended in place
+(:meth:`ShardPlan.patch`) before the folder is published. Everything goes into a temporary sibling folder that is
+renamed into place only when complete: a failed merge leaves no output folder behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
+import struct
+import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .sources import SAFE_WEIGHTS_INDEX_NAME, TensorMeta
+from .sources_dtypes import SAFETENSORS_DTYPES
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 @contextlib.contextmanager
@@ -46,17 +55,95 @@ def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One safetensors file of a plan: its tensors in file order, its encoded header and where each tensor's bytes
+    start in the file."""
+
+    filename: str
+    keys: tuple[str, ...]
+    header: bytes  # 8-byte length + JSON, padded to a multiple of 8 bytes
+    offsets: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    shards: tuple[Shard, ...]
+    metas: Mapping[str, TensorMeta]
+    index: dict | None  # the ``*.safetensors.index.json`` content when sharded
+    index_name: str
+
+    @property
+    def order(self) -> list[str]:
+        """Every key, in the order the tensors are written."""
+        return [key for shard in self.shards for key in shard.keys]
+
+    def patch(self, folder: str | os.PathLike, amendments: Iterable[tuple[str, torch.Tensor | None, torch.Tensor]]) -> None:
+        """Overwrite entries of the written tensors in place: ``(key, flat indices or None for the whole tensor,
+        values in the tensor's dtype)``. The folder must hold this plan's files; each is mapped once."""
+        where = {key: (shard.filename, shard.offsets[key]) for shard in self.shards for key in shard.keys}
+        mapped: dict[str, np.memmap] = {}
+        try:
+            for key, index, values in amendments:
+                meta = self.metas[key]
+                size = math.prod(meta.shape)
+                wanted = (size,) if index is None else tuple(index.shape)
+                if values.dtype != meta.dtype or tuple(values.reshape(-1).shape) != wanted:
+                    raise ValueError(f"Amendment of {key!r}: {tuple(values.shape)} {values.dtype} values for "
+                                     f"{wanted[0]} entries of a {meta.shape} {meta.dtype} tensor.")
+                filename, offset = where[key]
+                if filename not in mapped:
+                    mapped[filename] = np.memmap(Path(folder) / filename, dtype=np.uint8, mode="r+")
+                entry = np.dtype((np.void, meta.dtype.itemsize))  # any dtype, byte for byte
+                stored = mapped[filename][offset : offset + size * meta.dtype.itemsize].view(entry)
+                if index is None:
+                    stored[:] = _stored_bytes(values).view(entry)
+                else:
+                    stored[index.numpy()] = _stored_bytes(values).view(entry)
+        finally:
+            mapped.clear()  # unmapped: the pages stay in the page cache, written back like any write
+
+
 def plan_shards(
     metas: Mapping[str, TensorMeta],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     filename_pattern: str = "model{suffix}.safetensors",
-):
-    """The shard layout ``huggingface_hub.split_torch_state_dict_into_shards`` gives, planned on meta tensors."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+) -> ShardPlan:
+    """The shard grouping ``huggingface_hub.split_torch_state_dict_into_shards`` gives (its factory, sizing each
+    tensor from its meta: nothing is materialised), with each shard's header. Inside a shard, tensors go by decreasing element size, then name (as the safetensors writer
+    orders them), so every tensor's bytes are aligned to its element size."""
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
-    planned = {k: torch.empty(m.shape, dtype=m.dtype, device="meta") for k, m in metas.items()}
-    return split_torch_state_dict_into_shards(planned, filename_pattern=filename_pattern, max_shard_size=max_shard_size)
+    split = split_state_dict_into_shards_factory(
+        dict(metas), get_storage_size=lambda meta: math.prod(meta.shape) * meta.dtype.itemsize,
+        filename_pattern=filename_pattern, max_shard_size=max_shard_size,
+    )
+    shards = []
+    for filename, keys in split.filename_to_tensors.items():
+        keys = sorted(keys, key=lambda k: (-metas[k].dtype.itemsize, k))
+        entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        position = 0
+        for key in keys:
+            meta = metas[key]
+            if meta.dtype not in _DTYPE_NAMES:
+                raise TypeError(f"Tensor {key!r}: dtype {meta.dtype} cannot be stored in safetensors.")
+            size = math.prod(meta.shape) * meta.dtype.itemsize
+            entries[key] = {"dtype": _DTYPE_NAMES[meta.dtype], "shape": list(meta.shape),
+                            "data_offsets": [position, position + size]}
+            position += size
+        encoded = json.dumps(entries, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        header = struct.pack("<Q", len(encoded)) + encoded
+        offsets = {key: len(header) + entries[key]["data_offsets"][0] for key in keys}
+        shards.append(Shard(filename, tuple(keys), header, offsets))
+    index = None
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+    index_name = filename_pattern.format(suffix="") + ".index.json"
+    if filename_pattern == "model{suffix}.safetensors":
+        index_name = SAFE_WEIGHTS_INDEX_NAME
+    return ShardPlan(tuple(shards), dict(metas), index, index_name)
 
 
 def write_safetensors_shards(
@@ -66,32 +153,63 @@ def write_safetensors_shards(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     filename_pattern: str = "model{suffix}.safetensors",
-) -> list[str]:
-    """Write the tensors named in ``metas`` (produced by ``compute``) as sharded safetensors; return the file names.
+) -> ShardPlan:
+    """Write the tensors named in ``metas``, produced by ``compute`` in :attr:`ShardPlan.order`, as sharded
+    safetensors (plus the index when sharded); return the plan.
 
-    Peak memory is one shard plus whatever ``compute`` holds for one tensor.
+    Each tensor's bytes go to its file as soon as ``compute`` returns it (``compute`` may reuse its buffers after
+    that): peak memory is whatever ``compute`` holds for one tensor.
     """
-    from safetensors.torch import save_file
-
-    split = plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
+    plan = plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
     folder = Path(folder)
-    for filename, keys in split.filename_to_tensors.items():
-        shard = {}
-        for key in keys:
-            tensor = compute(key)
-            expected = metas[key]
-            if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-                raise RuntimeError(
-                    f"Tensor {key!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
-                    f"expected {expected.shape} {expected.dtype}."
-                )
-            shard[key] = tensor.detach().to("cpu").contiguous()
-        save_file(shard, str(folder / filename), metadata={"format": "pt"})
-        del shard
-    if split.is_sharded:
-        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
-        index_name = filename_pattern.format(suffix="") + ".index.json"
-        if filename_pattern == "model{suffix}.safetensors":
-            index_name = SAFE_WEIGHTS_INDEX_NAME
-        (folder / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return list(split.filename_to_tensors)
+    for shard in plan.shards:
+        with open(folder / shard.filename, "wb", buffering=0) as fh:
+            _write_all(fh, memoryview(shard.header))
+            for key in shard.keys:
+                tensor = compute(key)
+                expected = metas[key]
+                if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+                    raise RuntimeError(
+                        f"Tensor {key!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
+                        f"expected {expected.shape} {expected.dtype}."
+                    )
+                if tensor.numel():
+                    _write_all(fh, memoryview(_stored_bytes(tensor)))
+    if plan.index is not None:
+        (folder / plan.index_name).write_text(json.dumps(plan.index, indent=2, sort_keys=True) + "\n",
+                                              encoding="utf-8")
+    return plan
+
+
+def _write_all(fh, view: memoryview) -> None:
+    while view.nbytes:
+        written = fh.write(view)
+        view = view[written:]
+
+
+def _stored_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes safetensors stores for ``tensor`` (little-endian), as a uint8 array: a view of a contiguous CPU
+    tensor on little-endian hosts."""
+    raw = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+    size = tensor.element_size()
+    return raw if sys.byteorder == "little" or size == 1 else raw.reshape(-1, size)[:, ::-1].reshape(-1)
+
+
+class OutputBuffers:
+    """``count`` reused buffers, handed out in turn, for output tensors that are written out as soon as they are
+    produced (at most ``count`` alive at once): no fresh memory per tensor. Each is sized for the largest tensor."""
+
+    def __init__(self, metas: Mapping[str, TensorMeta], count: int) -> None:
+        self.metas = metas
+        self._capacity = max((math.prod(m.shape) * m.dtype.itemsize for m in metas.values()), default=0)
+        self._buffers: list[torch.Tensor | None] = [None] * count
+        self._next = 0
+
+    def take(self, key: str) -> torch.Tensor:
+        """The next buffer, as an uninitialised tensor of ``key``'s shape and dtype."""
+        meta = self.metas[key]
+        slot, self._next = self._next, (self._next + 1) % len(self._buffers)
+        if self._buffers[slot] is None:
+            self._buffers[slot] = torch.empty(self._capacity, dtype=torch.uint8)
+        size = math.prod(meta.shape) * meta.dtype.itemsize
+        return self._buffers[slot][:size].view(meta.dtype).view(meta.shape)

@@ -8,7 +8,8 @@ statistics passes over all task vectors first (``prepare``), e.g. TIES' global m
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -23,9 +24,9 @@ class Merger(abc.ABC):
     #: Whether ``merge_tensor`` reads the parameter kinds. When False (elementwise methods) the engine classifies
     #: by names only and skips building the model architecture; methods that route by kind keep it True.
     uses_param_info: ClassVar[bool] = True
-    #: Final output tensors (output dtype, CPU) that ``prepare`` already computed for every floating-point key; the
-    #: engine then writes them without reading the inputs again. ``None``: the engine merges tensor by tensor.
-    precomputed: dict[str, torch.Tensor] | None = None
+    #: Set by ``prepare`` (only where ``ctx.can_merge_in_one_pass``) to merge reading every input once; ``None``:
+    #: the engine merges tensor by tensor with ``merge_tensor``.
+    one_pass: OnePassMerge | None = None
 
     def __init__(self, config: MergeConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -48,6 +49,28 @@ class Merger(abc.ABC):
         self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo
     ) -> torch.Tensor:
         """The merged task vector of one tensor (float32), given the float32 base and the T task vectors τ_t."""
+
+
+#: ``(key, flat indices or None for the whole tensor, values in the output dtype)``: entries to overwrite.
+Amendment = tuple[str, torch.Tensor | None, torch.Tensor]
+
+
+class OnePassMerge(abc.ABC):
+    """A merge reading every input once: each tensor's provisional output as its inputs stream by, then amendments
+    for the entries only the whole pass settles (e.g. TIES' global thresholds). The engine writes each output as
+    soon as it is merged and applies the amendments in place before the result is published."""
+
+    @abc.abstractmethod
+    def load(self, key: str) -> Any:
+        """The inputs of ``key`` for :meth:`merge` (the engine reads them ahead in a background thread)."""
+
+    @abc.abstractmethod
+    def merge(self, key: str, inputs: Any, out: torch.Tensor) -> None:
+        """Write the provisional output of ``key`` (output dtype and shape, CPU) into ``out``."""
+
+    @abc.abstractmethod
+    def amendments(self) -> Iterator[Amendment]:
+        """After every floating-point key was merged, in order: the entries to overwrite."""
 
 
 class ModelMerger(Merger):

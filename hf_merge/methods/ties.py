@@ -6,19 +6,19 @@
 3. Disjoint merge: τ = Σ_{t∈A} τ̂_t / max(|A|, 1) with A = {t : sign(τ̂_t) = γ, τ̂_t ≠ 0} (``aggregate="sum"`` omits
    the division), and θ = θ₀ + λ τ.
 
-Global scope never materialises a tasks × parameters matrix. When the engine lets a merger hold the output until it
-is written (the default: no ``max_memory`` budget, CPU, plain checkpoints/models) it reads the inputs **once**:
+Global scope never materialises a tasks × parameters matrix. Where the engine allows a one-pass merge (the default:
+no ``max_memory`` budget, CPU, plain checkpoints/models) it reads the inputs **once** (:class:`OnePassTies`):
 
 1. a sample of 1/256 of every tensor (evenly spaced blocks) brackets each task's threshold: lo_t < thr_t ≤ hi_t, with
    hi_t and lo_t values of the sample (so a threshold on a value shared by many entries, common with bf16 task
    vectors, sits at hi_t and leaves none of them undecided);
-2. one pass merges every tensor in cache-sized pieces: |τ_t| ≥ hi_t is kept, |τ_t| ≤ lo_t trimmed; it counts the
-   entries at and above hi_t; entries with an |τ_t| strictly inside a bracket are kept aside with their inputs, and
-   entries whose elected sum is exactly 0 (common with bf16 task vectors) take the majority sign +1, their result
-   for -1 kept aside;
-3. the counts and the kept-aside |τ_t| give each exact threshold (verifying the brackets; a missed one, or an exact
-   majority sign of 0, falls back to the passes below), which finish the kept-aside entries with the exact majority
-   sign.
+2. one pass merges every tensor in cache-sized pieces, and the engine writes each as it comes: |τ_t| ≥ hi_t is
+   kept, |τ_t| ≤ lo_t trimmed; it counts the entries at and above hi_t; entries with an |τ_t| strictly inside a
+   bracket are kept aside with their inputs, and entries whose elected sum is exactly 0 (common with bf16 task
+   vectors) take the majority sign +1, their result for -1 kept aside;
+3. the counts and the kept-aside |τ_t| give each exact threshold (verifying the brackets), which finish the kept-aside
+   entries with the exact majority sign: amendments the engine writes in place into the written (not yet published)
+   files. A missed bracket, or an exact majority sign of 0, amends every tensor with the passes below.
 
 Step 2 runs as one fused compiled loop (:class:`hf_merge.kernels.TiesOnePassKernel`, numba) when the ``fast`` extra is
 installed and the inputs and output are bfloat16/float32; otherwise as torch ops on cache-sized pieces. Both give the
@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ from ..kernels import TiesOnePassKernel, kernels_enabled, takes
 from ..params import ParamInfo
 from ..placement import release_freed_memory
 from ..registry import register_method
-from .base import Merger
+from .base import Amendment, Merger, OnePassMerge
 
 _HIST_BINS = 1 << 15  # high 16 bits of a non-negative float32: exponent + 7 mantissa bits
 _CHUNK = 1 << 22  # elements per chunk of the elementwise merge
@@ -132,12 +133,21 @@ class TiesMerger(Merger):
     def prepare(self, ctx) -> None:
         self.thresholds: list[float] | None = None
         self.majority_sign: float | None = None
-        self.precomputed = None
+        self.one_pass = None
         if self.config.scope == "global":
-            if ctx.can_precompute:
-                self.precomputed = OnePassTies(ctx, self.config).run()
-            if self.precomputed is None:
-                self.thresholds, self.majority_sign = self._global_statistics(ctx)
+            if ctx.can_merge_in_one_pass:
+                one_pass = OnePassTies(ctx, self.config, self._exact_outputs)
+                if one_pass.bracket():
+                    self.one_pass = one_pass
+                    return
+            self.thresholds, self.majority_sign = self._global_statistics(ctx)
+
+    def _exact_outputs(self, ctx) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every output tensor from the exact streaming passes (the one pass's fallback)."""
+        self.thresholds, self.majority_sign = self._global_statistics(ctx)
+        for key, base, deltas in ctx.iter_deltas("merging (ties)"):
+            merged = base + self.merge_tensor(key, base, deltas, ctx.infos[key])
+            yield key, merged.to("cpu", ctx.output_dtypes[key])
 
     def _global_statistics(self, ctx) -> tuple[list[float], float]:
         """Exact whole-model thresholds and majority sign, streamed; no values are stored.
@@ -221,37 +231,42 @@ class TiesMerger(Merger):
 OpenEntries = list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-class OnePassTies:
-    """Global-scope TIES reading every input once (see the module docstring); :meth:`run` returns the outputs."""
+class OnePassTies(OnePassMerge):
+    """Global-scope TIES reading every input once (see the module docstring): :meth:`bracket` samples, :meth:`merge`
+    writes each tensor's provisional output, :meth:`amendments` finishes the entries left open."""
 
-    def __init__(self, ctx, config: TiesConfig) -> None:
-        self.ctx, self.config = ctx, config
+    def __init__(self, ctx, config: TiesConfig,
+                 exact_outputs: Callable[[Any], Iterator[tuple[str, torch.Tensor]]]) -> None:
+        self.ctx, self.config, self.exact_outputs = ctx, config, exact_outputs
         self.sources = [ctx.base, *ctx.tasks.values()]
         self.numel = {k: math.prod(ctx.metas[k].shape) for k in ctx.merge_keys}
         total = sum(self.numel.values())
         self.rank = threshold_rank(total, config.density)
         self.keep = total - self.rank + 1  # the threshold is the keep-th largest |τ_t|
+        self.settled: bool | None = None  # after the amendments: whether the one pass settled every entry
 
-    def run(self) -> dict[str, torch.Tensor] | None:
-        """The merged tensors in their output dtypes, or ``None`` when the brackets are too wide or missed."""
+    def bracket(self) -> bool:
+        """Bracket each task's threshold from a sample; ``False`` when a bracket would leave too many entries
+        undecided (then the exact streaming passes are the better route)."""
         num_tasks = len(self.sources) - 1
         if self.rank == 0:  # density 1: everything is kept, only the majority sign is open
             self.low = self.high = torch.full((num_tasks, 1), -1.0)
         else:
             brackets = self._brackets()
             if brackets is None:
-                return None
+                return False
             self.low, self.high = brackets
         self.at_or_above = torch.zeros(num_tasks, dtype=torch.int64)
         self.strictly_above = torch.zeros(num_tasks, dtype=torch.int64)
         self.open_entries: OpenEntries = []
         self.if_negative: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, flat indices, outputs if M = -1)
         self.decided_mass = 0
-        outputs = self._merge_pass()
-        thresholds = self._thresholds(self.open_entries)
-        if thresholds is None:
-            return None
-        return outputs if self._finish_open_entries(outputs, thresholds, self.open_entries) else None
+        self.kernel = None
+        if kernels_enabled():
+            self.kernel = TiesOnePassKernel(num_tasks, self.low.view(-1).tolist(), self.high.view(-1).tolist(),
+                                            self.config.scaling, self.config.aggregate == "mean", _KERNEL_BLOCK)
+        self.since_release = 0
+        return True
 
     def _brackets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lo_t, hi_t) with lo_t < thr_t ≤ hi_t expected, from a 1/256 sample of every tensor; ``None`` when a bracket
@@ -297,53 +312,38 @@ class OnePassTies:
             high.append(hi)
         return torch.tensor(low).view(-1, 1), torch.tensor(high).view(-1, 1)
 
-    def _merge_pass(self) -> dict[str, torch.Tensor]:
-        """Every tensor merged with the entries inside a bracket provisionally trimmed; collects what finishes them."""
-        from tqdm.auto import tqdm
+    def _compiled(self, key: str) -> bool:
+        return self.kernel is not None and takes([s.meta(key).dtype for s in self.sources], self.ctx.output_dtypes[key])
 
-        outputs: dict[str, torch.Tensor] = {}
-        keys = self.ctx.merge_keys
-        kernel, compiled = None, set()
-        if kernels_enabled():
-            kernel = TiesOnePassKernel(len(self.sources) - 1, self.low.view(-1).tolist(), self.high.view(-1).tolist(),
-                                       self.config.scaling, self.config.aggregate == "mean", _KERNEL_BLOCK)
-            compiled = {k for k in keys if takes([s.meta(k).dtype for s in self.sources], self.ctx.output_dtypes[k])}
+    def load(self, key: str) -> list[torch.Tensor] | list[np.ndarray]:
+        """Arrays for the kernel (checkpoint tensors mapped, not copied), else flat tensors."""
+        if self._compiled(key):
+            return [source.flat_array(key) for source in self.sources]
+        return [source.get(key).reshape(-1) for source in self.sources]
 
-        def load(key: str) -> list[torch.Tensor] | list[np.ndarray]:
-            """Arrays for the kernel (checkpoint tensors mapped, not copied), else flat tensors."""
-            if key in compiled:
-                return [source.flat_array(key) for source in self.sources]
-            return [source.get(key).reshape(-1) for source in self.sources]
+    def merge(self, key: str, inputs: list[torch.Tensor] | list[np.ndarray], out: torch.Tensor) -> None:
+        """``key`` merged into ``out`` with the entries inside a bracket provisionally trimmed; records what the
+        amendments need."""
+        flat_out = out.view(-1)
+        if self._compiled(key):
+            self._merge_compiled(key, inputs, flat_out)
+        else:
+            for start in range(0, self.numel[key], _PIECE):
+                pieces = [r[start : start + _PIECE] for r in inputs]
+                flat_out[start : start + pieces[0].numel()] = self._merge_piece(key, start, pieces)
+        self.since_release += sum(r.nbytes for r in inputs)
+        del inputs  # unmaps memory-mapped inputs
+        if self.since_release > _RELEASE_EVERY:
+            release_freed_memory()
+            self.since_release = 0
 
-        since_release = 0
-        with self.ctx.prefetcher(keys, load=load) as prefetcher:
-            for key in tqdm(keys, desc="merging (ties, one pass)", unit="tensor", leave=False,
-                            disable=not self.ctx.progress):
-                raw = prefetcher.get(key)
-                out = torch.empty(self.ctx.metas[key].shape, dtype=self.ctx.output_dtypes[key])
-                flat_out = out.view(-1)
-                if key in compiled:
-                    self._merge_compiled(kernel, key, raw, flat_out)
-                else:
-                    for start in range(0, self.numel[key], _PIECE):
-                        pieces = [r[start : start + _PIECE] for r in raw]
-                        flat_out[start : start + pieces[0].numel()] = self._merge_piece(key, start, pieces)
-                outputs[key] = out
-                since_release += sum(r.nbytes for r in raw)
-                del raw  # unmaps memory-mapped inputs
-                if since_release > _RELEASE_EVERY:
-                    release_freed_memory()
-                    since_release = 0
-        return outputs
-
-    def _merge_compiled(self, kernel: TiesOnePassKernel, key: str, arrays: Sequence[np.ndarray],
-                        flat_out: torch.Tensor) -> None:
+    def _merge_compiled(self, key: str, arrays: Sequence[np.ndarray], flat_out: torch.Tensor) -> None:
         """The fused kernel's version of the :meth:`_merge_piece` loop over one tensor (same bits); ``arrays`` are
         the flat inputs (:meth:`~hf_merge.io.TensorSource.flat_array`)."""
         out = numpy_view(flat_out)
         for start in range(0, self.numel[key], _KERNEL_BLOCK):
             end = start + _KERNEL_BLOCK
-            block = kernel(arrays[0][start:end], tuple(a[start:end] for a in arrays[1:]), out[start:end], start)
+            block = self.kernel(arrays[0][start:end], tuple(a[start:end] for a in arrays[1:]), out[start:end], start)
             if block is None:  # a non-finite τ_t: raises, naming the input holding NaN/Inf (or the overflow)
                 self._deltas(key, [tensor_copy(a[start:end], s.meta(key).dtype)
                                    for a, s in zip(arrays, self.sources)])
@@ -413,23 +413,27 @@ class OnePassTies:
             thresholds.append(values.kthvalue(values.numel() - position + 1).values.item())
         return thresholds
 
-    def _finish_open_entries(self, outputs: dict[str, torch.Tensor], thresholds: list[float],
-                             open_entries: OpenEntries) -> bool:
-        """The open entries merged with the exact thresholds, and every entry that takes the global majority sign
-        given its exact value; ``False`` (outputs unusable) in the one case not prepared for, a majority sign of 0."""
-        limits = torch.tensor(thresholds).view(-1, 1)
-        trimmed = [deltas * (deltas.abs() >= limits) for *_, deltas in open_entries]
-        mass = self.decided_mass + sum(int(torch.sign(t.sum(dim=0)).sum()) for t in trimmed)
-        majority = float(torch.sign(torch.tensor(float(mass))))
-        if majority == 0:  # the kept-aside results assumed a majority sign of ±1
-            return False
+    def amendments(self) -> Iterator[Amendment]:
+        """The open entries merged with the exact thresholds, and the cancelling entries' results for a majority sign
+        of −1. Where a threshold missed its bracket, or the majority sign is exactly 0 (the one case not prepared
+        for), every output comes again from the exact streaming passes."""
+        thresholds = self._thresholds(self.open_entries)
+        majority = 0.0
+        if thresholds is not None:
+            limits = torch.tensor(thresholds).view(-1, 1)
+            trimmed = [deltas * (deltas.abs() >= limits) for *_, deltas in self.open_entries]
+            mass = self.decided_mass + sum(int(torch.sign(t.sum(dim=0)).sum()) for t in trimmed)
+            majority = float(torch.sign(torch.tensor(float(mass))))
+        self.settled = majority != 0
+        if not self.settled:
+            for key, values in self.exact_outputs(self.ctx):
+                yield key, None, values
+            return
         if majority < 0:
-            for key, index, values in self.if_negative:
-                outputs[key].view(-1)[index] = values
-        for (key, index, base, _), kept in zip(open_entries, trimmed):
+            yield from self.if_negative
+        for (key, index, base, _), kept in zip(self.open_entries, trimmed):
             merged = disjoint_merge(kept, elect_signs(kept, majority), self.config.aggregate)
-            outputs[key].view(-1)[index] = (base + merged.mul_(self.config.scaling)).to(outputs[key].dtype)
-        return True
+            yield key, index, (base + merged.mul_(self.config.scaling)).to(self.ctx.output_dtypes[key])
 
 
 register_method(TiesConfig, TiesMerger)
