@@ -751,7 +751,8 @@ def run_merger(
 
     with contextlib.ExitStack() as prefetchers:  # read-ahead threads, closed however the merge ends
         if one_pass is not None:
-            inputs = prefetchers.enter_context(ctx.prefetcher(ctx.merge_keys, load=one_pass.load))
+            # inputs are mapped, not copied: two tensors ahead keep storage busy while the kernel runs
+            inputs = prefetchers.enter_context(Prefetcher(one_pass.load, ctx.merge_keys, depth=2))
 
             def merge_one(key: str) -> torch.Tensor:
                 out = output(key)

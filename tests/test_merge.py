@@ -387,6 +387,7 @@ def _bf16_checkpoints(tmp_path, shapes, num_tasks, seed):
 def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, monkeypatch, density):
     from safetensors.torch import load_file
 
+    from hf_merge.io import FolderSource
     from hf_merge.io.safetensors_file import SafetensorsFile
 
     shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks, the others whole
@@ -399,11 +400,17 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
             whole_reads.append((self.path, name))
         return original_read_range(self, name, start, out)
 
-    original_map = SafetensorsFile.map_array
+    def read_blocks(self, key, starts, count):
+        if list(starts) == [0] and count >= math.prod(self.meta(key).shape):
+            whole_reads.append((self.folder / "model.safetensors", key))
+        return original_read_blocks(self, key, starts, count)
+
+    original_map, original_read_blocks = SafetensorsFile.map_array, FolderSource.read_blocks
     for method, original in (("read", original_read), ("map_array", original_map)):  # a fresh buffer, or mapped
         monkeypatch.setattr(SafetensorsFile, method, lambda self, name, original=original:
                             whole_reads.append((self.path, name)) or original(self, name))
     monkeypatch.setattr(SafetensorsFile, "read_range", read_range)
+    monkeypatch.setattr(FolderSource, "read_blocks", read_blocks)
     hf_merge.merge(folders[0], folders[1:], "ties", density=density, output_dir=tmp_path / "out", progress=False)
     # once each; with density < 1 a tensor smaller than the threshold sample's stride is also read whole by it
     from hf_merge.methods import ties

@@ -1,4 +1,5 @@
-"""The streaming checkpoint writer, its in-place amendments, and the read-ahead the engine builds on."""
+"""Streaming IO: the checkpoint writer and its in-place amendments, sparse block reads, and the read-ahead the engine
+builds on."""
 
 from __future__ import annotations
 
@@ -101,6 +102,19 @@ def test_a_tensor_that_comes_out_wrong_is_named_and_nothing_more_is_computed(tmp
     with pytest.raises(RuntimeError, match=r"'b' came out as \(2,\)"):
         write_safetensors_shards(tmp_path, _metas(tensors), compute)
     assert asked == ["a", "b"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sampled_blocks_are_the_slices_of_the_stored_tensor(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    tensor = torch.randn(5000, generator=torch.Generator().manual_seed(1)).to(dtype)
+    save_file({"w": tensor, "empty": torch.empty(0, dtype=dtype)}, tmp_path / "model.safetensors")
+    handle = SafetensorsFile(tmp_path / "model.safetensors")
+    starts = [0, 1000, 4090, 4999]  # blocks across page boundaries, and ones clipped at the end
+    blocks = torch.from_numpy(handle.read_blocks("w", starts, 20)).view(dtype)
+    assert torch.equal(blocks, torch.cat([tensor[start : start + 20] for start in starts]))
+    assert handle.read_blocks("empty", [0], 20).size == 0
 
 
 def test_prefetched_loads_run_one_at_a_time_in_request_order():

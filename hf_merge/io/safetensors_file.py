@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,30 @@ class SafetensorsFile:
         """Tensor ``name`` as a flat read-only numpy view of the file, memory-mapped and faulted in up front
         (``MAP_POPULATE``): no copy out of the page cache, and the mapping (its resident pages) goes when the array
         does. bfloat16 comes as its uint16 bit patterns. ``None`` on big-endian hosts (the data is little-endian)."""
+        mapped = self._map(name, populate=True)
+        return None if mapped is None else mapped[0]
+
+    def read_blocks(self, name: str, starts: Sequence[int], count: int) -> np.ndarray | None:
+        """Blocks of ``count`` elements of the flat tensor ``name`` from ``starts`` (clipped to it), concatenated in
+        a numpy copy (bfloat16 as uint16). Only the pages holding them are read, all requested at once
+        (``MADV_WILLNEED`` per block, no read-ahead beyond): a sparse sample costs its own pages even from storage.
+        ``None`` on big-endian hosts."""
+        mapped = self._map(name, populate=False)
+        if mapped is None:
+            return None
+        array, mapping, position = mapped
+        blocks = [array[start : start + count] for start in starts]
+        if mapping is not None and hasattr(mmap, "MADV_WILLNEED"):
+            mapping.madvise(mmap.MADV_RANDOM)
+            for start, block in zip(starts, blocks):
+                begin = position + start * array.itemsize
+                aligned = begin - begin % mmap.PAGESIZE
+                if block.nbytes:
+                    mapping.madvise(mmap.MADV_WILLNEED, aligned, begin - aligned + block.nbytes)
+        return np.concatenate(blocks or [array[:0]])
+
+    def _map(self, name: str, populate: bool) -> tuple[np.ndarray, mmap.mmap | None, int] | None:
+        """(flat array, its mapping, the byte where the array starts in the mapping); ``None`` on big-endian hosts."""
         if sys.byteorder != "little":
             return None
         array_dtype = numpy_dtype(self.dtype(name))
@@ -91,15 +116,17 @@ class SafetensorsFile:
         offset = self._data_start + first
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         if end == first:
-            return np.empty(0, dtype=array_dtype)
+            return np.empty(0, dtype=array_dtype), None, 0
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            mapping = mmap.mmap(fd, offset - aligned + end - first, flags=mmap.MAP_SHARED | _MAP_POPULATE,
-                                prot=mmap.PROT_READ, offset=aligned)
+            mapping = mmap.mmap(fd, offset - aligned + end - first,
+                                flags=mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0), prot=mmap.PROT_READ,
+                                offset=aligned)
         finally:
             os.close(fd)
-        return np.frombuffer(mapping, dtype=array_dtype, count=(end - first) // array_dtype.itemsize,
-                             offset=offset - aligned)
+        array = np.frombuffer(mapping, dtype=array_dtype, count=(end - first) // array_dtype.itemsize,
+                              offset=offset - aligned)
+        return array, mapping, offset - aligned
 
     def _read_into(self, name: str, flat: torch.Tensor, start: int) -> torch.Tensor:
         if flat.numel() == 0:

@@ -310,6 +310,9 @@ class FolderSource(TensorSource):
         resolved, handle = self._safetensors_handle(key)
         if handle is None:
             return super().read_blocks(key, starts, count)
+        blocks = handle.read_blocks(resolved, starts, count)  # only the pages holding the blocks are read
+        if blocks is not None:
+            return torch.from_numpy(blocks).view(handle.dtype(resolved))
         numel = math.prod(handle.shape(resolved))
         sizes = [max(0, min(count, numel - start)) for start in starts]
         out = torch.empty(sum(sizes), dtype=handle.dtype(resolved))
