@@ -29,7 +29,7 @@ from .io.writer import (
 from .kernels import kernels_enabled, linear_combine, takes
 from .methods.base import Amendment, Merger, ModelMerger
 from .params import ParamInfo, classify_parameters
-from .placement import DispatchedOutput, cpu_budget, is_dispatched, parse_size
+from .placement import DispatchedOutput, cpu_budget, is_dispatched
 from .registry import get_merger, make_config
 
 Inputs = Any  # a PreTrainedModel, a checkpoint path or a state dict
@@ -594,7 +594,7 @@ def merge(
         device_map: placement of the merged model (an Accelerate device map, or ``"auto"``); a dispatched base's
             ``hf_device_map`` is reused by default. ``"disk"`` entries go to ``offload_folder``.
         max_memory: host-memory budget of the merge (bytes, ``"4GB"``, or an Accelerate ``{"cpu": ..., 0: ...}``
-            dict, whose entries also bound ``device_map="auto"``); sets the output shard size and read-ahead.
+            dict, whose entries also bound ``device_map="auto"``); sets the read-ahead.
         output: ``"model"`` (merged weights) or ``"lora"`` (LoRA inputs only: a merged PEFT adapter, see
             :func:`hf_merge.lora.merge_lora`, saved to ``output_dir`` when given); ``rank``/``energy`` set its ranks.
         **overrides: config fields, e.g. ``scaling=0.3``.
@@ -670,21 +670,19 @@ def _output_metas(metas: Mapping[str, TensorMeta], dtype: torch.dtype | None) ->
     }
 
 
-def memory_plan(
-    metas: Mapping[str, TensorMeta], num_inputs: int, options: RunOptions
-) -> tuple[int | str, int]:
-    """Output shard size and read-ahead depth that keep the merge within ``options.max_memory``.
+def read_ahead_depth(metas: Mapping[str, TensorMeta], num_inputs: int, options: RunOptions) -> int:
+    """How many tensors to read ahead while keeping the merge within ``options.max_memory`` (the output needs no
+    room of its own: each tensor is written to its shard as it is produced).
 
-    The working set of one tensor is about (inputs + 3) float32 copies of it (base, task vectors, temporaries);
-    read-ahead doubles it and the output shard comes on top. Raises :class:`MergeError` when even one tensor's
-    working set does not fit.
+    The working set of one tensor is about (inputs + 3) float32 copies of it (base, task vectors, temporaries, the
+    output); read-ahead doubles it. Raises :class:`MergeError` when even one tensor's working set does not fit.
     """
     budget = cpu_budget(options.max_memory)
     if budget is None:
-        return options.max_shard_size, 1
+        return 1
     floats = {k: m for k, m in metas.items() if m.dtype.is_floating_point}
     if not floats:
-        return options.max_shard_size, 0
+        return 0
     largest_key = max(floats, key=lambda k: torch.Size(floats[k].shape).numel())
     largest = torch.Size(floats[largest_key].shape).numel()
     working = (num_inputs + 3) * largest * 4
@@ -693,9 +691,7 @@ def memory_plan(
             f"max_memory={budget} bytes is below the ~{working} bytes needed to merge the largest tensor "
             f"{largest_key!r} {floats[largest_key].shape} across {num_inputs} inputs in float32."
         )
-    depth = 1 if 2 * working <= budget // 2 else 0
-    shard_budget = max(budget - (1 + depth) * working, largest * 4)
-    return min(parse_size(options.max_shard_size), shard_budget), depth
+    return 1 if 2 * working <= budget // 2 else 0
 
 
 def run_model_merger(merger: ModelMerger, models: Mapping[str, TensorSource], options: RunOptions) -> Any:
@@ -728,7 +724,7 @@ def run_merger(
     """Validate, run the merger's statistics passes, then stream every tensor to the output."""
     options = options or RunOptions()
     metas = validate_sources(base, tasks, dtype=options.dtype)
-    shard_size, prefetch_depth = memory_plan(metas, len(tasks) + 1, options)
+    prefetch_depth = read_ahead_depth(metas, len(tasks) + 1, options)
     if merger.uses_param_info:
         infos = classify_sources(base, tasks)
     else:  # elementwise methods ignore the kinds: skip building the architecture
@@ -799,6 +795,6 @@ def run_merger(
             base, out_metas, compute,
             output_dir=options.output_dir, into=options.into, placement=options.placement,
             merge_config=merger.config, merge_inputs=describe_inputs(base, tasks), progress=options.progress,
-            max_shard_size=shard_size, desc=f"merging ({merger.config.method})", state_dict=options.state_dict,
+            max_shard_size=options.max_shard_size, desc=f"merging ({merger.config.method})", state_dict=options.state_dict,
             on_order=on_order, amendments=amendments,
         )
