@@ -22,6 +22,7 @@ from .io.sources_dtypes import numpy_view
 from .io.writer import (
     DEFAULT_MAX_SHARD_SIZE,
     OutputBuffers,
+    ShardPlan,
     atomic_directory,
     plan_shards,
     write_safetensors_shards,
@@ -440,10 +441,11 @@ def emit(
 
     ``metas`` gives the output shape and dtype of each key; ``on_order`` is told the order in which ``compute``
     will be called (so inputs can be prefetched). ``amendments`` (with ``output_dir`` only) is called once every
-    tensor was written, and what it yields is patched into the written files. With ``output_dir`` the result is a checkpoint that
-    ``from_pretrained`` loads (returned as a path, with ``merge_config.json`` and a model card); with a model base (or
-    ``into``) a new model of the same class (ties kept; placed per ``placement`` or the base's Accelerate device
-    map); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state dict.
+    tensor was written, and what it yields is patched into the written files. With ``output_dir`` the result is a
+    checkpoint that ``from_pretrained`` loads (returned as a path, with ``merge_config.json`` and a model card);
+    with a model base (or ``into``) a new model of the same class (ties kept; placed per ``placement`` or the base's
+    Accelerate device map); with a checkpoint-folder base, the model its ``config.json`` describes; otherwise a state
+    dict.
     """
     from tqdm.auto import tqdm
 
@@ -457,10 +459,10 @@ def emit(
 
     try:
         if output_dir is not None:
+            plan = plan_shards(metas, max_shard_size=max_shard_size)
             if on_order is not None:
-                on_order(plan_shards(metas, max_shard_size=max_shard_size).order)
-            return _emit_folder(base, metas, produce, Path(output_dir), merge_config, merge_inputs, max_shard_size,
-                                amendments)
+                on_order(plan.order)
+            return _emit_folder(base, metas, produce, Path(output_dir), merge_config, merge_inputs, plan, amendments)
         if amendments is not None:
             raise ValueError("amendments= applies to output_dir= only.")
         if on_order is not None:
@@ -509,12 +511,12 @@ def _emit_folder(
     output_dir: Path,
     merge_config: MergeConfig | None,
     merge_inputs: Mapping[str, Any] | None,
-    max_shard_size: int | str,
+    plan: ShardPlan,
     amendments: Callable[[], Iterable[Amendment]] | None = None,
 ) -> str:
     float_dtypes = {m.dtype for m in metas.values() if m.dtype.is_floating_point}
     with atomic_directory(output_dir) as tmp:
-        plan = write_safetensors_shards(tmp, metas, produce, max_shard_size=max_shard_size)
+        write_safetensors_shards(tmp, metas, produce, plan=plan)
         if amendments is not None:
             plan.patch(tmp, amendments())
         _copy_side_files(base, tmp, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
@@ -756,7 +758,10 @@ def run_merger(
                 return out
 
             if options.output_dir is None:  # in-memory result: every tensor merged and amended, then placed
-                held = {key: merge_one(key) for key in ctx.merge_keys}
+                from tqdm.auto import tqdm
+
+                held = {key: merge_one(key) for key in tqdm(ctx.merge_keys, desc=f"merging ({merger.config.method})",
+                                                            unit="tensor", leave=False, disable=not ctx.progress)}
                 for key, index, values in one_pass.amendments():
                     held[key].view(-1)[slice(None) if index is None else index] = values.view(-1)
                 load = held.pop
@@ -795,6 +800,6 @@ def run_merger(
             base, out_metas, compute,
             output_dir=options.output_dir, into=options.into, placement=options.placement,
             merge_config=merger.config, merge_inputs=describe_inputs(base, tasks), progress=options.progress,
-            max_shard_size=options.max_shard_size, desc=f"merging ({merger.config.method})", state_dict=options.state_dict,
-            on_order=on_order, amendments=amendments,
+            max_shard_size=options.max_shard_size, desc=f"merging ({merger.config.method})",
+            state_dict=options.state_dict, on_order=on_order, amendments=amendments,
         )

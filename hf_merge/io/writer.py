@@ -78,7 +78,8 @@ class ShardPlan:
         """Every key, in the order the tensors are written."""
         return [key for shard in self.shards for key in shard.keys]
 
-    def patch(self, folder: str | os.PathLike, amendments: Iterable[tuple[str, torch.Tensor | None, torch.Tensor]]) -> None:
+    def patch(self, folder: str | os.PathLike,
+              amendments: Iterable[tuple[str, torch.Tensor | None, torch.Tensor]]) -> None:
         """Overwrite entries of the written tensors in place: ``(key, flat indices or None for the whole tensor,
         values in the tensor's dtype)``. The folder must hold this plan's files; each is mapped once."""
         where = {key: (shard.filename, shard.offsets[key]) for shard in self.shards for key in shard.keys}
@@ -111,8 +112,9 @@ def plan_shards(
     filename_pattern: str = "model{suffix}.safetensors",
 ) -> ShardPlan:
     """The shard grouping ``huggingface_hub.split_torch_state_dict_into_shards`` gives (its factory, sizing each
-    tensor from its meta: nothing is materialised), with each shard's header. Inside a shard, tensors go by decreasing element size, then name (as the safetensors writer
-    orders them), so every tensor's bytes are aligned to its element size."""
+    tensor from its meta: nothing is materialised), with each shard's header. Inside a shard, tensors go by
+    decreasing element size, then name (as the safetensors writer orders them), so every tensor's bytes are aligned
+    to its element size."""
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
     split = split_state_dict_into_shards_factory(
@@ -153,14 +155,15 @@ def write_safetensors_shards(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     filename_pattern: str = "model{suffix}.safetensors",
+    plan: ShardPlan | None = None,
 ) -> ShardPlan:
     """Write the tensors named in ``metas``, produced by ``compute`` in :attr:`ShardPlan.order`, as sharded
-    safetensors (plus the index when sharded); return the plan.
+    safetensors (plus the index when sharded); return the plan (``plan``: one :func:`plan_shards` made already).
 
     Each tensor's bytes go to its file as soon as ``compute`` returns it (``compute`` may reuse its buffers after
     that): peak memory is whatever ``compute`` holds for one tensor.
     """
-    plan = plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
+    plan = plan or plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
     folder = Path(folder)
     for shard in plan.shards:
         with open(folder / shard.filename, "wb", buffering=0) as fh:

@@ -261,10 +261,12 @@ class OnePassTies(OnePassMerge):
         self.open_entries: OpenEntries = []
         self.if_negative: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, flat indices, outputs if M = -1)
         self.decided_mass = 0
-        self.kernel = None
+        self.kernel, self.compiled = None, set()  # the keys the compiled kernel merges
         if kernels_enabled():
             self.kernel = TiesOnePassKernel(num_tasks, self.low.view(-1).tolist(), self.high.view(-1).tolist(),
                                             self.config.scaling, self.config.aggregate == "mean", _KERNEL_BLOCK)
+            self.compiled = {k for k in self.ctx.merge_keys
+                             if takes([s.meta(k).dtype for s in self.sources], self.ctx.output_dtypes[k])}
         self.since_release = 0
         return True
 
@@ -312,12 +314,9 @@ class OnePassTies(OnePassMerge):
             high.append(hi)
         return torch.tensor(low).view(-1, 1), torch.tensor(high).view(-1, 1)
 
-    def _compiled(self, key: str) -> bool:
-        return self.kernel is not None and takes([s.meta(key).dtype for s in self.sources], self.ctx.output_dtypes[key])
-
     def load(self, key: str) -> list[torch.Tensor] | list[np.ndarray]:
         """Arrays for the kernel (checkpoint tensors mapped, not copied), else flat tensors."""
-        if self._compiled(key):
+        if key in self.compiled:
             return [source.flat_array(key) for source in self.sources]
         return [source.get(key).reshape(-1) for source in self.sources]
 
@@ -325,14 +324,13 @@ class OnePassTies(OnePassMerge):
         """``key`` merged into ``out`` with the entries inside a bracket provisionally trimmed; records what the
         amendments need."""
         flat_out = out.view(-1)
-        if self._compiled(key):
+        if key in self.compiled:
             self._merge_compiled(key, inputs, flat_out)
         else:
             for start in range(0, self.numel[key], _PIECE):
                 pieces = [r[start : start + _PIECE] for r in inputs]
                 flat_out[start : start + pieces[0].numel()] = self._merge_piece(key, start, pieces)
         self.since_release += sum(r.nbytes for r in inputs)
-        del inputs  # unmaps memory-mapped inputs
         if self.since_release > _RELEASE_EVERY:
             release_freed_memory()
             self.since_release = 0
