@@ -110,7 +110,7 @@ class TiesOnePassKernel:
     def __call__(self, base: np.ndarray, tasks: tuple[np.ndarray, ...], out: np.ndarray,
                  offset: int = 0) -> TiesBlock | None:
         """Merge one block (``len(base) ≤ block``) into ``out``; reported indices are ``offset`` + positions in the
-        block. ``None`` if an input holds NaN or Inf."""
+        block. ``None`` if an input holds NaN or Inf, or the merge overflows float32."""
         from ._numba_kernels import gather_regions, ties_one_pass
 
         counts = self.counts[: -(-base.shape[0] // KERNEL_CHUNK)]

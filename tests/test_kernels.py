@@ -102,6 +102,18 @@ def test_ties_reports_a_task_vector_that_overflows_float32(monkeypatch, route):
         _merge(monkeypatch, route, base, fts)
 
 
+@pytest.mark.parametrize("route", ["compiled", "torch"])
+@pytest.mark.parametrize("case", ["kept sum", "scaled result"])
+def test_ties_reports_a_merge_that_overflows_float32_from_finite_task_vectors(monkeypatch, route, case):
+    base = {"w": torch.zeros(8, dtype=torch.bfloat16)}
+    if case == "kept sum":  # each τ_t is finite, their sum is not
+        fts, scaling = [{"w": torch.full((8,), 3e38, dtype=torch.bfloat16)} for _ in range(2)], 1.0
+    else:  # the merged τ is finite, λ·τ is not
+        fts, scaling = [{"w": torch.full((8,), 1e38, dtype=torch.bfloat16)}], 10.0
+    with pytest.raises(hf_merge.MergeError, match=r"'w'.*overflows float32"):
+        _merge(monkeypatch, route, base, fts, density=1.0, aggregate="sum", scaling=scaling)
+
+
 def test_kernel_bfloat16_load_and_store_match_torchs_conversions():
     import numpy as np
 

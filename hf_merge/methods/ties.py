@@ -342,9 +342,11 @@ class OnePassTies(OnePassMerge):
         for start in range(0, self.numel[key], _KERNEL_BLOCK):
             end = start + _KERNEL_BLOCK
             block = self.kernel(arrays[0][start:end], tuple(a[start:end] for a in arrays[1:]), out[start:end], start)
-            if block is None:  # a non-finite τ_t: raises, naming the input holding NaN/Inf (or the overflow)
-                self._deltas(key, [tensor_copy(a[start:end], s.meta(key).dtype)
-                                   for a, s in zip(arrays, self.sources)])
+            if block is None:  # a non-finite kept sum or result: the torch route raises, naming the input holding
+                # NaN/Inf, or the overflow
+                pieces = [tensor_copy(a[start:end], s.meta(key).dtype) for a, s in zip(arrays, self.sources)]
+                flat_out[start : start + pieces[0].numel()] = self._merge_piece(key, start, pieces)
+                continue
             self.at_or_above += torch.from_numpy(block.at_or_above)
             self.strictly_above += torch.from_numpy(block.strictly_above)
             self.decided_mass += block.decided_mass
@@ -390,7 +392,9 @@ class OnePassTies(OnePassMerge):
             negative = (base[zero_index] + negative.mul_(self.config.scaling)).to(self.ctx.output_dtypes[key])
             self.if_negative.append((key, start + zero_index, negative))
         merged = disjoint_merge(trimmed, signs.add_(zero_sum), self.config.aggregate)
-        return (base + merged.mul_(self.config.scaling)).to(self.ctx.output_dtypes[key])
+        result = base + merged.mul_(self.config.scaling)
+        self.ctx.check_finite(result, self.sources, key, pieces)  # a merge overflowing float32 is an error
+        return result.to(self.ctx.output_dtypes[key])
 
     def _thresholds(self, open_entries: OpenEntries) -> list[float] | None:
         """Each task's exact threshold from the counts at and above hi_t and the |τ_t| strictly inside its bracket
