@@ -239,8 +239,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".work" / "merge_io")
     parser.add_argument("--measure", choices=["compile", *LABELS], help=argparse.SUPPRESS)
     parser.add_argument("--max-memory", default=None, help="host-memory budget passed to hf_merge.merge, e.g. 4GB")
-    parser.add_argument("--runs", default="floor,floor_mapped,ta,ties,ta,ties,floor_mapped,floor",
-                        help="comma-separated measurements, in order (a repeated one counts its fastest run)")
+    parser.add_argument("--runs", help="comma-separated measurements, in order (a repeated one counts its fastest run)",
+                        default="floor,floor_mapped,ta,ties,ta,ties,floor_mapped,floor,ties,ta,floor,floor_mapped")
     parser.add_argument("--cache", default="warm,cold", help="page-cache states of the inputs to measure, in order")
     parser.add_argument("--name", default=None, help="results file name (default merge_io[_quick].json)")
     args = parser.parse_args()
@@ -266,7 +266,7 @@ def main() -> None:
     rows = []
     for cache in args.cache.split(","):
         runs: dict[str, dict] = {}
-        for kind in args.runs.split(","):  # each floor before and after the merges: the fastest run of each counts
+        for kind in args.runs.split(","):  # three of each, interleaved: the fastest run of each counts
             result = run(kind, cache)
             runs[kind] = min(runs.get(kind, result), result, key=lambda r: r["wall_s"])
         floor = runs["floor"]["wall_s"]

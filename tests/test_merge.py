@@ -392,7 +392,7 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
 
     shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks, the others whole
     base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 3, seed=11)
-    whole_reads = []  # whole tensors read or mapped (the 1/256 sample reads blocks)
+    whole_reads = []  # whole tensors read or mapped (the 1/1024 sample reads blocks)
     original_read, original_read_range = SafetensorsFile.read, SafetensorsFile.read_range
 
     def read_range(self, name, start, out):
