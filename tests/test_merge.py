@@ -389,7 +389,9 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
 
     from hf_merge.io import FolderSource
     from hf_merge.io.safetensors_file import SafetensorsFile
+    from hf_merge.methods import ties
 
+    monkeypatch.setattr(ties, "_SAMPLE_EVERY", 256)  # a sample stride (256 blocks of 1024) below the size of "big"
     shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks, the others whole
     base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 3, seed=11)
     whole_reads = []  # whole tensors read or mapped (the 1/1024 sample reads blocks)
@@ -413,8 +415,6 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
     monkeypatch.setattr(FolderSource, "read_blocks", read_blocks)
     hf_merge.merge(folders[0], folders[1:], "ties", density=density, output_dir=tmp_path / "out", progress=False)
     # once each; with density < 1 a tensor smaller than the threshold sample's stride is also read whole by it
-    from hf_merge.methods import ties
-
     stride = ties._SAMPLE_BLOCK * ties._SAMPLE_EVERY
     expected_reads = [(folder / "model.safetensors", key) for folder in folders for key, shape in shapes.items()
                       for _ in range(2 if density < 1 and math.prod(shape) < stride else 1)]
