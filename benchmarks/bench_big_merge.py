@@ -24,7 +24,7 @@ if __name__ == "__main__":
     cmd = [
         sys.executable, str(ROOT / "bench_merge_io.py"),
         "--hidden", "2560", "--intermediate", "6912", "--layers", "32", "--vocab", "32000", "--tasks", "4",
-        "--workdir", str(ROOT / ".work" / "big_merge"), "--runs", "floor,ta", "--cache", "cold",
+        "--workdir", str(ROOT / ".work" / "big_merge"), "--runs", "floor,floor_mapped,ta", "--cache", "cold",
         "--name", "big_merge.json", *extra,
     ]
     sys.exit(subprocess.call(cmd))
