@@ -259,7 +259,7 @@ class MergeContext:
 
     def nested(self) -> MergeContext:
         """The view a merger wrapped by another one (LiNeS, Consensus) prepares with: it merges tensor by tensor for
-        its wrapper, so it never precomputes whole outputs."""
+        its wrapper, so it never merges in one pass of its own (:attr:`can_merge_in_one_pass` is false)."""
         return self._view(output_dtypes=None)
 
     def _view(self, **changes: Any) -> MergeContext:
