@@ -36,7 +36,7 @@ import _text_bench as tb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Coarse versions of the papers' grids (same ranges, fewer points) for budgeted runs; ``--grid paper`` uses the
-#: papers' own grids (hf_merge.search.PAPER_GRIDS).
+#: papers' own grids (each config's search_space()).
 COARSE_GRIDS = {
     "scaling_ta": (0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
     "scaling_ties": (0.8, 1.0, 1.2, 1.5, 2.0, 2.5),
@@ -111,7 +111,7 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
     from tqdm.auto import tqdm
 
     import hf_merge
-    from hf_merge.bank import compress
+    from hf_merge import compress
     from hf_merge.search import search
 
     log(f"[{variant}] experts")

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--cache-dir", type=Path, default=tb.DEFAULT_CACHE)
     args = parser.parse_args(argv)
 
-    from hf_merge.bank import TaskBank, compress
+    from hf_merge import TaskBank, compress
     from hf_merge.registry import config_class
 
     base, setups = tb.prepare_experts(tiny=args.tiny, cache_dir=args.cache_dir)

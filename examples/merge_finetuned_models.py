@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def _short_grid(method: str) -> list[float] | None:
-    """A few points of the papers' range per method (the full grids are in hf_merge.search.PAPER_GRIDS)."""
+    """A few points of the papers' range per method (the full grids: each config's search_space())."""
     return {"task_arithmetic": [0.2, 0.4, 0.6, 0.8, 1.0], "ties": [0.8, 1.2, 1.6, 2.0],
             "consensus": [0.2, 0.4, 0.6, 0.8, 1.0]}.get(method, [0.5, 1.0, 1.5, 2.0, 3.0])
 

@@ -8,6 +8,8 @@ are imported only by the code paths that need them. Importing hf_merge attaches 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from .integration import install as _install_merge_with
@@ -15,9 +17,14 @@ from .integration import install as _install_merge_with
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "merge": "engine",
-    "MergeError": "engine",
-    "MergeContext": "engine",
+    "merge": "api",
+    "compress": "api",
+    "merge_adapters": "api",
+    "MergeError": "errors",
+    "MergeContext": "context",
+    "MergeOptions": "options",
+    "MethodCard": "config",
+    "SearchSpace": "config",
     "MergeConfig": "config",
     "MERGE_METHODS": "registry",
     "get_merger": "registry",
@@ -34,7 +41,6 @@ _EXPORTS = {
     "merge_with": "integration",
     "ATMConfig": "training.config",
     "ATMTrainer": "training.atm",
-    "merge_adapters": "lora",
     "PermutationSpec": "permutation",
     "validate_spec": "permutation",
     "weight_matching": "permutation",
@@ -42,10 +48,9 @@ _EXPORTS = {
     "repair": "permutation",
     "search": "search",
     "SearchResult": "search",
-    "compress": "bank",
     "TaskBank": "bank",
-    "TaskCompressor": "bank",
-    "MergedAdapter": "lora",
+    "TaskCompressor": "methods.base",
+    "MergedAdapter": "io.adapter_sink",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -74,4 +79,15 @@ def __dir__() -> list[str]:
     return __all__
 
 
+class _Package(types.ModuleType):
+    """``hf_merge.search`` is the function: importing the submodule of the same name (``from hf_merge.search import
+    SearchResult``) does not rebind it to the module, which stays in ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 _install_merge_with()

@@ -8,7 +8,9 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .kernels import KERNEL_CHUNK
+#: Elements per parallel work item of a kernel (its own slice of every scratch buffer).
+KERNEL_CHUNK = 1 << 14
+
 
 
 @intrinsic

@@ -15,25 +15,23 @@ On disk (written atomically)::
 
 from __future__ import annotations
 
-import abc
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .io.sources import (
-    SAFETENSORS_DTYPES,
-    FolderSource,
-    StateDictSource,
-    TensorMeta,
-    TensorSource,
-    open_source,
-)
-from .io.writer import atomic_directory, write_safetensors_shards
+from .io.publish import publish_folder
+from .io.sinks import Sink
+from .io.sources import DeltaSource, FolderSource, StateDictSource, TensorSource
+from .io.writer import ShardWriter, plan_shards, write_safetensors_shards
+from .methods.base import TaskCompressor
+from .record import MergeRecord
+from .tensors import SAFETENSORS_DTYPES, TensorMeta
 
 if TYPE_CHECKING:
     from .config import MergeConfig
@@ -46,26 +44,6 @@ PAYLOAD_DIR = "payload"
 BASE_DIR = "base"
 _SEPARATOR = "::"
 _DTYPE_TO_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-class TaskCompressor(abc.ABC):
-    """A method that stores every task compactly and rebuilds each task vector from what it stored."""
-
-    @abc.abstractmethod
-    def payload_layout(self, key: str, meta: TensorMeta, info: ParamInfo, num_tasks: int) -> dict[str, TensorMeta]:
-        """``{part: meta}`` of what is stored for tensor ``key`` (shapes known before any data is read)."""
-
-    @abc.abstractmethod
-    def encode_tensor(
-        self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo
-    ) -> dict[str, torch.Tensor]:
-        """The stored parts of ``key`` (as laid out by :meth:`payload_layout`) from the float32 task vectors."""
-
-    @abc.abstractmethod
-    def decode_tensor(
-        self, key: str, task_index: int, payload: Callable[[str], torch.Tensor], meta: TensorMeta, info: ParamInfo
-    ) -> torch.Tensor:
-        """The reconstructed task vector of task ``task_index`` (float32) from the stored parts (``payload(part)``)."""
 
 
 def _nbytes(meta: TensorMeta) -> int:
@@ -93,7 +71,7 @@ class TaskBank:
         *,
         base_embedded: bool,
     ) -> None:
-        from .engine import classify_sources
+        from .inputs import classify_sources
         from .registry import get_merger
 
         self.config = config
@@ -147,21 +125,16 @@ class TaskBank:
         Returns a new model of the base's class for a model base (or a folder base with a ``config.json``), a state
         dict for a state-dict base, or the path of a ``from_pretrained``-loadable checkpoint with ``output_dir``.
         """
-        from .engine import emit
+        from .engine import Plan, run
+        from .io.sinks import output_sink
+        from .methods.task_arithmetic import TaskArithmeticConfig, TaskArithmeticMerger
+        from .options import make_options
 
         self._task_index(name)
-
-        def compute(key: str) -> torch.Tensor:
-            meta = self.metas[key]
-            if not meta.dtype.is_floating_point:
-                return self.base.get(key)
-            theta0 = self.base.get(key).to(torch.float32)
-            return (theta0 + self.task_delta(name, key)).to(meta.dtype)
-
-        return emit(
-            self.base, self.metas, compute, output_dir=output_dir, merge_config=self.config,
-            merge_inputs={"task_bank_task": name}, progress=progress, desc=f"loading task {name!r}",
-        )
+        options = make_options(progress=progress)
+        plan = Plan(self.base, {name: _BankTask(self, name)}, TaskArithmeticMerger(TaskArithmeticConfig(scaling=1.0)),
+                    record=MergeRecord(self.config, {"task_bank_task": name}))
+        return run(plan, output_sink(self.base, options, output_dir=output_dir), options)
 
     # ------------------------------------------------------------------ size
     def payload_nbytes(self) -> int:
@@ -179,11 +152,11 @@ class TaskBank:
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> str:
         """Write the bank into ``save_directory`` atomically (see the module docstring for the layout)."""
         target = Path(save_directory).absolute()
-        with atomic_directory(target) as tmp:
-            _write_bank(
-                tmp, target, self.config, self._tasks, self.base, self.metas, self.layout,
-                lambda name: self.payload.get(name), embed_base=self._base_embedded, max_shard_size=max_shard_size,
-            )
+        with publish_folder(target) as tmp:
+            (tmp / PAYLOAD_DIR).mkdir()
+            write_safetensors_shards(tmp / PAYLOAD_DIR, self.layout, self.payload.get, max_shard_size=max_shard_size)
+            _finish_bank(tmp, self.config, self._tasks, self.base, self.metas, embed_base=self._base_embedded,
+                         max_shard_size=max_shard_size)
         return str(target)
 
     def push_to_hub(self, repo_id: str, **push_options: Any) -> Any:
@@ -248,21 +221,17 @@ def _payload_layout(
     return layout
 
 
-def _write_bank(
+def _finish_bank(
     folder: Path,
-    final_location: Path,
     config: MergeConfig,
     tasks: Sequence[str],
     base: TensorSource,
     metas: Mapping[str, TensorMeta],
-    layout: Mapping[str, TensorMeta],
-    payload: Callable[[str], torch.Tensor],
     *,
     embed_base: bool,
     max_shard_size: int | str,
 ) -> None:
-    (folder / PAYLOAD_DIR).mkdir()
-    write_safetensors_shards(folder / PAYLOAD_DIR, layout, payload, max_shard_size=max_shard_size)
+    """Everything of a bank folder but its payload: the embedded base (or its path), the manifest and the card."""
     if embed_base:
         (folder / BASE_DIR).mkdir()
         write_safetensors_shards(folder / BASE_DIR, metas, base.get, max_shard_size=max_shard_size)
@@ -288,76 +257,72 @@ def _write_bank(
         },
     }
     (folder / BANK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    from .hub import write_card
-
-    write_card(folder, config, {"base": base.origin, "models": dict.fromkeys(tasks)}, artifact="task_bank")
+    MergeRecord(config, {"base": base.origin, "models": dict.fromkeys(tasks)}, artifact="task_bank").write_to(folder)
 
 
-def compress(
-    base: Any,
-    finetuned: Sequence[Any] | Mapping[str, Any],
-    config: MergeConfig | str,
-    *,
-    output_dir: str | os.PathLike | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    allow_pickle: bool = False,
-    max_shard_size: int | str = "5GB",
-    **overrides: Any,
-) -> TaskBank:
-    """Compress T fine-tuned models into a :class:`TaskBank` (TSV-C factors or TALL masks), streaming per tensor.
+class _BankTask(DeltaSource):
+    """Task ``name`` of a bank as an update of its base: τ̂ decoded per tensor."""
 
-    Args:
-        base: the pre-trained θ₀ (model, checkpoint folder or state dict). A folder base is referenced by path;
-            other bases are stored in the bank when it is saved.
-        finetuned: ``{task_name: model}`` (or a sequence, named ``task_0``, ...).
-        config: :class:`~hf_merge.TSVCompressConfig` or :class:`~hf_merge.TallMaskConfig` (or their method names).
-        output_dir: write the bank there atomically while compressing (nothing is held in memory) and return it
-            opened from disk; otherwise the bank is held in memory until :meth:`TaskBank.save_pretrained`.
-        device: where the arithmetic runs.
+    def __init__(self, bank: TaskBank, name: str) -> None:
+        super().__init__()
+        self.bank, self.name = bank, name
+        self.label = f"task bank task {name!r}"
 
-    Example:
-        >>> bank = hf_merge.compress(base, {"sst2": m1, "mnli": m2}, hf_merge.TallMaskConfig(mask_threshold=0.4))
-        >>> bank.storage_ratio(), bank.load_task("mnli")
-    """
-    from .engine import MergeContext, classify_sources, open_tasks, validate_sources
-    from .registry import get_merger, make_config
+    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
+        return self.bank.task_delta(self.name, key).to(base.device)
 
-    config = make_config(config, **overrides)
-    compressor = get_merger(config)
-    if not isinstance(compressor, TaskCompressor):
-        raise TypeError(
-            f"compress needs a TSVCompressConfig or TallMaskConfig (a TaskCompressor method), got {config.method!r}."
-        )
-    if getattr(config, "task", None) is not None:
-        raise ValueError("config.task selects one task for merge(); compress stores every task, so leave it None.")
-    base_source = open_source(base, "base", allow_pickle=allow_pickle)
-    tasks = open_tasks(finetuned, allow_pickle=allow_pickle)
-    metas = validate_sources(base_source, tasks)
-    infos = classify_sources(base_source, tasks)
-    ctx = MergeContext(base_source, tasks, infos, metas, device=device, progress=progress)
-    compressor.prepare(ctx)
-    layout = _payload_layout(compressor, metas, infos, len(tasks))
-    current: dict[str, Any] = {"key": None, "parts": {}}
 
-    def compute(name: str) -> torch.Tensor:
-        key, part = name.rsplit(_SEPARATOR, 1)
-        if current["key"] != key:
-            theta0 = ctx.base_tensor(key)
-            current["key"], current["parts"] = key, compressor.encode_tensor(key, theta0, ctx.deltas(key, theta0), infos[key])
-        meta = layout[name]
-        return current["parts"][part].to("cpu", meta.dtype).contiguous().clone()
+class BankSink(Sink):
+    """Takes a compressor's encoded parts per tensor and builds a :class:`TaskBank`: streamed into ``output_dir``
+    (payload shards written as parts arrive, in the shard plan's order) and opened from there, or held in memory."""
 
-    embed_base = base_source.folder is None or base_source.model is not None
-    if output_dir is not None:
-        target = Path(output_dir).absolute()
-        with atomic_directory(target) as tmp:
-            _write_bank(
-                tmp, target, config, list(tasks), base_source, metas, layout, compute,
-                embed_base=embed_base, max_shard_size=max_shard_size,
-            )
-        return TaskBank.from_pretrained(target)
-    from tqdm.auto import tqdm
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "dtype")
+    takes_encoded = True
 
-    stored = {name: compute(name) for name in tqdm(layout, desc="compressing", disable=not progress, leave=False)}
-    return TaskBank(config, list(tasks), base_source, StateDictSource(stored, "task bank payload"), base_embedded=embed_base)
+    def __init__(self, compressor: TaskCompressor, base: TensorSource, tasks: Sequence[str], *,
+                 output_dir: str | os.PathLike | None = None, max_shard_size: int | str | None = None) -> None:
+        self.compressor, self.base, self.tasks = compressor, base, list(tasks)
+        self.output_dir = Path(output_dir).absolute() if output_dir is not None else None
+        self.max_shard_size = max_shard_size or "5GB"
+        self.embed_base = base.folder is None or base.model is not None
+        self._stack = contextlib.ExitStack()
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
+        self.metas = metas
+        self.layout = _payload_layout(self.compressor, metas, infos, len(self.tasks))
+        if self.output_dir is None:
+            return [k for k, m in metas.items() if m.dtype.is_floating_point]
+        self.plan = plan_shards(self.layout, max_shard_size=self.max_shard_size)
+        self.staging = self._stack.enter_context(publish_folder(self.output_dir))
+        (self.staging / PAYLOAD_DIR).mkdir()
+        self.writer = ShardWriter(self.staging / PAYLOAD_DIR, self.plan)
+        self.names = iter(self.plan.order)
+        self.next_name = next(self.names, None)
+        return list(dict.fromkeys(name.rsplit(_SEPARATOR, 1)[0] for name in self.plan.order))
+
+    def put(self, key: str, value: Mapping[str, torch.Tensor]) -> None:
+        for part, tensor in value.items():
+            name = f"{key}{_SEPARATOR}{part}"
+            self.pending[name] = tensor.to("cpu", self.layout[name].dtype).contiguous().clone()
+        if self.output_dir is None:
+            return
+        while self.next_name is not None and self.next_name in self.pending:  # written in the plan's order
+            self.writer.put(self.next_name, self.pending.pop(self.next_name))
+            self.next_name = next(self.names, None)
+
+    def finish(self, record: MergeRecord | None) -> TaskBank:
+        config = self.compressor.config
+        if self.output_dir is None:
+            return TaskBank(config, self.tasks, self.base, StateDictSource(self.pending, "task bank payload"),
+                            base_embedded=self.embed_base)
+        self.writer.close()
+        _finish_bank(self.staging, config, self.tasks, self.base, self.metas, embed_base=self.embed_base,
+                     max_shard_size=self.max_shard_size)
+        self._stack.close()
+        return TaskBank.from_pretrained(self.output_dir)
+
+    def abort(self, error: BaseException) -> None:
+        if hasattr(self, "writer"):
+            self.writer.abort()
+        self._stack.__exit__(type(error), error, error.__traceback__)

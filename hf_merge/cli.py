@@ -5,7 +5,9 @@
     hf-merge push DIR REPO_ID [--private] [--revision REV]   upload a merge folder to the Hub in one commit
 
 The YAML keys are ``method``, ``base``, ``models`` (a list or a ``{task: path}`` mapping), ``parameters``,
-``output``, and optionally ``dtype`` and ``device``. Relative paths are resolved against the YAML file's folder.
+``output``, and optionally any field of :class:`~hf_merge.options.MergeOptions` (``dtype``, ``device``,
+``memory_budget``, ``max_shard_size``, ``allow_pickle``, ...). Relative paths are resolved against the YAML file's
+folder.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-_YAML_KEYS = {"method", "base", "models", "parameters", "output", "dtype", "device"}
+_RECIPE_KEYS = {"method", "base", "models", "parameters", "output"}
+_PATH_OPTIONS = ("offload_folder",)
+
+
+def _yaml_keys() -> set[str]:
+    from .options import MergeOptions
+
+    return _RECIPE_KEYS | set(MergeOptions.field_names()) - {"progress"}
 
 
 def load_merge_spec(path: str | Path) -> dict[str, Any]:
@@ -28,11 +37,12 @@ def load_merge_spec(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Merge config {path} does not exist.")
     spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    valid = _yaml_keys()
     if not isinstance(spec, Mapping):
-        raise ValueError(f"{path}: expected a mapping with keys {sorted(_YAML_KEYS)}.")
-    unknown = sorted(set(spec) - _YAML_KEYS)
+        raise ValueError(f"{path}: expected a mapping with keys {sorted(valid)}.")
+    unknown = sorted(set(spec) - valid)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(_YAML_KEYS)}.")
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(valid)}.")
     for key in ("method", "models", "output"):
         if key not in spec:
             raise ValueError(f"{path}: missing required key {key!r}.")
@@ -53,27 +63,28 @@ def load_merge_spec(path: str | Path) -> dict[str, Any]:
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         raise ValueError(f"{path}: parameters must be a mapping.")
+    options = {key: spec[key] for key in set(spec) - _RECIPE_KEYS}
+    for key in _PATH_OPTIONS:
+        if options.get(key) is not None:
+            options[key] = resolve(options[key], key)
     return {
         "method": spec["method"],
         "base": resolve(spec["base"], "base") if spec.get("base") is not None else None,
         "models": models,
         "parameters": dict(parameters),
         "output": resolve(spec["output"], "output"),
-        "dtype": spec.get("dtype"),
-        "device": spec.get("device"),
+        "options": options,
     }
 
 
 def _merge_command(args: argparse.Namespace) -> int:
+    from .api import merge
     from .config import MergeConfig
-    from .engine import merge
 
     spec = load_merge_spec(args.config)
     config = MergeConfig.from_dict({"method": spec["method"], **spec["parameters"]})
-    output = merge(
-        spec["base"], spec["models"], config,
-        output_dir=spec["output"], dtype=spec["dtype"], device=spec["device"], progress=not args.quiet,
-    )
+    output = merge(spec["base"], spec["models"], config, output_dir=spec["output"], progress=not args.quiet,
+                   **spec["options"])
     if not args.quiet:
         print(f"Merged {len(spec['models'])} model(s) with {config.method} into {output}")
     return 0

@@ -2,7 +2,9 @@
 
 Every merge method has one ``*Config`` dataclass. It carries a ``method`` field naming the method, validates
 its values in ``__post_init__``, and round-trips through ``merge_config.json`` with
-``save_pretrained``/``from_pretrained`` — the same shape as ``peft.LoraConfig``.
+``save_pretrained``/``from_pretrained`` — the same shape as ``peft.LoraConfig``. A config also declares what its
+method offers around the merge itself: the coefficient search space (:meth:`MergeConfig.search_space`) and the
+model-card metadata (:attr:`MergeConfig.card`).
 """
 
 from __future__ import annotations
@@ -11,30 +13,95 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 CONFIG_NAME = "merge_config.json"
+#: How a merged model depends on a searched coefficient c: ``"linear"`` θ(c) = θ₀ + c·Δ (one merge for a whole grid),
+#: ``"affine"`` θ(c) = θ(0) + c·(θ(1) − θ(0)) (two merges), ``"per_task"`` chosen per task on that task's model, or
+#: ``"rerun"`` (one merge per grid value).
+COEFFICIENT_KINDS = ("linear", "affine", "per_task", "rerun")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodCard:
+    """What a model card says about a method: its name, a paragraph on what it does, and how to cite it."""
+
+    title: str
+    summary: str
+    bibtex: str | None = None
+    paper_url: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """A coefficient to choose on validation data: the (dotted, for nested configs) ``parameter``, the paper's grid
+    ``values`` and the ``kind`` of dependence (one of :data:`COEFFICIENT_KINDS`)."""
+
+    parameter: str
+    values: tuple[Any, ...]
+    kind: str = "rerun"
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, COEFFICIENT_KINDS)
+
+
+class SerializableConfig:
+    """``to_dict``/``from_dict``, ``save_pretrained``/``from_pretrained`` and ``replace`` for config dataclasses;
+    nested configs become nested dicts. Subclasses name their file in ``config_file_name``."""
+
+    config_file_name: ClassVar[str] = CONFIG_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-serialisable dict; nested configs become nested dicts."""
+        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @staticmethod
+    def _check_keys(target: type, data: Mapping[str, Any], unknown_message: str) -> None:
+        """Raise ``unknown_message`` (formatted with ``unknown``) and the valid names for keys ``target`` lacks."""
+        names = {f.name for f in dataclasses.fields(target) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{unknown_message.format(unknown=unknown)}; valid parameters: {sorted(names)}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        cls._check_keys(cls, data, f"Unknown {cls.__name__} parameter(s) {{unknown}}")
+        return cls(**{k: _from_plain(v) for k, v in data.items()})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write the config file into ``save_directory`` (created if needed); return the file path."""
+        return write_json(save_directory, self.config_file_name, self.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> Any:
+        """Read the config file from a folder (or the file itself)."""
+        return cls.from_dict(read_json(directory, cls.config_file_name))
+
+    def replace(self, **overrides: Any) -> Any:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **overrides)
 
 
 @dataclasses.dataclass(kw_only=True)
-class MergeConfig:
+class MergeConfig(SerializableConfig):
     """Base class of every merge method's configuration.
 
     Subclasses declare ``method: str = dataclasses.field(default="<name>", init=False)`` and register
-    themselves in :data:`hf_merge.registry.MERGE_METHODS`.
+    themselves with :func:`hf_merge.register_method`.
     """
 
     method: str = dataclasses.field(default="", init=False)
+    #: The model card's description of the method (``None``: the card names the method only).
+    card: ClassVar[MethodCard | None] = None
 
-    # ----------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-serialisable dict; nested configs become nested dicts."""
-        out: dict[str, Any] = {"method": self.method}
-        for f in dataclasses.fields(self):
-            if f.name == "method":
-                continue
-            out[f.name] = _to_plain(getattr(self, f.name))
-        return out
+    def search_space(self) -> SearchSpace | None:
+        """The coefficient the method's papers choose on validation data, with their grid (``None``: none)."""
+        return None
+
+    def coefficient_kind(self, parameter: str) -> str:
+        """How the merge depends on the (dotted) field ``parameter``; ``"rerun"`` unless the method says more."""
+        space = self.search_space()
+        return space.kind if space is not None and space.parameter == parameter else "rerun"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MergeConfig:
@@ -51,31 +118,12 @@ class MergeConfig:
             target = config_class(method)
             if cls is not MergeConfig and not issubclass(target, cls):
                 raise ValueError(f"Config dict names method {method!r}, which is not a {cls.__name__}.")
-        names = {f.name for f in dataclasses.fields(target) if f.init}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"Unknown parameter(s) {unknown} for method {target.method_name()!r}; "
-                f"valid parameters: {sorted(names)}."
-            )
+        cls._check_keys(target, data, f"Unknown parameter(s) {{unknown}} for method {target.method_name()!r}")
         return target(**{k: _from_plain(v) for k, v in data.items()})
 
     @classmethod
     def method_name(cls) -> str:
         return next(f.default for f in dataclasses.fields(cls) if f.name == "method")
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write ``merge_config.json`` into ``save_directory`` (created if needed); return the file path."""
-        return write_json(save_directory, CONFIG_NAME, self.to_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> MergeConfig:
-        """Read ``merge_config.json`` from a folder (or the file itself)."""
-        return cls.from_dict(read_json(directory, CONFIG_NAME))
-
-    def replace(self, **overrides: Any) -> MergeConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **overrides)
 
 
 def write_json(directory: str | os.PathLike, filename: str, data: Mapping[str, Any]) -> str:

@@ -25,18 +25,17 @@ def merge_with(
     inplace: bool = False,
     **kwargs: Any,
 ) -> Any:
-    """Merge this model with ``others`` (models, checkpoint folders or state dicts).
+    """Merge this model with ``others`` (models, checkpoint folders, state dicts or adapters).
 
     This model is the pre-trained base θ₀ unless ``base`` is given, in which case this model is the first
     fine-tuned model and ``others`` the rest. Returns a new merged model, or this model updated in place with
-    ``inplace=True``. Keyword arguments go to :func:`hf_merge.merge` (method parameters, ``device``, ...).
+    ``inplace=True``. Every keyword of :func:`hf_merge.merge` is accepted (method parameters, ``device``,
+    ``output_dir``, ``output``, ``rank``, ...).
 
     Example:
         >>> merged = base_model.merge_with({"sst2": m1, "mnli": m2}, "task_arithmetic", scaling=0.3)
     """
-    from .engine import open_tasks, run_merger
-    from .io.sources import open_source
-    from .registry import get_merger
+    from .api import merge
 
     if not isinstance(others, (Sequence, Mapping)) or isinstance(others, str):
         others = [others]
@@ -46,25 +45,10 @@ def merge_with(
         base_input, finetuned = base, [self, *others]
     else:
         base_input, finetuned = self, others
-    from .engine import Placement, RunOptions, parse_dtype
-
-    allow_pickle = kwargs.pop("allow_pickle", False)
-    run_keys = {"device", "dtype", "progress", "max_shard_size", "max_memory"}
-    options = RunOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in run_keys})
-    options.device = options.device or kwargs.pop("compute_device", None)
-    options.dtype = parse_dtype(options.dtype)
-    options.placement = Placement(
-        device_map=kwargs.pop("device_map", None), offload_folder=kwargs.pop("offload_folder", None),
-        max_memory=options.max_memory if isinstance(options.max_memory, Mapping) else None,
-    )
-    options.into = self if inplace and base is None else None
-    merger = get_merger(config_or_method, **kwargs)
-    return run_merger(
-        merger,
-        open_source(base_input, "base", allow_pickle=allow_pickle),
-        open_tasks(finetuned, allow_pickle=allow_pickle),
-        options,
-    )
+    into = self if inplace and base is None else None
+    if inplace and base is not None:
+        raise ValueError("inplace=True updates the base model; with base=... this model is a fine-tuned input.")
+    return merge(base_input, finetuned, config_or_method, into=into, **kwargs)
 
 
 def _attach(module: Any) -> None:

@@ -1,5 +1,8 @@
-"""Compiled CPU kernels (numba, the optional ``fast`` extra) for the elementwise hot loops torch cannot fuse:
-one-pass global TIES and the linear combination of Task Arithmetic / averaging.
+"""The seam of the fast routes: compiled CPU kernels (numba, the optional ``fast`` extra) for the elementwise hot
+loops torch cannot fuse — one-pass global TIES and the linear combination of Task Arithmetic / averaging.
+
+Callers ask :func:`fused_linear_combine` or :func:`fused_ties_one_pass` for a kernel and get ``None`` when the torch
+route runs; they never test availability or dtypes themselves.
 
 A chain of torch ops makes one pass over memory per op; a fused loop reads each input once and keeps every
 intermediate in registers. Each kernel here has a torch twin computing the same bits (same float32 operations in the
@@ -14,16 +17,16 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-#: Elements per parallel work item of a kernel (its own slice of every scratch buffer).
-KERNEL_CHUNK = 1 << 14
 #: One parallel kernel at a time: numba's fallback threading layer (workqueue) is not thread-safe.
 _LAUNCH_LOCK = threading.Lock()
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+#: ``(flat input arrays, weights, flat output array) -> whether every result is finite``.
+LinearCombine = Callable[[Sequence[np.ndarray], Sequence[float], np.ndarray], bool]
 
 
 def kernels_enabled() -> bool:
@@ -42,17 +45,33 @@ def _numba_available() -> bool:
     return True
 
 
-def takes(input_dtypes: Sequence[torch.dtype], output_dtype: torch.dtype) -> bool:
+def _takes(input_dtypes: Sequence[torch.dtype], output_dtype: torch.dtype) -> bool:
     """Whether the kernels take these inputs (the first, then one dtype for all others) and output: each bfloat16 or
-    float32. Inputs and outputs are flat numpy arrays (:func:`hf_merge.io.sources_dtypes.numpy_view`)."""
+    float32. Inputs and outputs are flat numpy arrays (:func:`hf_merge.tensors.numpy_view`)."""
     return (len(set(input_dtypes[1:])) <= 1 and output_dtype in _KERNEL_DTYPES
             and all(dtype in _KERNEL_DTYPES for dtype in input_dtypes))
 
 
-def linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> bool:
+def fused_linear_combine(input_dtypes: Sequence[torch.dtype], output_dtype: torch.dtype) -> LinearCombine | None:
+    """The compiled linear combination for inputs of ``input_dtypes`` (base first) into ``output_dtype``, or ``None``
+    when the torch route runs (kernels off, or dtypes the kernel does not take)."""
+    return _linear_combine if kernels_enabled() and _takes(input_dtypes, output_dtype) else None
+
+
+def fused_ties_one_pass(num_tasks: int, low: Sequence[float], high: Sequence[float], scaling: float, mean: bool,
+                        block: int) -> TiesOnePassKernel | None:
+    """The compiled one-pass TIES kernel for these brackets, or ``None`` when the torch route runs; it merges the
+    tensors whose dtypes :meth:`TiesOnePassKernel.accepts`."""
+    if not kernels_enabled():
+        return None
+    return TiesOnePassKernel(num_tasks, low, high, scaling, mean, block)
+
+
+def _linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> bool:
     """out = Σ_i w_i·x_i over flat kernel arrays (x_0 any kernel dtype, the others one dtype), accumulated in float32
     in input order with one fused multiply-add per term: the bits of torch's ``acc.mul_(w_0)`` then
     ``acc.add_(x_i, alpha=w_i)``. Returns whether every result is finite."""
+    from ._numba_kernels import KERNEL_CHUNK
     from ._numba_kernels import linear_combine as kernel
 
     nonfinite = np.zeros(-(-out.shape[0] // KERNEL_CHUNK), dtype=np.int64)
@@ -98,6 +117,8 @@ class TiesOnePassKernel:
 
     def __init__(self, num_tasks: int, low: Sequence[float], high: Sequence[float], scaling: float, mean: bool,
                  block: int) -> None:
+        from ._numba_kernels import KERNEL_CHUNK
+
         self.low = np.asarray(low, dtype=np.float32)
         self.high = np.asarray(high, dtype=np.float32)
         self.scaling, self.mean, self.block = np.float32(scaling), mean, block
@@ -107,11 +128,16 @@ class TiesOnePassKernel:
         self.zero_index = np.empty((1, block), dtype=np.int64)
         self.zero_negative: dict[np.dtype, np.ndarray] = {}  # per output dtype
 
+    @staticmethod
+    def accepts(input_dtypes: Sequence[torch.dtype], output_dtype: torch.dtype) -> bool:
+        """Whether this kernel merges inputs of ``input_dtypes`` (base first) into ``output_dtype``."""
+        return _takes(input_dtypes, output_dtype)
+
     def __call__(self, base: np.ndarray, tasks: tuple[np.ndarray, ...], out: np.ndarray,
                  offset: int = 0) -> TiesBlock | None:
         """Merge one block (``len(base) ≤ block``) into ``out``; reported indices are ``offset`` + positions in the
         block. ``None`` if an input holds NaN or Inf, or the merge overflows float32."""
-        from ._numba_kernels import gather_regions, ties_one_pass
+        from ._numba_kernels import KERNEL_CHUNK, gather_regions, ties_one_pass
 
         counts = self.counts[: -(-base.shape[0] // KERNEL_CHUNK)]
         if out.dtype not in self.zero_negative:

@@ -1,19 +1,15 @@
-"""Validation search of a merge method's coefficient over the papers' grids.
+"""Validation search of a merge method's coefficient over its papers' grid.
 
-``search(base, finetuned, config, evaluate_fn)`` scores every grid value of one coefficient (Task Arithmetic λ,
-TIES λ, TSV-M / Iso α, Consensus α, LiNeS β, TALL-mask λ per task) with ``evaluate_fn`` and returns the best.
+``search(base, finetuned, config, evaluate_fn)`` scores every grid value of one coefficient with ``evaluate_fn`` and
+returns the best. Each method's config says which coefficient its papers search, over which grid
+(:meth:`~hf_merge.MergeConfig.search_space`), and how the merged model depends on a coefficient
+(:meth:`~hf_merge.MergeConfig.coefficient_kind`); the search runs as few merges as that dependence allows:
 
-Where the merged model is affine in the coefficient, the merge runs once (or twice) and each grid point is formed
-arithmetically instead of re-running the merge:
-
-* linear (``scaling`` of Task Arithmetic, TIES, TSV-M, Iso-C, Iso-CTS, Consensus; DARE's ``then.scaling``):
-  θ(c) = θ₀ + c·Δ with Δ the merged task vector at c = 1 — one streamed merge for the whole grid;
-* affine (LiNeS ``beta``/``alpha``, Eq. 1: λ(ℓ) = α + β(ℓ − 1)/(L − 1) multiplies a τ_merged that does not depend on
-  α or β): θ(c) = θ(0) + c·(θ(1) − θ(0)) — two merges.
-
-Any other coefficient (e.g. TIES ``density``, DARE ``drop_rate``) is merged once per grid value. The TALL-mask λ is
-chosen per task (Wang et al. 2024): ``evaluate_fn`` is then a ``{task: fn}`` mapping and task t's λ maximises fn_t on
-task t's TALL-mask model θ₀ + m_t(λ) ⊙ τ_MTL.
+* ``"linear"``: θ(c) = θ₀ + c·Δ with Δ the merged task vector at c = 1 — one streamed merge for the whole grid;
+* ``"affine"``: θ(c) = θ(0) + c·(θ(1) − θ(0)) — two merges;
+* ``"per_task"``: ``evaluate_fn`` is a ``{task: fn}`` mapping and task t's value maximises fn_t on task t's model
+  (the config with ``task=t``), one merge per task and grid value;
+* ``"rerun"`` (any other coefficient, e.g. TIES ``density``): one merge per grid value.
 """
 
 from __future__ import annotations
@@ -31,44 +27,6 @@ from .config import MergeConfig
 from .registry import make_config
 
 EvaluateFn = Callable[[Any], float]
-
-
-def _linspace_tail(stop: float, num: int) -> tuple[float, ...]:
-    """``linspace(0, stop, num)[1:]`` rounded to 10 decimals (the papers' grids without the zero)."""
-    return tuple(round(stop * i / (num - 1), 10) for i in range(1, num))
-
-
-def _arange(start: float, stop: float, step: float) -> tuple[float, ...]:
-    """``arange(start, stop, step)`` with decimal rounding (no float drift in the grid values)."""
-    count = math.floor((stop - start) / step + 1e-9) + 1
-    values = tuple(round(start + i * step, 10) for i in range(count))
-    return tuple(v for v in values if v < stop - 1e-12)
-
-
-#: The papers' validation grids (see the algorithm specs): method -> (coefficient, values).
-TA_GRID = _linspace_tail(1.0, 31)  # TSV / TALL repos: linspace(0, 1, 31)[1:]
-TIES_GRID = _arange(0.8, 2.55, 0.1)  # TIES repo: 0.8 .. 2.5 step 0.1
-ALPHA_GRID = _linspace_tail(3.0, 31)  # TSV-M and Iso: linspace(0, 3, 31)[1:]
-LINES_GRID = _linspace_tail(1.0, 11)  # LiNeS with TA / Consensus: linspace(0, 1, 11)[1:]
-LINES_TIES_GRID = _arange(0.1, 1.6, 0.1)  # LiNeS with TIES: arange(0.1, 1.6, 0.1)
-TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)  # TALL masks: λ_t per task
-PAPER_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "task_arithmetic": ("scaling", TA_GRID),
-    "ties": ("scaling", TIES_GRID),
-    "tsv_m": ("scaling", ALPHA_GRID),
-    "iso_c": ("scaling", ALPHA_GRID),
-    "iso_cts": ("scaling", ALPHA_GRID),
-    "consensus": ("scaling", TA_GRID),
-    "lines": ("beta", LINES_GRID),
-    "tall_masks": ("mask_threshold", TALL_GRID),
-}
-#: Coefficients the merged model is linear (θ₀ + c·Δ) or affine (θ(0) + c·(θ(1) − θ(0))) in.
-LINEAR_COEFFICIENTS = {
-    ("task_arithmetic", "scaling"), ("ties", "scaling"), ("tsv_m", "scaling"), ("iso_c", "scaling"),
-    ("iso_cts", "scaling"), ("consensus", "scaling"), ("dare", "then.scaling"),
-}
-AFFINE_COEFFICIENTS = {("lines", "beta"), ("lines", "alpha")}
-PER_TASK_COEFFICIENTS = {("tall_masks", "mask_threshold")}
 
 
 @dataclasses.dataclass
@@ -100,21 +58,16 @@ class SearchResult:
         }
 
 
-def default_grid(config: MergeConfig) -> tuple[str, tuple[float, ...]]:
-    """The papers' ``(coefficient, grid)`` for ``config``'s method (DARE uses its inner method's, LiNeS with a TIES
-    inner merge ``arange(0.1, 1.6, 0.1)``)."""
-    method = config.method
-    if method == "dare":
-        _, values = default_grid(config.then)
-        return "then.scaling", values
-    if method == "lines" and getattr(config.inner, "method", None) == "ties":
-        return "beta", LINES_TIES_GRID
-    if method not in PAPER_GRIDS:
+def default_grid(config: MergeConfig) -> tuple[str, tuple[Any, ...]]:
+    """The papers' ``(coefficient, grid)`` for ``config``'s method, from its :meth:`~hf_merge.MergeConfig.search_space`
+    (e.g. DARE searches its ``then`` merge's coefficient as ``"then.scaling"``)."""
+    space = config.search_space()
+    if space is None:
         raise ValueError(
-            f"Method {method!r} has no coefficient searched in the papers (searchable: "
-            f"{sorted([*PAPER_GRIDS, 'dare'])}); pass grid={{'<field>': [values]}} to search one of its fields."
+            f"Method {config.method!r} has no coefficient searched in its papers; pass grid={{'<field>': [values]}} to "
+            "search one of its fields."
         )
-    return PAPER_GRIDS[method]
+    return space.parameter, tuple(space.values)
 
 
 def _get_field(config: MergeConfig, path: str) -> Any:
@@ -171,10 +124,10 @@ def _base_state(base: Any, like: Mapping[str, torch.Tensor]) -> dict[str, torch.
     elif isinstance(base, Mapping):
         state = dict(base)
     else:
-        from .engine import _load_model_from_folder
         from .io.sources import open_source
+        from .models import load_model_from_folder
 
-        model = _load_model_from_folder(Path(os.fspath(base)))
+        model = load_model_from_folder(Path(os.fspath(base)))
         if model is not None:
             state = dict(model.state_dict())
         else:
@@ -257,8 +210,8 @@ def search(
             this base (a model for a model or folder base, a state dict for a state-dict base); the same model object
             may be reused across grid points, so read it, don't keep it. A ``{task: fn}`` mapping scores the mean
             (and is required for the per-task TALL-mask λ).
-        grid: ``None`` for the papers' grid (:data:`PAPER_GRIDS`), a sequence of values for the method's default
-            coefficient, or ``{"field": values}`` for another field (dotted for nested configs, e.g.
+        grid: ``None`` for the papers' grid (:meth:`~hf_merge.MergeConfig.search_space`), a sequence of values for the
+            method's default coefficient, or ``{"field": values}`` for another field (dotted for nested configs, e.g.
             ``"then.scaling"``).
         device, progress: as for :func:`hf_merge.merge`.
 
@@ -271,12 +224,12 @@ def search(
     """
     from tqdm.auto import tqdm
 
-    from .engine import merge
+    from .api import merge
 
     config = make_config(config)
     parameter, values = _resolve_grid(config, grid)
-    key = (config.method, parameter)
-    if key in PER_TASK_COEFFICIENTS:
+    kind = config.coefficient_kind(parameter)
+    if kind == "per_task":
         return _search_per_task(base, finetuned, config, evaluate_fn, parameter, values, device, progress)
 
     def run(cfg: MergeConfig, dtype: torch.dtype | None = None) -> Any:
@@ -284,12 +237,12 @@ def search(
 
     scores: list[tuple[Any, float]] = []
     bar = tqdm(values, desc=f"search {config.method}.{parameter}", unit="value", disable=not progress, leave=False)
-    if key in LINEAR_COEFFICIENTS or key in AFFINE_COEFFICIENTS:
+    if kind in ("linear", "affine"):
         # float32 merges, so that a bf16/fp16 base does not round the direction before it is scaled
         at_one = run(_set_field(config, parameter, 1.0), torch.float32)
         state_at_one = _state_dict(at_one)
         base_state = _base_state(base, state_at_one)
-        if key in LINEAR_COEFFICIENTS:
+        if kind == "linear":
             anchor, merges = base_state, 1
         else:
             anchor, merges = _state_dict(run(_set_field(config, parameter, 0.0), torch.float32)), 2
@@ -320,10 +273,11 @@ def _search_per_task(
     device: torch.device | str | None,
     progress: bool,
 ) -> SearchResult:
-    """TALL masks: task t's λ maximises evaluate_fn[t] on task t's TALL-mask model; the score is the mean."""
+    """Task t's value maximises evaluate_fn[t] on task t's model (the config with ``task=t``, e.g. TALL masks' θ₀ +
+    m_t(λ) ⊙ τ_MTL); the score is the mean over tasks."""
     from tqdm.auto import tqdm
 
-    from .engine import merge
+    from .api import merge
 
     if not isinstance(finetuned, Mapping) or not isinstance(evaluate_fn, Mapping):
         raise TypeError(

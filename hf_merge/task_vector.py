@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from .engine import emit, parse_dtype, validate_sources
-from .io.sources import TensorMeta, TensorSource, open_source
+from .errors import MergeError
+from .inputs import open_pair
+from .io.sources import DeltaSource, TensorMeta, TensorSource, open_source
 
 
 class TaskVector:
@@ -28,9 +29,7 @@ class TaskVector:
     """
 
     def __init__(self, base: Any, finetuned: Any, *, allow_pickle: bool = False) -> None:
-        base_src = open_source(base, "base", allow_pickle=allow_pickle)
-        ft_src = open_source(finetuned, "finetuned", allow_pickle=allow_pickle)
-        metas = validate_sources(base_src, {"finetuned": ft_src})
+        base_src, ft_src, metas = open_pair(base, finetuned, allow_pickle=allow_pickle)
         self._metas = {k: m for k, m in metas.items() if m.dtype.is_floating_point}
         self._terms: list[tuple[float, TensorSource, TensorSource]] = [(1.0, base_src, ft_src)]
 
@@ -121,25 +120,41 @@ class TaskVector:
         Returns a new model for a model base (the base is untouched), a state dict for a state-dict base, or the
         path of a written checkpoint with ``output_dir``.
         """
+        from .engine import Plan, run
+        from .io.sinks import output_sink
+        from .methods.task_arithmetic import TaskArithmeticConfig, TaskArithmeticMerger
+        from .options import make_options
+
+        options = make_options(dtype=dtype, progress=progress)
         source = open_source(base, "base")
-        metas = {k: source.meta(k) for k in source.keys()}
-        missing = [k for k in self._metas if not source.has(k)]
+        plan = Plan(source, {"task_vector": _TaskVectorUpdate(self)},
+                    TaskArithmeticMerger(TaskArithmeticConfig(scaling=scaling)))
+        return run(plan, output_sink(source, options, output_dir=output_dir), options)
+
+    def __repr__(self) -> str:
+        terms = " + ".join(f"{c:g}·({f.label} − {b.label})" for c, b, f in self._terms)
+        return f"TaskVector({len(self._metas)} tensors: {terms})"
+
+
+class _TaskVectorUpdate(DeltaSource):
+    """A task vector as an update of the base it is applied to (validated against it when bound)."""
+
+    label = "task vector"
+
+    def __init__(self, vector: TaskVector) -> None:
+        super().__init__()
+        self.vector = vector
+
+    def bind(self, base: TensorSource) -> None:
+        missing = [k for k in self.vector.keys() if not base.has(k)]
         if missing:
-            raise ValueError(f"The base lacks tensors of the task vector: {missing[:8]}.")
-        for key, meta in self._metas.items():
-            if metas[source.resolve(key)].shape != meta.shape:
-                raise ValueError(f"Shape mismatch for {key!r}: base {metas[source.resolve(key)].shape} vs {meta.shape}.")
-        out_dtype = parse_dtype(dtype)
-        out_metas = {
-            k: TensorMeta(m.shape, out_dtype if out_dtype is not None and m.dtype.is_floating_point else m.dtype)
-            for k, m in metas.items()
-        }
+            raise MergeError(f"The base lacks tensors of the task vector: {missing[:8]}.")
+        for key, meta in self.vector._metas.items():
+            if base.meta(base.resolve(key)).shape != meta.shape:
+                raise MergeError(f"Shape mismatch for {key!r}: base {base.meta(base.resolve(key)).shape} vs {meta.shape}.")
+        super().bind(base)
 
-        def compute(key: str) -> torch.Tensor:
-            tensor = source.get(key)
-            if key not in self._metas:
-                return tensor.to(out_metas[key].dtype)
-            merged = tensor.to(torch.float32) + scaling * self[key]
-            return merged.to(out_metas[key].dtype)
-
-        return emit(source, out_metas, compute, output_dir=output_dir, progress=progress, desc="applying task vector")
+    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
+        if key not in self.vector:
+            return torch.zeros_like(base)
+        return self.vector[key].to(base.device)

@@ -174,7 +174,7 @@ def test_block_parsing_ignores_other_integer_components():
 def test_checkpoint_folders_are_classified_from_their_architecture(tmp_path):
     model = FACTORIES["vit"]()
     model.save_pretrained(tmp_path / "vit")
-    from hf_merge.engine import classify_sources
+    from hf_merge.inputs import classify_sources
     from hf_merge.io import open_source
 
     infos = classify_sources(open_source(tmp_path / "vit"), {})

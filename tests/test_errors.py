@@ -140,9 +140,9 @@ def test_average_weights_must_match_the_models():
 def test_non_finite_value_in_a_later_piece_of_a_checkpoint_names_the_input(monkeypatch, tmp_path):
     from safetensors.torch import save_file
 
-    from hf_merge import engine
+    from hf_merge.tuning import TUNING
 
-    monkeypatch.setattr(engine, "COMBINE_CHUNK", 4)
+    monkeypatch.setattr(TUNING, "combine_chunk", 4)
     poisoned = torch.ones(3, 5)
     poisoned[2, 4] = float("nan")  # in the fourth piece of four elements
     for name, state in {"base": {"w": torch.zeros(3, 5)}, "ok": {"w": torch.ones(3, 5)}, "bad": {"w": poisoned}}.items():

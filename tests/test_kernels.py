@@ -7,6 +7,7 @@ import torch
 
 import hf_merge
 from hf_merge.kernels import TiesOnePassKernel
+from hf_merge.tuning import TUNING
 from tests.test_merge import _ties_reference
 
 pytest.importorskip("numba")
@@ -34,11 +35,9 @@ def _merge(monkeypatch, route: str, base, fts, **options):
 @pytest.mark.parametrize("block", [1 << 20, 40_000])  # one block per tensor, or tensors split across blocks
 def test_compiled_one_pass_ties_equals_the_torch_route_and_the_whole_model_reference(monkeypatch, dtype, aggregate,
                                                                                       block):
-    from hf_merge.methods import ties
-
-    monkeypatch.setattr(ties, "_KERNEL_BLOCK", block)
-    monkeypatch.setattr(ties, "_SAMPLE_EVERY", 16)  # a dense sample: brackets tight enough on a small model to leave
-    #                                                   entries both inside them and outside with an exact 0 sum
+    monkeypatch.setattr(TUNING, "ties_kernel_block", block)
+    monkeypatch.setattr(TUNING, "ties_sample_every", 16)  # a dense sample: brackets tight enough on a small model to
+    #                                                        leave entries both inside them and outside with an exact 0 sum
     base, fts = _grid_task_vectors(dtype, num_tasks=4, seed=1)
     reports = []
     original_call = TiesOnePassKernel.__call__
@@ -133,7 +132,7 @@ def test_kernel_bfloat16_load_and_store_match_torchs_conversions():
 def test_compiled_linear_merges_equal_the_torch_route(tmp_path, monkeypatch, dtype, inputs):
     from safetensors.torch import save_file
 
-    from hf_merge import engine
+    from hf_merge import context
 
     gen = torch.Generator().manual_seed(5)
     shapes = {"w": (300, 257), "b": (7,), "s": ()}
@@ -147,8 +146,13 @@ def test_compiled_linear_merges_equal_the_torch_route(tmp_path, monkeypatch, dty
         base, fts = tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)] if inputs == "folders" else \
             [tmp_path / "ft0", fts[1], tmp_path / "ft2"]
     calls = []
-    original = engine.linear_combine
-    monkeypatch.setattr(engine, "linear_combine", lambda *args: calls.append(args) or original(*args))
+    original = context.fused_linear_combine
+
+    def spied(*dtypes):  # the kernel the seam hands out, recording each call
+        kernel = original(*dtypes)
+        return None if kernel is None else lambda *args: calls.append(args) or kernel(*args)
+
+    monkeypatch.setattr(context, "fused_linear_combine", spied)
     for config in (hf_merge.TaskArithmeticConfig(scaling=0.37), hf_merge.AverageConfig(weights=[1.0, 2.0, 4.0])):
         monkeypatch.setenv("HF_MERGE_KERNELS", "1")
         compiled = hf_merge.merge(base, fts, config, progress=False, dtype=dtype)

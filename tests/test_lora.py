@@ -8,17 +8,11 @@ import pytest
 import torch
 
 import hf_merge
+from hf_merge.inputs import open_tasks
 from hf_merge.io import open_source
-from hf_merge.lora import (
-    LowRank,
-    lowrank_iso_c,
-    lowrank_iso_cts,
-    lowrank_svd,
-    lowrank_tsv_merge,
-    truncate,
-)
-from hf_merge.methods.iso import iso_cts
-from hf_merge.methods.tsv import tsv_merge
+from hf_merge.lowrank import LowRank, lowrank_svd, truncate
+from hf_merge.methods.iso import iso_cts, lowrank_iso_c, lowrank_iso_cts
+from hf_merge.methods.tsv import lowrank_tsv_merge, tsv_merge
 from tests.tiny_models import logits, tiny_bert, tiny_gpt2
 
 
@@ -95,7 +89,7 @@ def test_a_peft_model_with_several_adapters_contributes_one_task_each(tmp_path):
     peft_model, _ = _adapter(base, tmp_path, "first", 1, r=4, target_modules=["query"])
     peft_model.add_adapter("second", LoraConfig(r=2, target_modules=["value"]))
     _randomize_lora(peft_model, 3)
-    tasks = hf_merge.engine.open_tasks([peft_model])
+    tasks = open_tasks([peft_model])
     assert sorted(tasks) == ["default", "second"]
 
 

@@ -12,6 +12,7 @@ import hf_merge
 from hf_merge.io import open_source
 from hf_merge.methods.dare import dare_drop, mask_seed
 from hf_merge.methods.ties import disjoint_merge, elect_signs
+from hf_merge.tuning import TUNING
 from tests.tiny_models import FACTORIES, finetuned_copy, logits
 
 
@@ -324,13 +325,12 @@ def test_dare_with_zero_drop_rate_is_the_inner_merge():
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])
 def test_ties_merges_large_tensors_in_chunks_with_the_same_result(monkeypatch, scope):
-    from hf_merge.methods import ties
 
     gen = torch.Generator().manual_seed(6)
     base = {"w": torch.randn(40, 25, generator=gen), "b": torch.randn(9, generator=gen)}
     fts = [{k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
     whole = hf_merge.merge(base, fts, "ties", density=0.3, scope=scope, progress=False)
-    monkeypatch.setattr(ties, "_CHUNK", 7)
+    monkeypatch.setattr(TUNING, "ties_chunk", 7)
     chunked = hf_merge.merge(base, fts, "ties", density=0.3, scope=scope, progress=False)
     for key in base:
         assert torch.equal(whole[key], chunked[key]), key
@@ -340,8 +340,6 @@ def test_ties_merges_large_tensors_in_chunks_with_the_same_result(monkeypatch, s
 def test_linear_merges_stream_files_in_pieces_with_the_in_memory_result(monkeypatch, tmp_path, dtype):
     from safetensors.torch import load_file, save_file
 
-    from hf_merge import engine
-
     gen = torch.Generator().manual_seed(7)
     base = {"w": torch.randn(40, 25, generator=gen).to(dtype), "b": torch.randn(9, generator=gen).to(dtype),
             "s": torch.randn((), generator=gen).to(dtype)}
@@ -350,7 +348,7 @@ def test_linear_merges_stream_files_in_pieces_with_the_in_memory_result(monkeypa
     for name, state in {"base": base, **{f"ft{i}": ft for i, ft in enumerate(fts)}}.items():
         (tmp_path / name).mkdir()
         save_file(state, tmp_path / name / "model.safetensors")
-    monkeypatch.setattr(engine, "COMBINE_CHUNK", 7)  # pieces that split every tensor at odd places
+    monkeypatch.setattr(TUNING, "combine_chunk", 7)  # pieces that split every tensor at odd places
     for config in (hf_merge.TaskArithmeticConfig(scaling=0.4), hf_merge.AverageConfig(weights=[1.0, 2.0, 3.0])):
         out = tmp_path / f"out-{config.method}"
         hf_merge.merge(tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)], config, output_dir=out,
@@ -389,9 +387,8 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
 
     from hf_merge.io import FolderSource
     from hf_merge.io.safetensors_file import SafetensorsFile
-    from hf_merge.methods import ties
 
-    monkeypatch.setattr(ties, "_SAMPLE_EVERY", 256)  # a sample stride (256 blocks of 1024) below the size of "big"
+    monkeypatch.setattr(TUNING, "ties_sample_every", 256)  # a sample stride (256 blocks of 1024) below the size of "big"
     shapes = {"big": (600, 512), "mid": (70, 33), "bias": (300,)}  # "big" is sampled in blocks, the others whole
     base, fts, folders = _bf16_checkpoints(tmp_path, shapes, 3, seed=11)
     whole_reads = []  # whole tensors read or mapped (the 1/1024 sample reads blocks)
@@ -415,7 +412,7 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
     monkeypatch.setattr(FolderSource, "read_blocks", read_blocks)
     hf_merge.merge(folders[0], folders[1:], "ties", density=density, output_dir=tmp_path / "out", progress=False)
     # once each; with density < 1 a tensor smaller than the threshold sample's stride is also read whole by it
-    stride = ties._SAMPLE_BLOCK * ties._SAMPLE_EVERY
+    stride = TUNING.ties_sample_block * TUNING.ties_sample_every
     expected_reads = [(folder / "model.safetensors", key) for folder in folders for key, shape in shapes.items()
                       for _ in range(2 if density < 1 and math.prod(shape) < stride else 1)]
     assert sorted(whole_reads) == sorted(expected_reads)

@@ -8,7 +8,7 @@ import torch
 
 import hf_merge
 from hf_merge import evaluation
-from hf_merge.search import PAPER_GRIDS, SearchResult, default_grid, search
+from hf_merge.search import SearchResult, default_grid, search
 from tests.tiny_models import finetuned_copy, tiny_bert
 
 
@@ -142,7 +142,7 @@ def test_search_finds_the_grid_value_that_produced_the_target(models):
     assert isinstance(result, SearchResult)
     assert result.parameter == "scaling" and result.best_value == pytest.approx(0.7)
     assert result.best_config.scaling == pytest.approx(0.7)
-    assert [v for v, _ in result.scores] == list(PAPER_GRIDS["tsv_m"][1])
+    assert [v for v, _ in result.scores] == list(hf_merge.TSVMergeConfig().search_space().values)
     assert result.best_score == max(score for _, score in result.scores) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -208,6 +208,21 @@ def test_default_grids_are_the_papers():
     assert lines_ties[1][0] == 0.1 and lines_ties[1][-1] == 1.5 and len(lines_ties[1]) == 15
     dare = default_grid(hf_merge.DareConfig(drop_rate=0.5, then=hf_merge.TiesConfig()))
     assert dare[0] == "then.scaling" and dare[1] == ties
+
+
+def test_configs_declare_how_the_merge_depends_on_a_coefficient():
+    assert hf_merge.TaskArithmeticConfig(scaling=1.0).search_space().kind == "linear"
+    assert hf_merge.TiesConfig().coefficient_kind("scaling") == "linear"
+    assert hf_merge.TiesConfig().coefficient_kind("density") == "rerun"
+    lines = hf_merge.LinesConfig(alpha=0.5)
+    assert lines.coefficient_kind("beta") == lines.coefficient_kind("alpha") == "affine"
+    dare = hf_merge.DareConfig(drop_rate=0.5, then=hf_merge.TiesConfig())
+    assert dare.coefficient_kind("then.scaling") == "linear"
+    assert dare.coefficient_kind("then.density") == dare.coefficient_kind("drop_rate") == "rerun"
+    assert hf_merge.TallMaskConfig().search_space().kind == "per_task"
+    assert hf_merge.AverageConfig().search_space() is None
+    with pytest.raises(ValueError, match="no coefficient"):
+        default_grid(hf_merge.AverageConfig())
 
 
 def test_bfloat16_base_candidates_keep_the_base_dtype_and_match_direct_merges(models):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_merge
-from hf_merge.bank import TaskBank, compress
+from hf_merge import TaskBank, compress
 from hf_merge.methods.consensus import pack_mask, unpack_mask
 from tests import tiny_models
 

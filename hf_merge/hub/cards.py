@@ -10,31 +10,21 @@ The YAML front matter is built with ``huggingface_hub.ModelCardData`` and the ca
 - body: what was merged and how, each method's summary and BibTeX, the exact merge config as YAML, the inputs
   table, the evaluation table and how to load the artifact.
 
-Inputs and licenses, offline. Each input is known by its *origin* (``merge_inputs`` as recorded by the engine: a Hub
-id, a local path, or ``None`` for in-memory weights):
-
-- a Hub id is listed as is; its license is read from the local Hugging Face cache only
-  (``try_to_load_from_cache(repo_id, "README.md")``) — the Hub itself is never contacted;
-- a folder inside the Hugging Face cache (``.../models--org--name/snapshots/<sha>``) is listed as ``org/name``;
-- any other local folder is listed under its folder name (full paths are not published); its license is read from
-  the folder's ``README.md`` front matter;
-- in-memory inputs have no name and no known license.
+Inputs and their licenses are read offline (:mod:`hf_merge.hub.provenance`). Each method's title, summary and BibTeX
+come from its config's :attr:`~hf_merge.MergeConfig.card`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .methods_info import METHOD_INFO
+from .provenance import CARD_NAME, inherited_license, input_records
 
-CARD_NAME = "README.md"
 # model_cards/ at the top of the source tree (editable installs); a wheel can ship it as data files under
 # <prefix>/share/hf_merge/model_cards.
 _TEMPLATE_DIRS = (
@@ -46,7 +36,6 @@ TEMPLATES = {"model": "merged_model.md", "adapter": "merged_model.md", "task_ban
 ARTIFACT_LIBRARIES = {"model": "transformers", "adapter": "peft", "task_bank": None}
 LIBRARY_NAMES = ("transformers", "peft")
 BASE_TAGS = ("merge", "hf-merge")
-_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 # Architecture-name suffix → Hub pipeline tag, for the unambiguous heads.
 _PIPELINE_SUFFIXES = (
     ("ForSequenceClassification", "text-classification"),
@@ -60,103 +49,6 @@ _PIPELINE_SUFFIXES = (
     ("ForObjectDetection", "object-detection"),
     ("ForSemanticSegmentation", "image-segmentation"),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class InputRecord:
-    """One merge input as the card shows it."""
-
-    role: str  # "base" or the task name
-    name: str | None  # Hub id or local name; None for in-memory weights
-    kind: str  # "Hub", "local folder" or "in memory"
-    license: str | None
-
-
-def describe_origin(origin: str | os.PathLike | None) -> tuple[str | None, str]:
-    """``(name, kind)`` of an input origin: a Hub id, a local folder's name, or ``(None, "in memory")``."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if origin is None or str(origin) == "":
-        return None, "in memory"
-    text = os.fspath(origin).replace(os.sep, "/")
-    cached = _HF_CACHE_SNAPSHOT.search(text)
-    if cached:
-        return f"{cached['owner']}/{cached['name']}", "Hub"
-    if not Path(origin).exists():
-        try:
-            validate_repo_id(text)
-            return text, "Hub"
-        except HFValidationError:
-            pass
-    return Path(text.rstrip("/")).name or text, "local folder"
-
-
-def input_license(origin: str | os.PathLike | None) -> str | None:
-    """The license an input declares, from local files only (see the module docstring); ``None`` if unknown."""
-    name, kind = describe_origin(origin)
-    if name is None:
-        return None
-    readme: str | os.PathLike | None = None
-    if kind == "Hub" and not Path(os.fspath(origin)).exists():
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, CARD_NAME)
-        readme = found if isinstance(found, str) else None
-    elif Path(os.fspath(origin)).is_dir():
-        readme = Path(origin) / CARD_NAME
-    if readme is None or not Path(readme).is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        license_ = ModelCard.load(readme, ignore_metadata_errors=True).data.license
-    except (ValueError, OSError) as error:
-        warnings.warn(f"Could not read the license of {name} from {readme}: {error}", stacklevel=3)
-        return None
-    return license_ if isinstance(license_, str) and license_ else None
-
-
-def input_records(merge_inputs: Mapping[str, Any] | None) -> list[InputRecord]:
-    """The base (when the merge had one) and every task model, in order.
-
-    Only the ``"base"`` and ``"models"`` entries are read; other entries (e.g. ``task_bank_task``, which a task bank
-    records for a task it rebuilt) are not inputs and are left out of the card.
-    """
-    merge_inputs = merge_inputs or {}
-    if not isinstance(merge_inputs, Mapping):
-        raise TypeError(f"merge_inputs must be a mapping with 'base' and 'models', got {type(merge_inputs).__name__}.")
-    models = merge_inputs.get("models") or {}
-    if not isinstance(models, Mapping):
-        raise TypeError(f"merge_inputs['models'] must map task names to origins, got {type(models).__name__}.")
-    records = []
-    if merge_inputs.get("base") is not None:
-        records.append(_record("base", merge_inputs["base"]))
-    records += [_record(str(task), origin) for task, origin in models.items()]
-    return records
-
-
-def _record(role: str, origin: Any) -> InputRecord:
-    name, kind = describe_origin(origin)
-    return InputRecord(role=role, name=name, kind=kind, license=input_license(origin))
-
-
-def inherited_license(records: Sequence[InputRecord]) -> str | None:
-    """The inputs' common license; ``None`` with a warning when one is unknown or they disagree."""
-    if not records:
-        return None
-    licenses = {r.license for r in records}
-    if len(licenses) == 1 and None not in licenses:
-        return licenses.pop()
-    unknown = [r.name or f"{r.role} (in memory)" for r in records if r.license is None]
-    known = sorted({r.license for r in records if r.license is not None})
-    reason = f"unknown for {unknown}" if unknown else f"the inputs disagree ({known})"
-    warnings.warn(
-        f"The model card has no license: the inputs' license is {reason}. Pass license=... to set one.",
-        UserWarning,
-        stacklevel=3,
-    )
-    return None
 
 
 def infer_pipeline_tag(architecture: str | None) -> str | None:
@@ -173,6 +65,21 @@ def method_names(config: Mapping[str, Any]) -> list[str]:
         if isinstance(value, Mapping):
             names += [n for n in method_names(value) if n not in names]
     return names
+
+
+def method_docs(name: str) -> dict[str, Any]:
+    """What the card says about method ``name``: its config's :attr:`~hf_merge.MergeConfig.card`, or a line saying it
+    is not one of hf-merge's built-ins (a name not registered, or a config without a card)."""
+    from ..registry import config_class
+
+    try:
+        card = config_class(name).card
+    except ValueError:
+        card = None
+    if card is None:
+        return {"name": name, "title": name, "summary": "A method registered outside hf-merge's built-ins.",
+                "bibtex": None, "paper_url": None}
+    return {"name": name, **dataclasses.asdict(card)}
 
 
 def _config_dict(merge_config: Any) -> dict[str, Any]:
@@ -328,12 +235,7 @@ def build_model_card(
         base=base,
         tasks=tasks,
         inputs=records,
-        method_docs=[
-            {"name": name, **dataclasses.asdict(METHOD_INFO[name])} if name in METHOD_INFO
-            else {"name": name, "title": name, "summary": "A method registered outside hf-merge's built-ins.",
-                  "bibtex": None, "paper_url": None}
-            for name in methods
-        ],
+        method_docs=[method_docs(name) for name in methods],
         merge_config_yaml=yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip("\n"),
         eval_rows=[
             {k: _cell(v) for k, v in (("dataset", r.dataset_name), ("split", r.dataset_split or "—"),

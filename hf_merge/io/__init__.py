@@ -1,15 +1,29 @@
-"""Streaming input/output: lazy tensor sources and atomic sharded safetensors writing."""
+"""Streaming input/output: lazy tensor sources, sharded safetensors writing, the output sinks and folder publishing."""
 
-from .sources import FolderSource, ModelSource, StateDictSource, TensorMeta, TensorSource, open_source
-from .writer import atomic_directory, write_safetensors_shards
+from ..tensors import TensorMeta
+from .publish import publish_folder
+from .sinks import Sink
+from .sources import (
+    DeltaSource,
+    FolderSource,
+    LowRankSource,
+    ModelSource,
+    StateDictSource,
+    TensorSource,
+    open_source,
+)
+from .writer import write_safetensors_shards
 
 __all__ = [
+    "DeltaSource",
     "FolderSource",
+    "LowRankSource",
     "ModelSource",
+    "Sink",
     "StateDictSource",
     "TensorMeta",
     "TensorSource",
-    "atomic_directory",
     "open_source",
+    "publish_folder",
     "write_safetensors_shards",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sources_dtypes import SAFETENSORS_DTYPES, numpy_dtype
+from ..tensors import SAFETENSORS_DTYPES, numpy_dtype
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 

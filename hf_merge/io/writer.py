@@ -1,58 +1,32 @@
-"""Streaming, atomic checkpoint writing.
+"""Streaming checkpoint writing.
 
 Tensors are produced one at a time by a callback and written straight into their shard file as they come: the shard
 grouping is the one ``huggingface_hub.split_torch_state_dict_into_shards`` plans (from shapes and dtypes, nothing is
 materialised) and each shard's safetensors header is written first, since shapes and dtypes give every
 offset. Peak memory is the tensor being written, never a whole shard. Written tensors can be amended in place
-(:meth:`ShardPlan.patch`) before the folder is published. Everything goes into a temporary sibling folder that is
-renamed into place only when complete: a failed merge leaves no output folder behind.
+(:meth:`ShardPlan.patch`) before the folder is published (:func:`hf_merge.io.publish.publish_folder`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
 import struct
 import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .sources import SAFE_WEIGHTS_INDEX_NAME, TensorMeta
-from .sources_dtypes import SAFETENSORS_DTYPES
+from ..tensors import SAFETENSORS_DTYPES, TensorMeta
+from .sources import SAFE_WEIGHTS_INDEX_NAME
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-@contextlib.contextmanager
-def atomic_directory(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``output_dir``; on success it replaces ``output_dir`` in one rename.
-
-    On any exception the temporary folder is removed and an existing ``output_dir`` is left untouched.
-    """
-    target = Path(output_dir).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +122,60 @@ def plan_shards(
     return ShardPlan(tuple(shards), dict(metas), index, index_name)
 
 
+class ShardWriter:
+    """Writes the tensors of a :class:`ShardPlan` into ``folder`` as they come (:meth:`put`, in
+    :attr:`ShardPlan.order`): each tensor's bytes go to its file at once, so the caller may reuse its buffer.
+    :meth:`close` writes the index (when sharded)."""
+
+    def __init__(self, folder: str | os.PathLike, plan: ShardPlan) -> None:
+        self.folder, self.plan = Path(folder), plan
+        self._order = iter([(shard, key) for shard in plan.shards for key in shard.keys])
+        self._shard: Shard | None = None
+        self._file: Any = None
+        self._advance()
+
+    def _advance(self) -> None:
+        """Move to the next expected tensor, opening its shard (header written) when it starts a new one."""
+        self._next = next(self._order, (None, None))
+        shard = self._next[0]
+        if shard is not None and shard is not self._shard:
+            self._close_file()
+            self._shard = shard
+            self._file = open(self.folder / shard.filename, "wb", buffering=0)  # noqa: SIM115 (closed in close())
+            _write_all(self._file, memoryview(shard.header))
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        expected_key = self._next[1]
+        if key != expected_key:
+            raise RuntimeError(f"Tensor {key!r} came out of order: the shard plan expects {expected_key!r} next.")
+        expected = self.plan.metas[key]
+        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise RuntimeError(
+                f"Tensor {key!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {expected.shape} {expected.dtype}."
+            )
+        if tensor.numel():
+            _write_all(self._file, memoryview(_stored_bytes(tensor)))
+        self._advance()
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Close the last file; write the empty shards left and the index. Every tensor must have been put."""
+        self._close_file()
+        if self._next[1] is not None:
+            raise RuntimeError(f"The shard plan still expects tensor {self._next[1]!r}.")
+        if self.plan.index is not None:
+            (self.folder / self.plan.index_name).write_text(
+                json.dumps(self.plan.index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def abort(self) -> None:
+        self._close_file()
+
+
 def write_safetensors_shards(
     folder: str | os.PathLike,
     metas: Mapping[str, TensorMeta],
@@ -164,23 +192,13 @@ def write_safetensors_shards(
     that): peak memory is whatever ``compute`` holds for one tensor.
     """
     plan = plan or plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
-    folder = Path(folder)
-    for shard in plan.shards:
-        with open(folder / shard.filename, "wb", buffering=0) as fh:
-            _write_all(fh, memoryview(shard.header))
-            for key in shard.keys:
-                tensor = compute(key)
-                expected = metas[key]
-                if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-                    raise RuntimeError(
-                        f"Tensor {key!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
-                        f"expected {expected.shape} {expected.dtype}."
-                    )
-                if tensor.numel():
-                    _write_all(fh, memoryview(_stored_bytes(tensor)))
-    if plan.index is not None:
-        (folder / plan.index_name).write_text(json.dumps(plan.index, indent=2, sort_keys=True) + "\n",
-                                              encoding="utf-8")
+    writer = ShardWriter(folder, plan)
+    try:
+        for key in plan.order:
+            writer.put(key, compute(key))
+        writer.close()
+    finally:
+        writer.abort()
     return plan
 
 

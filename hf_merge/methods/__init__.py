@@ -1,6 +1,8 @@
-"""Merge methods: one module per method, each holding its ``*Config``, its pure tensor functions and its ``Merger``.
+"""Merge methods: one module per method, each holding its ``*Config`` (with its search space and model-card text),
+its pure tensor functions and its ``Merger``; a few helper modules (``grids``, ``ties_statistics``, ``ties_one_pass``)
+split what one method needs.
 
-Importing this package imports every module in it, and each module registers its method with
+Importing this package imports every module in it, and each method's module registers it with
 :func:`hf_merge.registry.register_method` — adding a method is adding one file here.
 """
 

@@ -1,8 +1,10 @@
-"""C2M3 (Crisostomi et al., NeurIPS 2024): cycle-consistent multi-model merging by Frank–Wolfe (spec §9).
+"""C2M3 (Crisostomi et al., NeurIPS 2024, arXiv 2405.17897): cycle-consistent multi-model merging.
 
-All models are matched jointly to a shared universe, merged by averaging there (expressed in the first model's
-neuron order), and optionally REPAIRed on data (spec §10). Also hosts :class:`PermutationMerger`, the shared
-machinery of permutation-based mergers (spec selection, alignment, averaging, REPAIR).
+All models are matched jointly to a shared universe by the paper's Frank–Wolfe optimisation of the permutations,
+merged by averaging there (expressed in the first model's neuron order), and optionally REPAIRed on data (Jordan et
+al. 2023, "REPAIR: REnormalizing Permuted Activations for Interpolation Repair"). Also hosts
+:class:`PermutationMerger`, the shared machinery of permutation-based mergers (permutation-spec selection, alignment,
+averaging, REPAIR).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..config import MergeConfig, check_choice, check_number
+from ..config import MergeConfig, MethodCard, check_choice, check_number
+from ..errors import MergeError
 from ..permutation.frank_wolfe import INITIALIZATIONS, frank_wolfe_sync
 from ..permutation.merging import merge_permuted
 from ..permutation.repair import default_repair_layers
@@ -23,6 +26,9 @@ from ..permutation.spec import Perms, PermutationSpec
 from ..permutation.specs import default_spec
 from ..registry import register_method
 from .base import ModelMerger
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
 
 # Runtime objects a config may carry but never serialises: a custom spec and REPAIR's dataloader.
 _RUNTIME_FIELDS = ("spec", "repair")
@@ -76,6 +82,25 @@ class C2M3Config(PermutationMergeConfig):
     patience: int = 5
     anchor: bool = True
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="C2M3 (Cycle-Consistent Multi-Model Merging)",
+        summary=(
+            "C2M3 aligns the hidden units of several independently trained models before averaging them. Each "
+            "model gets one permutation per layer into a shared 'universe' space, so the map between any two models "
+            "is a composition through the universe and all maps are cycle-consistent by construction. The "
+            "permutations are optimised jointly with Frank–Wolfe; the aligned models are averaged and their "
+            "activation statistics repaired."
+        ),
+        bibtex="""@inproceedings{crisostomi2024c2m3,
+  title     = {{C$^2$M$^3$}: Cycle-Consistent Multi-Model Merging},
+  author    = {Crisostomi, Donato and Fumero, Marco and Baieri, Daniele and Bernard, Florian and
+               Rodol{\\`a}, Emanuele},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2024}
+}""",
+        paper_url="https://arxiv.org/abs/2405.17897",
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.anchor, bool):
@@ -100,7 +125,7 @@ class PermutationMerger(ModelMerger):
     def find_permutations(self, states: list[dict[str, torch.Tensor]], spec: PermutationSpec) -> list[Perms]:
         """Universe permutations of every model (model A → universe)."""
 
-    def merge_models(self, ctx) -> dict[str, torch.Tensor]:
+    def merge_models(self, ctx: MergeContext) -> dict[str, torch.Tensor]:
         if self.config.repair is not None:  # fail before the matching if REPAIR cannot run
             if not isinstance(ctx.base.model, torch.nn.Module):
                 raise TypeError("REPAIR runs forward passes: give the first model as an nn.Module, not a state dict.")
@@ -114,16 +139,14 @@ class PermutationMerger(ModelMerger):
         return merged
 
     @staticmethod
-    def _load(ctx, name: str, key: str) -> torch.Tensor:
+    def _load(ctx: MergeContext, name: str, key: str) -> torch.Tensor:
         tensor = ctx.tasks[name].get(key).to("cpu", torch.float32)
         if not torch.isfinite(tensor).all():
-            from ..engine import MergeError
-
             raise MergeError(f"{ctx.tasks[name].label}: tensor {key!r} contains NaN or Inf values.")
         return tensor
 
     @staticmethod
-    def _default_spec(ctx) -> PermutationSpec:
+    def _default_spec(ctx: MergeContext) -> PermutationSpec:
         # A transformers model's tensors are named as save_pretrained writes them (the sources' keys), which can
         # differ from its in-memory names, so its spec is built from the config and those keys.
         if ctx.base.config is not None:
@@ -135,7 +158,7 @@ class PermutationMerger(ModelMerger):
             "(e.g. hf_merge.permutation.mlp_spec([...]))."
         )
 
-    def _repair(self, ctx, merged: dict[str, torch.Tensor], aligned: list[dict[str, torch.Tensor]]) -> dict:
+    def _repair(self, ctx: MergeContext, merged: dict[str, torch.Tensor], aligned: list[dict[str, torch.Tensor]]) -> dict:
         template = ctx.base.model
         merged_model = self._with_weights(template, merged)
         endpoints = [self._with_weights(template, state) for state in aligned]

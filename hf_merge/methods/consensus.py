@@ -17,21 +17,34 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..bank import TaskCompressor
-from ..config import MergeConfig, check_choice, check_number
-from ..io.sources import TensorMeta
+from ..config import MergeConfig, MethodCard, SearchSpace, check_choice, check_number
 from ..params import ParamInfo
 from ..registry import register_method
-from .base import Merger
-from .task_arithmetic import task_arithmetic
+from ..tensors import TensorMeta
+from .base import Merger, TaskCompressor
+from .task_arithmetic import TASK_ARITHMETIC_GRID, task_arithmetic
 from .ties import TiesConfig, TiesMerger
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
 
 MTL_BASES = ("task_arithmetic", "ties")
 TIES_DENSITY = 0.2  # the official TALL / Consensus TIES multi-task vector: top-20 % dis-sum
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+#: The TALL λ_t grid of the official code, chosen per task.
+TALL_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+TALL_BIBTEX = """@inproceedings{wang2024localizing,
+  title     = {Localizing Task Information for Improved Model Merging and Compression},
+  author    = {Wang, Ke and Dimitriadis, Nikolaos and Ortiz-Jim{\\'e}nez, Guillermo and Fleuret, Fran{\\c{c}}ois and
+               Frossard, Pascal},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2024}
+}"""
 
 
 def _check_mask_threshold(value: float | Mapping[str, float]) -> None:
@@ -55,11 +68,27 @@ class TallMaskConfig(MergeConfig):
     base: str = "task_arithmetic"
     task: str | None = None
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="TALL masks",
+        summary=(
+            "TALL masks localise each task's information inside a single multi-task vector: the mask of task t "
+            "keeps the entries where the task's own vector dominates its distance to the multi-task vector. "
+            "Applying a task's binary mask to the shared multi-task vector recovers most of the task's fine-tuned "
+            "accuracy, so T tasks are stored as one vector plus T bit masks."
+        ),
+        bibtex=TALL_BIBTEX,
+        paper_url="https://arxiv.org/abs/2405.07813",
+    )
+
     def __post_init__(self) -> None:
         _check_mask_threshold(self.mask_threshold)
         check_choice("base", self.base, MTL_BASES)
         if self.task is not None and not isinstance(self.task, str):
             raise TypeError(f"task must be a task name (str) or None, got {self.task!r}.")
+
+    def search_space(self) -> SearchSpace:
+        """λ_t from {0.2, …, 0.6}, chosen per task on that task's TALL-mask model (the config's ``task``)."""
+        return SearchSpace("mask_threshold", TALL_GRID, "per_task")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -74,12 +103,28 @@ class ConsensusConfig(MergeConfig):
     scaling: float = 1.0
     base: str = "task_arithmetic"
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="Consensus merging",
+        summary=(
+            "A per-task TALL mask marks the parameters that are important for that task relative to the multi-task "
+            "vector. Consensus merging keeps only the parameters that at least k tasks mark as important, removing "
+            "'selfish' weights (useful to one task only) and 'catastrophic' weights (useful to none), then adds the "
+            "masked sum of task vectors to the pre-trained model."
+        ),
+        bibtex=TALL_BIBTEX,
+        paper_url="https://arxiv.org/abs/2405.07813",
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise ValueError(f"k must be a non-negative int, got {self.k!r}.")
         _check_mask_threshold(self.mask_threshold)
         check_number("scaling", self.scaling)
         check_choice("base", self.base, MTL_BASES)
+
+    def search_space(self) -> SearchSpace:
+        """α over Task Arithmetic's grid; the masks do not depend on α, so θ₀ + α (c ⊙ τ_MTL) is linear in it."""
+        return SearchSpace("scaling", TASK_ARITHMETIC_GRID, "linear")
 
 
 def tall_masks(deltas: list[torch.Tensor], multitask: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
@@ -113,7 +158,7 @@ class _MaskedMultiTask(Merger):
 
     config: TallMaskConfig | ConsensusConfig
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         self.task_names = list(ctx.task_names)
         threshold = self.config.mask_threshold
         if isinstance(threshold, Mapping):
@@ -148,7 +193,7 @@ class ConsensusMerger(_MaskedMultiTask):
 class TallMaskMerger(_MaskedMultiTask, TaskCompressor):
     config: TallMaskConfig
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         super().prepare(ctx)
         if self.config.task is not None and self.config.task not in self.task_names:
             raise ValueError(f"task {self.config.task!r} is not among the tasks {self.task_names}.")

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, check_fraction
+from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
 from .task_arithmetic import TaskArithmeticConfig
 from .ties import TiesConfig
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -31,6 +35,23 @@ class DareConfig(MergeConfig):
     rescale: bool = True
     seed: int = 0
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="DARE (Drop And REscale)",
+        summary=(
+            "DARE is a preprocessing step for task vectors: it drops each delta parameter at random with "
+            "probability p and rescales the survivors by 1/(1 − p), which keeps the expected task vector unchanged. "
+            "Fine-tuning deltas are highly redundant, so even large drop rates barely hurt each model while "
+            "sparsifying the vectors before they are merged with Task Arithmetic or TIES."
+        ),
+        bibtex="""@inproceedings{yu2024dare,
+  title     = {Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch},
+  author    = {Yu, Le and Yu, Bowen and Yu, Haiyang and Huang, Fei and Li, Yongbin},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2024}
+}""",
+        paper_url="https://arxiv.org/abs/2311.03099",
+    )
+
     def __post_init__(self) -> None:
         check_fraction("drop_rate", self.drop_rate, high_open=True)
         if not isinstance(self.then, (TaskArithmeticConfig, TiesConfig)):
@@ -39,6 +60,19 @@ class DareConfig(MergeConfig):
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
+
+    def search_space(self) -> SearchSpace | None:
+        """The ``then`` merge's coefficient and grid (e.g. ``then.scaling``): the masks do not depend on it."""
+        inner = self.then.search_space()
+        if inner is None:
+            return None
+        return SearchSpace(f"then.{inner.parameter}", inner.values, inner.kind)
+
+    def coefficient_kind(self, parameter: str) -> str:
+        """A ``then.<field>`` is as linear as it is for the ``then`` merge: the drop comes first and does not depend
+        on it (DARE's ``drop_rate`` and ``seed`` themselves are "rerun")."""
+        head, _, rest = parameter.partition(".")
+        return self.then.coefficient_kind(rest) if head == "then" and rest else "rerun"
 
 
 def mask_seed(seed: int, task: str, key: str) -> int:
@@ -71,7 +105,7 @@ class DareMerger(Merger):
         cfg = self.config
         return dare_drop(delta, cfg.drop_rate, mask_seed(cfg.seed, task, key), rescale=cfg.rescale)
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         self.task_names = ctx.task_names
         self.inner.prepare(ctx.with_transform(self._drop))
 

@@ -14,22 +14,33 @@ Other floating-point parameters get the mean of τ_t, scaled by α. Factorisatio
 :mod:`hf_merge.linalg` (exact Gram-eigh routes).
 
 Rank-deficient M (e.g. LoRA deltas, untouched embedding rows) makes Iso-C assign mean(S) to arbitrary null-space
-directions, as in the reference; the result then depends on the SVD driver.
+directions, as in the reference; the result then depends on the SVD driver. The low-rank forms
+(:func:`lowrank_iso_c`, :func:`lowrank_iso_cts`, for LoRA task matrices Δ_t = P_t Q_t) leave the null space out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from ..config import MergeConfig, check_fraction, check_number
+from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, check_number
 from ..linalg import polar, polar_with_singular_values, top_k_svd
+from ..lowrank import LowRank, lowrank_svd, stack_factors
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
-from .tsv import _check_exclude, is_svd_treated, mean_delta
+from .tsv import ALPHA_GRID, _check_exclude, is_svd_treated, lowrank_mean, mean_delta
+
+ISO_BIBTEX = """@inproceedings{marczak2025notask,
+  title     = {No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces},
+  author    = {Marczak, Daniel and Magistri, Simone and Cygert, Sebastian and Twardowski, Bart{\\l}omiej and
+               Bagdanov, Andrew D. and van de Weijer, Joost},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2025}
+}"""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,9 +52,25 @@ class IsoCConfig(MergeConfig):
     scaling: float = 1.0
     exclude: Sequence[str] = ("text_projection",)
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="Isotropic merging in the common subspace (Iso-C)",
+        summary=(
+            "Iso-C takes the Task Arithmetic sum of the task updates of each weight matrix and flattens its "
+            "singular-value spectrum: all singular values are replaced by their mean while the singular vectors are "
+            "kept. An isotropic spectrum stops a few dominant directions from drowning out the tasks that live in "
+            "weaker ones."
+        ),
+        bibtex=ISO_BIBTEX,
+        paper_url="https://arxiv.org/abs/2502.04959",
+    )
+
     def __post_init__(self) -> None:
         check_number("scaling", self.scaling)
         self.exclude = _check_exclude(self.exclude)
+
+    def search_space(self) -> SearchSpace:
+        """α over ``linspace(0, 3, 31)[1:]``; Eq. 4 is linear in α."""
+        return SearchSpace("scaling", ALPHA_GRID, "linear")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -56,10 +83,25 @@ class IsoCTSConfig(MergeConfig):
     common_space_fraction: float = 0.8
     exclude: Sequence[str] = ("text_projection",)
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="Isotropic merging in common and task-specific subspaces (Iso-CTS)",
+        summary=(
+            "Iso-CTS extends Iso-C: it keeps most of the merged matrix's dimensions for the subspace the tasks "
+            "share, fills the remaining dimensions with each task's most important directions that fall outside that "
+            "common subspace, orthogonalises the combined bases and gives every direction the same singular value."
+        ),
+        bibtex=ISO_BIBTEX,
+        paper_url="https://arxiv.org/abs/2502.04959",
+    )
+
     def __post_init__(self) -> None:
         check_number("scaling", self.scaling)
         check_fraction("common_space_fraction", self.common_space_fraction, low_open=True)
         self.exclude = _check_exclude(self.exclude)
+
+    def search_space(self) -> SearchSpace:
+        """α over ``linspace(0, 3, 31)[1:]``; the merge (Eqs. 6–9) is linear in α."""
+        return SearchSpace("scaling", ALPHA_GRID, "linear")
 
 
 def iso_c(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -92,6 +134,42 @@ def iso_cts(deltas: list[torch.Tensor], common_space_fraction: float) -> torch.T
     return (polar(u_cat) @ polar(v_cat).transpose(0, 1)).mul_(mean)
 
 
+def lowrank_iso_c(parts: Sequence[LowRank], full_rank: int) -> LowRank:
+    """Iso-C restricted to the range of M = Σ_t Δ_t: (‖M‖_* / r) U_R V_Rᵀ with r = min(rows, cols).
+
+    Dense Iso-C also gives mean(S) to the null space of a rank-deficient M, whose singular vectors are arbitrary;
+    here they are left out (unavoidable in low-rank form).
+    """
+    total = stack_factors(parts, [1.0] * len(parts))
+    u, s, v = lowrank_svd(total.P, total.Q)
+    return LowRank(u * (s.sum() / full_rank), v.transpose(0, 1))
+
+
+def lowrank_iso_cts(parts: Sequence[LowRank], full_rank: int, common_space_fraction: float) -> LowRank:
+    """Iso-CTS from factors, restricted to numerical ranges like :func:`lowrank_iso_c`.
+
+    The common space is the top c (≤ rank M) triplets of M = Σ_t Δ_t; each task adds the top p triplets of
+    (I − U_c U_cᵀ) Δ_t; the result is mean(s_cat) polar(U_cat) polar(V_cat)ᵀ, the mean taken over the c + T·p slots
+    of the dense method (slots beyond a rank count as zeros).
+    """
+    common, per_task = iso_cts_sizes(full_rank, len(parts), common_space_fraction)
+    total = stack_factors(parts, [1.0] * len(parts))
+    u_all, s_all, v_all = lowrank_svd(total.P, total.Q)
+    u_c, s_c, v_c = u_all[:, :common], s_all[:common], v_all[:, :common]
+    us, ss, vs = [], [], []
+    if per_task > 0:
+        for part in parts:
+            projected = part.P - u_c @ (u_c.transpose(0, 1) @ part.P)
+            u, s, v = lowrank_svd(projected, part.Q)
+            us.append(u[:, :per_task])
+            ss.append(s[:per_task])
+            vs.append(v[:, :per_task])
+    u_cat = torch.cat([*us, u_c], dim=1)
+    v_cat = torch.cat([*vs, v_c], dim=1)
+    mean = torch.cat([*ss, s_c]).sum() / (common + len(parts) * per_task)
+    return LowRank(polar(u_cat) * mean, polar(v_cat).transpose(0, 1))
+
+
 class IsoCMerger(Merger):
     uses_param_info = False  # only ndim and names decide the SVD treatment
     config: IsoCConfig
@@ -99,6 +177,12 @@ class IsoCMerger(Merger):
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         merged = iso_c(deltas) if is_svd_treated(info, self.config.exclude) else mean_delta(deltas)
         return merged.mul_(self.config.scaling)
+
+    def merge_lowrank(self, key: str, parts: list[LowRank], info: ParamInfo) -> LowRank:
+        """Eq. 4 from the tasks' factors (:func:`lowrank_iso_c`); excluded matrices get the mean."""
+        if not is_svd_treated(info, self.config.exclude):
+            return lowrank_mean(parts, self.config.scaling)
+        return lowrank_iso_c(parts, min(parts[0].shape)).scaled(self.config.scaling)
 
 
 class IsoCTSMerger(Merger):
@@ -111,6 +195,12 @@ class IsoCTSMerger(Merger):
         else:
             merged = mean_delta(deltas)
         return merged.mul_(self.config.scaling)
+
+    def merge_lowrank(self, key: str, parts: list[LowRank], info: ParamInfo) -> LowRank:
+        """Eqs. 6–9 from the tasks' factors (:func:`lowrank_iso_cts`); excluded matrices get the mean."""
+        if not is_svd_treated(info, self.config.exclude):
+            return lowrank_mean(parts, self.config.scaling)
+        return lowrank_iso_cts(parts, min(parts[0].shape), self.config.common_space_fraction).scaled(self.config.scaling)
 
 
 register_method(IsoCConfig, IsoCMerger)

@@ -19,13 +19,24 @@ A one-block stack (L = 1) gets α.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, check_number
+from ..config import MergeConfig, MethodCard, SearchSpace, check_number
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger, ModelMerger
+from .grids import arange, linspace_tail
+from .ties import TiesConfig
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
+
+#: β's validation grids in the LiNeS code: ``linspace(0, 1, 11)[1:]`` (Task Arithmetic, Consensus inner merges) and
+#: ``arange(0.1, 1.6, 0.1)`` for a TIES inner merge.
+LINES_GRID = linspace_tail(1.0, 11)
+LINES_TIES_GRID = arange(0.1, 1.6, 0.1)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,6 +50,24 @@ class LinesConfig(MergeConfig):
     beta: float = 0.5
     num_blocks: int | None = None
     inner: MergeConfig | None = None
+
+    card: ClassVar[MethodCard] = MethodCard(
+        title="LiNeS (Layer-increasing Network Scaling)",
+        summary=(
+            "LiNeS rescales a task vector (or a merged multi-task vector) with a coefficient that grows linearly "
+            "with depth: shallow layers, which hold general features, are moved little from the pre-trained model, "
+            "and deep layers, which hold task-specific features, keep more of the update. This limits forgetting "
+            "and interference without any training."
+        ),
+        bibtex="""@inproceedings{wang2025lines,
+  title     = {{LiNeS}: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging},
+  author    = {Wang, Ke and Dimitriadis, Nikolaos and Favero, Alessandro and Ortiz-Jim{\\'e}nez, Guillermo and
+               Fleuret, Fran{\\c{c}}ois and Frossard, Pascal},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2025}
+}""",
+        paper_url="https://arxiv.org/abs/2410.17146",
+    )
 
     def __post_init__(self) -> None:
         if self.alpha is not None:
@@ -55,6 +84,15 @@ class LinesConfig(MergeConfig):
             raise TypeError(f"inner must be a MergeConfig (e.g. TaskArithmeticConfig), got {type(self.inner).__name__}.")
         elif isinstance(self.inner, LinesConfig):
             raise ValueError("inner cannot itself be a LinesConfig.")
+
+    def search_space(self) -> SearchSpace:
+        """β over the LiNeS code's grid for the inner merge (a wider one for TIES)."""
+        grid = LINES_TIES_GRID if isinstance(self.inner, TiesConfig) else LINES_GRID
+        return SearchSpace("beta", grid, "affine")
+
+    def coefficient_kind(self, parameter: str) -> str:
+        """α and β are affine (Eq. 1: λ(ℓ) = α + β (ℓ − 1)/(L − 1) scales a τ_merged that depends on neither)."""
+        return "affine" if parameter in ("alpha", "beta") else "rerun"
 
 
 def lines_scale(block: int | None, num_blocks: int | None, alpha: float, beta: float) -> float:
@@ -96,7 +134,7 @@ class LinesMerger(Merger):
     def _num_blocks(self, info: ParamInfo) -> int | None:
         return self.config.num_blocks if self.config.num_blocks is not None else info.num_blocks
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         for key in ctx.merge_keys:  # fail before any work on a block index the configured L cannot hold
             info = ctx.infos[key]
             if info.block is not None:

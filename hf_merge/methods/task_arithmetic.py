@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
-from ..config import MergeConfig, check_number
+from ..config import MergeConfig, MethodCard, SearchSpace, check_number
+from ..lowrank import LowRank, stack_factors
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
+from .grids import linspace_tail
+
+#: λ's validation grid in the TSV and TALL-masks code: ``linspace(0, 1, 31)[1:]``.
+TASK_ARITHMETIC_GRID = linspace_tail(1.0, 31)
+
+TASK_ARITHMETIC_BIBTEX = """@inproceedings{ilharco2023editing,
+  title     = {Editing Models with Task Arithmetic},
+  author    = {Ilharco, Gabriel and Ribeiro, Marco Tulio and Wortsman, Mitchell and Gururangan, Suchin and
+               Schmidt, Ludwig and Hajishirzi, Hannaneh and Farhadi, Ali},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2023}
+}"""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -20,8 +35,24 @@ class TaskArithmeticConfig(MergeConfig):
     method: str = dataclasses.field(default="task_arithmetic", init=False)
     scaling: float
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="Task Arithmetic",
+        summary=(
+            "Each fine-tuned model is turned into a task vector, its weights minus the pre-trained weights. The task "
+            "vectors are summed, scaled by a single coefficient λ, and added back to the pre-trained model, "
+            "θ = θ₀ + λ Σ_t τ_t. Adding task vectors transfers several abilities into one model; λ controls how far "
+            "the merge moves from the base and is usually chosen on validation data."
+        ),
+        bibtex=TASK_ARITHMETIC_BIBTEX,
+        paper_url="https://arxiv.org/abs/2212.04089",
+    )
+
     def __post_init__(self) -> None:
         check_number("scaling", self.scaling)
+
+    def search_space(self) -> SearchSpace:
+        """λ over ``linspace(0, 1, 31)[1:]``; θ₀ + λ Σ_t τ_t is linear in λ."""
+        return SearchSpace("scaling", TASK_ARITHMETIC_GRID, "linear")
 
 
 def task_arithmetic(deltas: list[torch.Tensor], scaling: float) -> torch.Tensor:
@@ -36,11 +67,12 @@ class TaskArithmeticMerger(Merger):
     uses_param_info = False
     config: TaskArithmeticConfig
 
-    def prepare(self, ctx) -> None:
-        self.num_tasks = len(ctx.task_names)
+    def linear_coefficients(self, task_names: Sequence[str]) -> list[float]:
+        return [float(self.config.scaling)] * len(task_names)
 
-    def linear_coefficients(self) -> list[float]:
-        return [float(self.config.scaling)] * self.num_tasks
+    def merge_lowrank(self, key: str, parts: list[LowRank], info: ParamInfo) -> LowRank:
+        """λ Σ_t P_t Q_t, stacked exactly: [λP_1 … λP_T] [Q_1; …; Q_T]."""
+        return stack_factors(parts, [self.config.scaling] * len(parts))
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         return task_arithmetic(deltas, self.config.scaling)

@@ -10,6 +10,8 @@ averaged), with task matrices Δ_t = U_t S_t V_tᵀ and k = ⌊r · rank_fractio
 Every other floating-point parameter gets the mean of τ_t (TSV-M; scaled by α like the matrices) or keeps its own
 τ_t (TSV-C). The top-k factors come from :func:`hf_merge.linalg.top_k_svd` (exact Gram-eigh route) instead of T full
 SVDs, and the polar factors from :func:`hf_merge.linalg.polar`.
+
+TSV-M also merges low-rank task matrices Δ_t = P_t Q_t (LoRA) without forming them (:func:`lowrank_tsv_merge`).
 """
 
 from __future__ import annotations
@@ -17,16 +19,32 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..bank import TaskCompressor
-from ..config import MergeConfig, check_fraction, check_number
-from ..io.sources import TensorMeta
+from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, check_number
 from ..linalg import polar, top_k_svd
+from ..lowrank import LowRank, lowrank_svd, stack_factors
 from ..params import ParamInfo
 from ..registry import register_method
-from .base import Merger
+from ..tensors import TensorMeta
+from .base import Merger, TaskCompressor
+from .grids import linspace_tail
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
+
+#: α's validation grid in the TSV and Iso code: ``linspace(0, 3, 31)[1:]``.
+ALPHA_GRID = linspace_tail(3.0, 31)
+
+TSV_BIBTEX = """@inproceedings{gargiulo2025tsv,
+  title     = {Task Singular Vectors: Reducing Task Interference in Model Merging},
+  author    = {Gargiulo, Antonio Andrea and Crisostomi, Donato and Bucarelli, Maria Sofia and Scardapane, Simone and
+               Silvestri, Fabrizio and Rodol{\\`a}, Emanuele},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2025}
+}"""
 
 
 def _check_exclude(exclude: Sequence[str]) -> tuple[str, ...]:
@@ -51,10 +69,26 @@ class TSVMergeConfig(MergeConfig):
     rank_fraction: float | None = None
     exclude: Sequence[str] = ("text_projection",)
 
+    card: ClassVar[MethodCard] = MethodCard(
+        title="Task Singular Vectors — merging (TSV-M)",
+        summary=(
+            "For every weight matrix, TSV-M keeps the top 1/T of the singular directions of each task's update, "
+            "stacks the kept left and right singular vectors of all tasks, and replaces each stack by its closest "
+            "orthonormal matrix before recombining them with the kept singular values. Decorrelating the tasks' "
+            "subspaces this way reduces interference; non-matrix parameters are averaged."
+        ),
+        bibtex=TSV_BIBTEX,
+        paper_url="https://arxiv.org/abs/2412.00081",
+    )
+
     def __post_init__(self) -> None:
         check_number("scaling", self.scaling)
         _check_rank_fraction(self.rank_fraction)
         self.exclude = _check_exclude(self.exclude)
+
+    def search_space(self) -> SearchSpace:
+        """α over ``linspace(0, 3, 31)[1:]``; Eq. 7 is linear in α."""
+        return SearchSpace("scaling", ALPHA_GRID, "linear")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -67,6 +101,17 @@ class TSVCompressConfig(MergeConfig):
     rank_fraction: float | None = None
     exclude: Sequence[str] = ("text_projection",)
     task: str | None = None
+
+    card: ClassVar[MethodCard] = MethodCard(
+        title="Task Singular Vectors — compression (TSV-C)",
+        summary=(
+            "TSV-C stores each task's update of every weight matrix as a low-rank approximation made of its top "
+            "1/T singular triplets, so that all T tasks together take about the space of one model's update while "
+            "each task can be reconstructed almost losslessly. Non-matrix parameters are kept as they are."
+        ),
+        bibtex=TSV_BIBTEX,
+        paper_url="https://arxiv.org/abs/2412.00081",
+    )
 
     def __post_init__(self) -> None:
         _check_rank_fraction(self.rank_fraction)
@@ -93,11 +138,6 @@ def mean_delta(deltas: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(deltas).mean(dim=0)
 
 
-def tsv_compress(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TSV-C factors (U_k, s_k, V_k) of one task matrix: its top-k singular triplets."""
-    return top_k_svd(delta, k)
-
-
 def tsv_merge(deltas: list[torch.Tensor], k: int) -> torch.Tensor:
     """TSV-M of one matrix (unscaled): polar([U_{t,k}]_t) diag([s_{t,k}]_t) polar([V_{t,k}]_t)ᵀ.
 
@@ -109,6 +149,29 @@ def tsv_merge(deltas: list[torch.Tensor], k: int) -> torch.Tensor:
     u_cat = u.transpose(0, 1).reshape(u.shape[1], -1)  # [U_1 … U_T]
     v_cat = v.transpose(0, 1).reshape(v.shape[1], -1)
     return (polar(u_cat) * s.reshape(-1)) @ polar(v_cat).transpose(0, 1)
+
+
+def lowrank_mean(parts: Sequence[LowRank], scaling: float) -> LowRank:
+    """(α/T) Σ_t P_t Q_t, stacked exactly: the treatment of matrices excluded from the SVD merges, in factors."""
+    return stack_factors(parts, [scaling / len(parts)] * len(parts))
+
+
+def lowrank_tsv_merge(parts: Sequence[LowRank], k: int) -> LowRank:
+    """TSV-M from factors: per task the top-k singular triplets of P_t Q_t (its non-zero ones: k_t ≤ rank),
+    concatenated, U⊥ = polar([U_t]), V⊥ = polar([V_t]); ΔM = U⊥ diag(s) V⊥ᵀ.
+
+    Components with zero singular value are dropped: a dense SVD fills them with arbitrary null-space vectors.
+    """
+    us, ss, vs = [], [], []
+    for part in parts:
+        u, s, v = lowrank_svd(part.P, part.Q)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vs.append(v[:, :k])
+    u_cat, s_cat, v_cat = torch.cat(us, dim=1), torch.cat(ss), torch.cat(vs, dim=1)
+    if s_cat.numel() == 0:
+        return LowRank(u_cat, v_cat.transpose(0, 1))
+    return LowRank(polar(u_cat) * s_cat, polar(v_cat).transpose(0, 1))
 
 
 def _warn_rank_zero(keys: list[str], num_tasks: int) -> None:
@@ -125,7 +188,7 @@ class TSVMergeMerger(Merger):
     uses_param_info = False  # only ndim and names decide the SVD treatment
     config: TSVMergeConfig
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         self.num_tasks = len(ctx.task_names)
         _warn_rank_zero(
             [
@@ -144,6 +207,14 @@ class TSVMergeMerger(Merger):
             merged = mean_delta(deltas)
         return merged.mul_(self.config.scaling)
 
+    def merge_lowrank(self, key: str, parts: list[LowRank], info: ParamInfo) -> LowRank:
+        """Eq. 7 from the tasks' factors (:func:`lowrank_tsv_merge`, k = ⌊r/T⌋ of the full r = min(m, n)); excluded
+        matrices get the mean."""
+        if not is_svd_treated(info, self.config.exclude):
+            return lowrank_mean(parts, self.config.scaling)
+        k = task_rank(parts[0].shape, len(parts), self.config.rank_fraction)
+        return lowrank_tsv_merge(parts, k).scaled(self.config.scaling)
+
 
 class TSVCompressMerger(Merger, TaskCompressor):
     uses_param_info = False  # only ndim and names decide the SVD treatment
@@ -151,7 +222,7 @@ class TSVCompressMerger(Merger, TaskCompressor):
 
     config: TSVCompressConfig
 
-    def prepare(self, ctx) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         self.task_names = list(ctx.task_names)
         if self.config.task is not None and self.config.task not in self.task_names:
             raise ValueError(f"task {self.config.task!r} is not among the tasks {self.task_names}.")

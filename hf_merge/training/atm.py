@@ -41,10 +41,12 @@ from transformers.trainer_utils import (
     set_seed,
 )
 
-from ..engine import MergeContext, MergeError, validate_sources
+from ..engine import Plan, run
+from ..errors import MergeError
+from ..io.sinks import TensorsSink
 from ..io.sources import StateDictSource
-from ..methods.task_arithmetic import TaskArithmeticConfig
-from ..params import classify_parameters
+from ..methods.base import Merger
+from ..options import make_options
 from ..registry import get_merger
 from .config import ATMConfig
 
@@ -271,6 +273,8 @@ class ATMTrainer(transformers.Trainer):
         tasks = list(self.task_datasets)
         alpha = self.atm_config.scaling_for(len(tasks))
         merger = get_merger(self.atm_config.merge)
+        # a merge linear in the task vectors keeps a running sum instead of the T fine-tuned models
+        coefficients = merger.linear_coefficients(tasks)
 
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
             first_round = self._load_round_checkpoint(resume_from_checkpoint) + 1
@@ -285,8 +289,10 @@ class ATMTrainer(transformers.Trainer):
         for round_index in range(first_round, self.atm_config.rounds + 1):
             base = {name: tensor.detach().clone() for name, tensor in self._merged_tensors().items()}
             running_sum = None
+            # equal coefficients (Task Arithmetic's λ) multiply the sum once, after it is accumulated
+            common = coefficients[0] if coefficients and len(set(coefficients)) == 1 else None
             task_states: dict[str, dict[str, torch.Tensor]] = {}
-            if isinstance(self.atm_config.merge, TaskArithmeticConfig):
+            if coefficients is not None:
                 running_sum = {name: torch.zeros_like(t, dtype=_accumulation_dtype(t.dtype)) for name, t in base.items()}
             for task_index, task in enumerate(tasks):
                 output = self._fine_tune(user_args, round_index, task_index, task, ignore_keys_for_eval)
@@ -296,7 +302,8 @@ class ATMTrainer(transformers.Trainer):
                 live = self._merged_tensors()
                 with torch.no_grad():
                     if running_sum is not None:
-                        _accumulate_task_vector(running_sum, live, base, f"round {round_index}, task {task!r}")
+                        _accumulate_task_vector(running_sum, live, base, coefficients[task_index], common,
+                                                f"round {round_index}, task {task!r}")
                     else:
                         task_states[task] = {name: tensor.detach().clone() for name, tensor in live.items()}
                     for name, tensor in live.items():
@@ -304,7 +311,7 @@ class ATMTrainer(transformers.Trainer):
             live = self._merged_tensors()
             with torch.no_grad():
                 if running_sum is not None:
-                    _apply_task_arithmetic(live, base, running_sum, self.atm_config.merge.scaling, alpha)
+                    _apply_running_sum(live, base, running_sum, common if common is not None else 1.0, alpha)
                 else:
                     self._apply_merger(merger, live, base, task_states, alpha, round_index)
             del base, live, running_sum, task_states
@@ -411,27 +418,21 @@ class ATMTrainer(transformers.Trainer):
 
     def _apply_merger(
         self,
-        merger: Any,
+        merger: Merger,
         live: dict[str, torch.Tensor],
         base: dict[str, torch.Tensor],
         task_states: dict[str, dict[str, torch.Tensor]],
         alpha: float,
         round_index: int,
     ) -> None:
-        """θ^k = θ^{k−1} + α · merged task vector, with any base-relative merger run through the engine's context."""
-        base_source = StateDictSource(base, f"ATM round {round_index} start model")
+        """θ^k = θ^{k−1} + α · merged task vector: one engine run into the live tensors."""
         sources = {
             task: StateDictSource(state, f"ATM round {round_index} model fine-tuned on {task!r}")
             for task, state in task_states.items()
         }
-        metas = validate_sources(base_source, sources)
-        infos = classify_parameters(base_source.shapes(), model=self.model)
-        ctx = MergeContext(base_source, sources, infos, metas, device=next(iter(live.values())).device, progress=False)
-        merger.prepare(ctx)
-        for key in ctx.merge_keys:
-            theta = ctx.base_tensor(key)
-            merged = merger.merge_tensor(key, theta, ctx.deltas(key, theta), infos[key])
-            live[key].copy_((theta + alpha * merged).to(live[key].dtype))
+        plan = Plan(StateDictSource(base, f"ATM round {round_index} start model"), sources,
+                    _ScaledUpdate(merger, alpha), architecture=self.model)
+        run(plan, TensorsSink(live), make_options(device=next(iter(live.values())).device, progress=False))
 
     def _outer_state(self) -> TrainerState:
         """The state callbacks see between fine-tunes: steps over all fine-tunes, the whole log history."""
@@ -591,24 +592,39 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _accumulate_task_vector(
-    running_sum: dict[str, torch.Tensor], live: dict[str, torch.Tensor], base: dict[str, torch.Tensor], what: str
+    running_sum: dict[str, torch.Tensor], live: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+    coefficient: float, common: float | None, what: str,
 ) -> None:
-    """running_sum += τ_t = θ_t − θ^{k−1}, in the accumulation dtype."""
+    """running_sum += c_t τ_t with τ_t = θ_t − θ^{k−1} (just τ_t when every c_t is ``common``), in the accumulation
+    dtype."""
     for name, total in running_sum.items():
         delta = live[name].to(total.dtype) - base[name].to(total.dtype)
         if not torch.isfinite(delta).all():
             raise MergeError(f"ATM {what}: fine-tuning produced NaN/Inf in {name!r} (lower the learning rate?).")
-        total.add_(delta)
+        total.add_(delta, alpha=1.0 if common is not None else coefficient)
 
 
-def _apply_task_arithmetic(
+def _apply_running_sum(
     live: dict[str, torch.Tensor],
     base: dict[str, torch.Tensor],
     running_sum: dict[str, torch.Tensor],
-    task_arithmetic_scaling: float,
+    common: float,
     alpha: float,
 ) -> None:
-    """θ^k = θ^{k−1} + α · λ Σ_t τ_t, rounded once to the model's dtype."""
+    """θ^k = θ^{k−1} + α · c Σ_t τ_t (or α Σ_t c_t τ_t), rounded once to the model's dtype."""
     for name, total in running_sum.items():
-        merged = base[name].to(total.dtype) + (alpha * task_arithmetic_scaling) * total
+        merged = base[name].to(total.dtype) + (alpha * common) * total
         live[name].copy_(merged.to(live[name].dtype))
+
+
+class _ScaledUpdate(Merger):
+    """The merged task vector of ``inner`` times α (ATM's outer step size), merged tensor by tensor."""
+
+    def __init__(self, inner: Merger, alpha: float) -> None:
+        self.inner, self.alpha, self.config = inner, alpha, inner.config
+
+    def prepare(self, ctx: Any) -> None:
+        self.inner.prepare(ctx.nested())  # tensor by tensor: never the inner method's one-pass route
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: Any) -> torch.Tensor:
+        return self.inner.merge_tensor(key, base, deltas, info).mul_(self.alpha)

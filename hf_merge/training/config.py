@@ -8,11 +8,10 @@ passed to :func:`hf_merge.merge`. It serialises like a :class:`~hf_merge.MergeCo
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
-from typing import Any
+from typing import ClassVar
 
-from ..config import MergeConfig, check_number, read_json, write_json
+from ..config import MergeConfig, SerializableConfig, check_number
 
 ATM_CONFIG_NAME = "atm_config.json"
 
@@ -24,7 +23,7 @@ def _default_merge() -> MergeConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
-class ATMConfig:
+class ATMConfig(SerializableConfig):
     """How many rounds of ATM to run, the fine-tuning budget per (round, task), and how task vectors are merged.
 
     Every round k fine-tunes a copy of the current model θ^{k−1} on each task t, forms τ_t^k = θ_t^k − θ^{k−1}, merges
@@ -47,6 +46,8 @@ class ATMConfig:
         >>> ATMConfig(rounds=4, epochs_per_round=0.25)                       # α = 1/T, Task Arithmetic sum
         >>> ATMConfig(rounds=3, steps_per_round=50, merge=TiesConfig(density=0.2, scaling=1.0), scaling=0.5)
     """
+
+    config_file_name: ClassVar[str] = ATM_CONFIG_NAME
 
     rounds: int
     steps_per_round: int | None = None
@@ -96,31 +97,3 @@ class ATMConfig:
         if num_tasks < 1:
             raise ValueError(f"ATM needs at least one task, got {num_tasks}.")
         return 1.0 / num_tasks if self.scaling is None else float(self.scaling)
-
-    # ----------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict; ``merge`` becomes a nested merge-config dict."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["merge"] = self.merge.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ATMConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown ATMConfig parameter(s) {unknown}; valid parameters: {sorted(names)}.")
-        return cls(**dict(data))
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write ``atm_config.json`` into ``save_directory`` (created if needed); return the file path."""
-        return write_json(save_directory, ATM_CONFIG_NAME, self.to_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> ATMConfig:
-        """Read ``atm_config.json`` from a folder (or the file itself)."""
-        return cls.from_dict(read_json(directory, ATM_CONFIG_NAME))
-
-    def replace(self, **overrides: Any) -> ATMConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **overrides)

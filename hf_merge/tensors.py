@@ -1,7 +1,19 @@
-"""Safetensors dtype names and their torch dtypes; numpy views of tensors (bfloat16 as its uint16 bit patterns)."""
+"""Tensor metadata shared by every layer: shape and dtype without data, safetensors dtype names, and numpy views of
+tensors (bfloat16 as its uint16 bit patterns)."""
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of a tensor, known without reading its data."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

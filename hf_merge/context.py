@@ -1,0 +1,173 @@
+"""What a merger sees: the validated inputs of one merge, read one tensor at a time in float32 on the compute device.
+
+The engine builds one :class:`MergeContext` per run (from :mod:`hf_merge.inputs`); methods read base tensors and task
+vectors through it, in their statistics passes (:meth:`MergeContext.iter_deltas`) and per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import MergeError
+from .io.prefetch import Prefetcher
+from .io.sources import DeltaSource, TensorSource
+from .kernels import fused_linear_combine
+from .params import ParamInfo
+from .tensors import TensorMeta, numpy_view
+from .tuning import TUNING
+
+
+class MergeContext:
+    """What a merger sees: float32 base tensors and task vectors on the compute device, one key at a time."""
+
+    def __init__(
+        self,
+        base: TensorSource,
+        tasks: Mapping[str, TensorSource],
+        infos: Mapping[str, ParamInfo],
+        metas: Mapping[str, TensorMeta],
+        *,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+        transforms: tuple[Callable[[str, str, torch.Tensor], torch.Tensor], ...] = (),
+        prefetch_depth: int = 1,
+        output_dtypes: Mapping[str, torch.dtype] | None = None,
+        bounded_memory: bool = False,
+    ) -> None:
+        self.base = base
+        self.tasks = dict(tasks)
+        self.task_names = list(self.tasks)
+        self.infos = infos
+        self.metas = metas
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.progress = progress
+        self._transforms = transforms
+        self.prefetch_depth = prefetch_depth
+        self.merge_keys = [k for k, m in metas.items() if m.dtype.is_floating_point]
+        self.output_dtypes = output_dtypes
+        self.bounded_memory = bounded_memory
+
+    @property
+    def can_merge_in_one_pass(self) -> bool:
+        """Whether a merger may merge reading every input once (:attr:`Merger.one_pass`): the engine gave the output
+        dtypes, memory is not budgeted (what the pass leaves open is held until its end), the compute device is the
+        CPU and every task vector is a plain difference of stored tensors (no transforms, no LoRA factors)."""
+        return (
+            self.output_dtypes is not None and not self.bounded_memory and self.device.type == "cpu"
+            and not self._transforms and not any(isinstance(s, DeltaSource) for s in self.tasks.values())
+        )
+
+    def with_transform(self, transform: Callable[[str, str, torch.Tensor], torch.Tensor]) -> MergeContext:
+        """A view whose task vectors pass through ``transform(task_name, key, delta)`` (e.g. DARE's drop)."""
+        return self._view(transforms=(*self._transforms, transform))
+
+    def nested(self) -> MergeContext:
+        """The view a merger wrapped by another one (LiNeS, Consensus) prepares with: it merges tensor by tensor for
+        its wrapper, so it never merges in one pass of its own (:attr:`can_merge_in_one_pass` is false)."""
+        return self._view(output_dtypes=None)
+
+    def _view(self, **changes: Any) -> MergeContext:
+        settings = dict(device=self.device, progress=self.progress, transforms=self._transforms,
+                        prefetch_depth=self.prefetch_depth, output_dtypes=self.output_dtypes,
+                        bounded_memory=self.bounded_memory)
+        return MergeContext(self.base, self.tasks, self.infos, self.metas, **{**settings, **changes})
+
+    def _load(self, source: TensorSource, key: str) -> torch.Tensor:
+        tensor = source.get(key).to(self.device, torch.float32)
+        # One reduction first: a finite sum proves every entry finite; only a non-finite sum needs the exact check.
+        if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+            raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
+        return tensor
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        return self._load(self.base, key)
+
+    def deltas(self, key: str, base: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The task vectors τ_t = θ_t − θ₀ of ``key`` in float32 on the compute device."""
+        base = self.base_tensor(key) if base is None else base
+        out = []
+        for name, source in self.tasks.items():
+            if isinstance(source, DeltaSource):  # e.g. LoRA: ΔW straight from the factors
+                delta = source.delta(key, base)
+                if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():
+                    raise MergeError(f"{source.label}: the update of {key!r} contains NaN or Inf values.")
+            else:
+                delta = self._load(source, key) - base  # never in place: _load may return the input's storage
+            for transform in self._transforms:
+                delta = transform(name, key, delta)
+            out.append(delta)
+        return out
+
+    def load(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(θ₀, [τ_t])`` of ``key`` in float32 on the compute device."""
+        base = self.base_tensor(key)
+        return base, self.deltas(key, base)
+
+    def combine(self, key: str, coefficients: Sequence[float], dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t in ``dtype``, on the CPU (into ``out`` if given).
+
+        On a CPU compute device the inputs stream in pieces of :attr:`~hf_merge.tuning.Tuning.combine_chunk` elements through one float32
+        accumulator that stays in cache, so each input is read once and the output written once (no full-size
+        float32 temporaries). A non-finite piece is traced to the input that holds it.
+        """
+        weights = [1.0 - sum(coefficients), *coefficients]
+        sources = [self.base, *self.tasks.values()]
+        if self.device.type != "cpu":
+            total = sources[0].get(key).to(self.device, torch.float32) * weights[0]
+            for source, weight in zip(sources[1:], weights[1:]):
+                total.add_(source.get(key).to(self.device), alpha=weight)
+            self.check_finite(total, sources, key)
+            return total.to("cpu", dtype) if out is None else out.copy_(total)
+        if out is None:
+            out = torch.empty(self.metas[key].shape, dtype=dtype)
+        flat_out = out.view(-1)
+        fused = fused_linear_combine([s.meta(key).dtype for s in sources], dtype) if len(sources) > 1 else None
+        if fused is not None:
+            # one fused compiled loop, reading checkpoint tensors through a mapping: the same bits as below
+            arrays = [source.flat_array(key) for source in sources]
+            if not fused(arrays, weights, numpy_view(flat_out)):
+                self.check_finite(out.float(), sources, key)
+            return out
+        accumulator = torch.empty(min(flat_out.numel(), TUNING.combine_chunk), dtype=torch.float32)
+        start = 0
+        for pieces in zip(*(source.iter_chunks(key, TUNING.combine_chunk) for source in sources)):
+            acc = accumulator[: pieces[0].numel()]
+            acc.copy_(pieces[0]).mul_(weights[0])
+            for piece, weight in zip(pieces[1:], weights[1:]):
+                acc.add_(piece.to("cpu"), alpha=weight)
+            self.check_finite(acc, sources, key, pieces)
+            flat_out[start : start + acc.numel()].copy_(acc)
+            start += acc.numel()
+        return out
+
+    @staticmethod
+    def check_finite(result: torch.Tensor, sources: Sequence[TensorSource], key: str,
+                     pieces: Sequence[torch.Tensor] | None = None) -> None:
+        """A finite sum proves ``result`` finite; otherwise name the input (or its ``pieces``) holding NaN/Inf, or
+        report the float32 overflow when every input is finite."""
+        if torch.isfinite(result.sum()):
+            return
+        for index, source in enumerate(sources):
+            tensor = source.get(key) if pieces is None else pieces[index]
+            if not torch.isfinite(tensor.float()).all():
+                raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
+        if not torch.isfinite(result).all():
+            raise MergeError(f"tensor {key!r}: the inputs are finite but merging them overflows float32.")
+
+    def prefetcher(self, order: list[str], load: Callable[[str], Any] | None = None) -> Prefetcher[Any]:
+        """A :class:`Prefetcher` of ``load`` (default :meth:`load`) over ``order``: reads tensor i + 1 while
+        tensor i is merged."""
+        return Prefetcher(load or self.load, order, depth=self.prefetch_depth)
+
+    def iter_deltas(self, desc: str = "statistics") -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+        """Stream ``(key, base, deltas)`` over every floating-point tensor (for statistics passes)."""
+        from tqdm.auto import tqdm
+
+        with self.prefetcher(self.merge_keys) as prefetcher:
+            for key in tqdm(self.merge_keys, desc=desc, unit="tensor", disable=not self.progress, leave=False):
+                base, deltas = prefetcher.get(key)
+                yield key, base, deltas

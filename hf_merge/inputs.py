@@ -1,0 +1,167 @@
+"""Inputs of a merge: open them as tensor sources, bind updates to the base, validate, classify.
+
+- :func:`open_base` / :func:`open_tasks`: models, checkpoint folders, state dicts and PEFT adapters as sources.
+- :func:`bind_deltas`: tasks given as updates of a base (LoRA adapters, task vectors, task-bank tasks) are bound to
+  the run's base: an explicit step, before validation.
+- :func:`validate_sources`: pure checks (architecture, keys, ties, shapes, dtypes) naming the offending input.
+- :func:`classify_sources`: the kind and block of every tensor (:mod:`hf_merge.params`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .adapters import is_adapter_folder, is_peft_model, open_lora
+from .errors import MergeError
+from .io.sources import DeltaSource, ModelSource, TensorMeta, TensorSource, open_source
+from .models import meta_model
+from .params import ParamInfo, classify_parameters
+
+Inputs = Any  # a PreTrainedModel, a checkpoint path or a state dict
+_ARCH_KEYS = ("model_type", "vocab_size")
+
+
+def open_base(base: Inputs, *, allow_pickle: bool = False) -> TensorSource:
+    return open_source(base, "base", allow_pickle=allow_pickle)
+
+
+def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pickle: bool = False) -> dict[str, TensorSource]:
+    """``{task_name: source}`` from a sequence (names ``task_0``, ...) or a mapping of inputs.
+
+    A PEFT adapter folder or a ``PeftModel`` counts as a fine-tuned model (base + ΔW); a ``PeftModel`` with several
+    adapters contributes one task per adapter (named after the adapter, or ``"<task>.<adapter>"`` in a mapping).
+    """
+    if isinstance(finetuned, Mapping):
+        items = [(str(name), value) for name, value in finetuned.items()]
+        named = True
+    elif isinstance(finetuned, (str, os.PathLike, torch.nn.Module)) or not isinstance(finetuned, Sequence):
+        raise TypeError("finetuned must be a sequence or a {task_name: model} mapping of models, paths or state dicts.")
+    else:
+        items = [(f"task_{i}", value) for i, value in enumerate(finetuned)]
+        named = False
+    if not items:
+        raise ValueError("finetuned is empty: give at least one fine-tuned model.")
+    tasks: dict[str, TensorSource] = {}
+    for name, value in items:
+        label = f"task {name!r}"
+        lora = is_peft_model(value) or (isinstance(value, (str, os.PathLike)) and is_adapter_folder(value))
+        if not lora:
+            tasks[name] = open_source(value, label, allow_pickle=allow_pickle)
+            continue
+        adapters = open_lora(value, label, allow_pickle=allow_pickle)
+        for adapter_name, source in adapters:
+            if adapter_name is None or len(adapters) == 1 and named:
+                task_name = name
+            else:
+                task_name = f"{name}.{adapter_name}" if named else adapter_name
+            if task_name in tasks:
+                raise ValueError(f"Two inputs are both named {task_name!r}; pass a mapping with distinct names.")
+            tasks[task_name] = source
+    return tasks
+
+
+def open_pair(base: Inputs, finetuned: Inputs, *, allow_pickle: bool = False
+              ) -> tuple[TensorSource, TensorSource, dict[str, TensorMeta]]:
+    """``(base, finetuned, base metas)``: one fine-tuned model opened and validated against its base."""
+    base_source = open_source(base, "base", allow_pickle=allow_pickle)
+    finetuned_source = open_source(finetuned, "finetuned", allow_pickle=allow_pickle)
+    return base_source, finetuned_source, validate_sources(base_source, {"finetuned": finetuned_source})
+
+
+def bind_deltas(base: TensorSource, tasks: Mapping[str, TensorSource]) -> None:
+    """Bind every task given as an update of a base to ``base`` (it checks its names and shapes against it)."""
+    for task in tasks.values():
+        if isinstance(task, DeltaSource):
+            task.bind(base)
+
+
+def _config_value(config: Any, key: str) -> Any:
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def validate_sources(
+    base: TensorSource, tasks: Mapping[str, TensorSource], *, dtype: torch.dtype | None = None
+) -> dict[str, TensorMeta]:
+    """Check that every task matches the base (architecture, keys, shapes, dtypes); return the base's metadata.
+
+    Raises :class:`MergeError` naming the offending input and tensor. Reads no tensor data and changes nothing:
+    :class:`~hf_merge.io.DeltaSource` tasks must be bound first (:func:`bind_deltas`).
+    """
+    base_keys = base.keys()
+    metas = {k: base.meta(k) for k in base_keys}
+    for name, task in tasks.items():
+        for arch_key in _ARCH_KEYS:
+            a, b = _config_value(base.config, arch_key), _config_value(task.config, arch_key)
+            if a is not None and b is not None and a != b:
+                raise MergeError(f"Different architectures: base has {arch_key}={a!r}, {task.label} has {b!r}.")
+        missing = [k for k in base_keys if not task.has(k)]
+        extra = [k for k in task.keys() if not base.has(k)]
+        if missing or extra:
+            raise MergeError(
+                f"{task.label} does not have the base's tensors: missing {_preview(missing)}, extra {_preview(extra)}."
+            )
+        for key in task.keys():
+            if base.resolve(key) != key:
+                raise MergeError(
+                    f"{task.label} stores {key!r} separately, but in the base it is tied to {base.resolve(key)!r}."
+                )
+        for key in base_keys:
+            ours, theirs = metas[key], task.meta(key)
+            if ours.shape != theirs.shape:
+                raise MergeError(f"Shape mismatch for {key!r}: base {ours.shape} vs {task.label} {theirs.shape}.")
+            if ours.dtype != theirs.dtype:
+                same_kind = ours.dtype.is_floating_point and theirs.dtype.is_floating_point
+                if not (same_kind and dtype is not None):
+                    raise MergeError(
+                        f"dtype mismatch for {key!r}: base {ours.dtype} vs {task.label} {theirs.dtype}"
+                        + (" (pass dtype= to merge in float32 and write one dtype)." if same_kind else ".")
+                    )
+    return metas
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)})"
+
+
+def classify_sources(
+    base: TensorSource, tasks: Mapping[str, TensorSource], *, architecture: torch.nn.Module | None = None
+) -> dict[str, ParamInfo]:
+    """Classify the base's tensors, using a model's modules: ``architecture``, else any input that is a model, else
+    the model the base folder's ``config.json`` describes (built on the meta device); else by names."""
+    if architecture is not None:
+        model_source = ModelSource(architecture, "architecture")
+    else:
+        model_source = next((s for s in (base, *tasks.values()) if isinstance(s, ModelSource)), None)
+    if model_source is None:
+        model = meta_model(base.folder)
+        model_source = ModelSource(model, "meta model") if model is not None else None
+    if model_source is None:
+        return classify_parameters(base.shapes(), config=base.config)
+    memory_names = model_source.memory_names
+    by_memory_name = classify_parameters(
+        {memory_names.get(k, k): shape for k, shape in base.shapes().items()},
+        model=model_source.model, config=base.config or model_source.config,
+    )
+    return {
+        key: dataclasses.replace(by_memory_name[memory_names.get(key, key)], name=key) for key in base.keys()
+    }
+
+
+def describe_inputs(base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> dict[str, Any]:
+    """Where each input came from, for ``merge_config`` records and model cards."""
+    return {
+        "base": base.origin if base is not None else None,
+        "models": {name: source.origin for name, source in tasks.items()},
+    }

@@ -1,0 +1,190 @@
+"""LoRA outputs: merged updates written as a PEFT adapter (:class:`MergedAdapter`).
+
+Methods with a low-rank form (``Merger.merge_lowrank``) hand the sink each merged update as factors, so no
+rows × cols matrix is formed; every other method runs densely per module and the sink factors its merged ΔW by an
+SVD. Each module's update is finally truncated to ``rank`` triplets, or to the fewest holding an ``energy`` fraction
+of Σ s² (neither: every non-zero triplet, i.e. no approximation). ``modules_to_save`` weights are merged densely and
+saved as ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import MergeError
+from ..lowrank import LowRank, truncate
+from ..tensors import TensorMeta
+from .publish import publish_folder
+from .sinks import Sink
+from .sources import TensorSource
+
+if TYPE_CHECKING:
+    from ..params import ParamInfo
+    from ..record import MergeRecord
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass
+class MergedAdapter:
+    """A merged LoRA adapter in PEFT format: ``adapter_config`` values and ``adapter_model`` tensors.
+
+    Every module has its own rank (``rank_pattern``) and ``alpha == rank`` (``alpha_pattern``), so its scaling is 1
+    and ΔW = B A exactly as merged.
+    """
+
+    adapter_config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    merge_config: Any
+    merge_inputs: dict[str, Any]
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {re.sub(r"\\(.)", r"\1", k): v for k, v in self.adapter_config["rank_pattern"].items()}
+
+    def lora_config(self) -> Any:
+        from peft import LoraConfig
+
+        fields = {f.name for f in dataclasses.fields(LoraConfig)}
+        return LoraConfig(**{k: v for k, v in self.adapter_config.items() if k in fields and k != "peft_type"})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``merge_config.json`` and a model card
+        (atomically); ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` load the folder."""
+        from safetensors.torch import save_file
+
+        from ..record import MergeRecord
+
+        with publish_folder(save_directory) as tmp:
+            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2) + "\n", encoding="utf-8")
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+            MergeRecord(self.merge_config, self.merge_inputs, artifact="adapter").write_to(tmp)
+        return str(save_directory)
+
+    def push_to_hub(self, repo_id: str, **push_options: Any) -> Any:
+        """Save to a temporary folder and upload it in one commit (see :func:`hf_merge.hub.push_folder`)."""
+        import tempfile
+
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "adapter"
+            self.save_pretrained(folder)
+            return push_folder(folder, repo_id, **push_options)
+
+    def to_peft_model(self, model: torch.nn.Module, adapter_name: str = "default") -> Any:
+        """``model`` wrapped as a ``PeftModel`` carrying this adapter (``model`` is modified by PEFT)."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        peft_model = get_peft_model(model, self.lora_config(), adapter_name=adapter_name)
+        result = set_peft_model_state_dict(peft_model, self.tensors, adapter_name=adapter_name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if adapter_name in k or "lora" in k]
+        if unexpected:
+            raise RuntimeError(f"PEFT did not accept the merged adapter tensors {unexpected[:5]}.")
+        return peft_model
+
+
+class AdapterSink(Sink):
+    """Collects the merged updates of the LoRA-targeted matrices (factors, or dense merged weights it factors) and the
+    merged ``modules_to_save`` weights, and builds a :class:`MergedAdapter` (saved to ``output_dir`` when given)."""
+
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
+    takes_lowrank = True
+
+    def __init__(self, base: TensorSource, tasks: Mapping[str, TensorSource], *, rank: int | None = None,
+                 energy: float | None = None, output_dir: str | os.PathLike | None = None) -> None:
+        from ..adapters import LoraSource
+
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+        if energy is not None and not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy!r}.")
+        not_lora = [name for name, source in tasks.items() if not isinstance(source, LoraSource)]
+        if not_lora:
+            raise MergeError(f"output='lora' needs LoRA adapters as inputs; {not_lora} are full models.")
+        self.base, self.tasks = base, dict(tasks)
+        self.rank, self.energy, self.output_dir = rank, energy, output_dir
+        self.updates: dict[str, LowRank] = {}
+        self.full_values: dict[str, torch.Tensor] = {}
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
+        """The keys some adapter updates (bound to the base by now): LoRA-targeted and ``modules_to_save`` ones."""
+        self.metas = metas
+        self.targeted = [k for k in metas if any(t.targeted_module(k) is not None for t in self.tasks.values())]
+        self.replaced = [k for k in metas if any(t.saved_name(k) is not None for t in self.tasks.values())]
+        both = sorted(set(self.targeted) & set(self.replaced))
+        if both:
+            raise MergeError(f"{both} are LoRA-targeted in one adapter and saved whole (modules_to_save) in another.")
+        return self.targeted + self.replaced
+
+    def put(self, key: str, value: LowRank | torch.Tensor) -> None:
+        if key in self.replaced:
+            self.full_values[key] = value
+        elif isinstance(value, LowRank):
+            self.updates[key] = value
+        else:  # a densely merged weight: its update, factored
+            self.updates[key] = LowRank.from_dense(value.float() - self.base.get(key).float())
+
+    def finish(self, record: MergeRecord | None) -> MergedAdapter | str:
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        fan_in_fan_out = False
+        for key, update in self.updates.items():
+            update = truncate(update, self.rank, self.energy)
+            if update.rank == 0:
+                continue
+            module, is_embedding, transposed = next(
+                layout for t in self.tasks.values() if (layout := t.targeted_module(key)) is not None)
+            out_dtype = self.metas[key].dtype
+            prefix = f"{_PREFIX}{module}."
+            if is_embedding:
+                tensors[prefix + "lora_embedding_A"] = update.P.transpose(0, 1).contiguous().to(out_dtype)
+                tensors[prefix + "lora_embedding_B"] = update.Q.transpose(0, 1).contiguous().to(out_dtype)
+            elif transposed:
+                fan_in_fan_out = True
+                tensors[prefix + "lora_A.weight"] = update.P.transpose(0, 1).contiguous().to(out_dtype)
+                tensors[prefix + "lora_B.weight"] = update.Q.transpose(0, 1).contiguous().to(out_dtype)
+            else:
+                tensors[prefix + "lora_B.weight"] = update.P.contiguous().to(out_dtype)
+                tensors[prefix + "lora_A.weight"] = update.Q.contiguous().to(out_dtype)
+            ranks[module] = update.rank
+        saved_names = {key: next(name for t in self.tasks.values() if (name := t.saved_name(key)) is not None)
+                       for key in self.full_values}
+        modules_to_save = sorted({saved_names[k].rsplit(".", 1)[0] for k in self.full_values})
+        for key, value in self.full_values.items():
+            tensors[_PREFIX + saved_names[key]] = value.to(self.metas[key].dtype)
+        if not ranks and not modules_to_save:
+            raise MergeError("The merged adapter is empty: every merged update is zero.")
+        first = next(iter(self.tasks.values())).adapter.config
+        top_rank = max(ranks.values(), default=1)
+        adapter_config = {
+            "peft_type": "LORA",
+            "task_type": first.get("task_type"),
+            "base_model_name_or_path": first.get("base_model_name_or_path"),
+            "r": top_rank,
+            "lora_alpha": top_rank,
+            "rank_pattern": {re.escape(m): r for m, r in ranks.items()},
+            "alpha_pattern": {re.escape(m): r for m, r in ranks.items()},
+            "target_modules": sorted(ranks),
+            "modules_to_save": modules_to_save or None,
+            "fan_in_fan_out": fan_in_fan_out,
+            "use_rslora": False,
+            "use_dora": False,
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "inference_mode": True,
+        }
+        adapter = MergedAdapter(adapter_config, tensors, record.config if record else None,
+                                dict(record.inputs) if record else {})
+        return adapter.save_pretrained(self.output_dir) if self.output_dir is not None else adapter

@@ -1,0 +1,244 @@
+"""Where a merge's tensors go: one small :class:`Sink` protocol for every output.
+
+The engine asks a sink which keys it wants and in what order (:meth:`Sink.begin`), hands it each merged tensor
+(:meth:`Sink.put`, into :meth:`Sink.buffer` where it offers one), amendments the whole pass settles
+(:meth:`Sink.amend`, for sinks that can patch what they hold), then :meth:`Sink.finish` with the merge's record, or
+:meth:`Sink.abort`. Only folder sinks touch the file system, through :func:`hf_merge.io.publish.publish_folder`.
+
+Here: checkpoint folders, in-memory models, models dispatched by Accelerate, state dicts, and live tensors updated
+in place (ATM). Task banks (:mod:`hf_merge.bank`) and PEFT adapters (:mod:`hf_merge.io.adapter_sink`) have their own.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import MergeError
+from ..tensors import TensorMeta
+from .publish import publish_folder
+from .sources import ModelSource, TensorSource
+from .writer import DEFAULT_MAX_SHARD_SIZE, OutputBuffers, ShardWriter, plan_shards
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
+    from ..params import ParamInfo
+    from ..record import MergeRecord
+
+#: ``(key, flat indices or None for the whole tensor, values in the output dtype)``.
+Amendment = tuple[str, torch.Tensor | None, torch.Tensor]
+
+
+class Sink(abc.ABC):
+    """One output of a merge."""
+
+    #: Options this output cannot honour; a run given any of them raises naming it.
+    unsupported_options: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`amend` patches tensors already put (else the engine holds outputs until they are settled).
+    amends_in_place: ClassVar[bool] = False
+    #: Whether :meth:`put` also takes a :class:`~hf_merge.lowrank.LowRank` update (merges stay in factors).
+    takes_lowrank: ClassVar[bool] = False
+    #: Whether :meth:`put` takes a compressor's encoded parts ``{part: tensor}`` instead of merged tensors.
+    takes_encoded: ClassVar[bool] = False
+
+    def check_options(self, options: MergeOptions) -> None:
+        options.reject(self.unsupported_options, type(self).__name__)
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
+        """The keys wanted, in the order they will be put (``metas``: output shapes and dtypes)."""
+        self.metas = metas
+        return list(metas)
+
+    def buffer(self, key: str) -> torch.Tensor:
+        """Where the output of ``key`` may be written (a fresh tensor unless the sink reuses buffers)."""
+        meta = self.metas[key]
+        return torch.empty(meta.shape, dtype=meta.dtype)
+
+    @abc.abstractmethod
+    def put(self, key: str, value: Any) -> None:
+        """Take the output of ``key``."""
+
+    def amend(self, amendments: Iterable[Amendment]) -> None:
+        raise TypeError(f"{type(self).__name__} does not patch tensors it was given.")
+
+    @abc.abstractmethod
+    def finish(self, record: MergeRecord | None) -> Any:
+        """Complete the output (recording the merge where it keeps records) and return the result."""
+
+    def abort(self, error: BaseException) -> None:
+        """Drop whatever was written: the run failed with ``error``."""
+
+
+class FolderSink(Sink):
+    """A ``from_pretrained``-loadable checkpoint folder: sharded safetensors streamed tensor by tensor (entries the
+    pass settles late patched in place), the base's side files, ``merge_config.json`` and the card; published
+    atomically. Returns the folder's path."""
+
+    unsupported_options = ("device_map", "max_memory", "offload_folder")
+    amends_in_place = True
+
+    def __init__(self, output_dir: str | Path, base: TensorSource, max_shard_size: int | str | None = None) -> None:
+        self.output_dir = output_dir
+        self.base = base
+        self.max_shard_size = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+        self._stack = contextlib.ExitStack()
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
+        self.metas = metas
+        self.plan = plan_shards(metas, max_shard_size=self.max_shard_size)
+        self.staging = self._stack.enter_context(publish_folder(self.output_dir))
+        self.writer = ShardWriter(self.staging, self.plan)
+        # each tensor is written as soon as it is produced: a few reused buffers hold the outputs
+        self.buffers = OutputBuffers(metas, count=read_ahead + 1)
+        return self.plan.order
+
+    def buffer(self, key: str) -> torch.Tensor:
+        return self.buffers.take(key)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.writer.put(key, value)
+
+    def amend(self, amendments: Iterable[Amendment]) -> None:
+        self.plan.patch(self.staging, amendments)
+
+    def finish(self, record: MergeRecord | None) -> str:
+        from ..models import copy_side_files
+
+        self.writer.close()
+        float_dtypes = {m.dtype for m in self.metas.values() if m.dtype.is_floating_point}
+        copy_side_files(self.base, self.staging, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
+        if record is not None:
+            record.write_to(self.staging)
+        self._stack.close()  # publish: the staging folder is renamed into place
+        return str(self.output_dir)
+
+    def abort(self, error: BaseException) -> None:
+        if hasattr(self, "writer"):
+            self.writer.abort()
+        self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+class StateDictSink(Sink):
+    """A ``{key: tensor}`` dict (tied aliases included under every name)."""
+
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
+
+    def __init__(self, aliases: Mapping[str, str] | None = None) -> None:
+        self.aliases = dict(aliases or {})
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.tensors[key] = value
+
+    def finish(self, record: MergeRecord | None) -> dict[str, torch.Tensor]:
+        for alias, canonical in self.aliases.items():
+            self.tensors[alias] = self.tensors[canonical]
+        return self.tensors
+
+
+class ModelSink(Sink):
+    """A model of the base's class (ties kept): each merged tensor copied into ``model`` under its in-memory name."""
+
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.params = model.state_dict(keep_vars=True)
+        self.memory_names = ModelSource(model).memory_names
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
+        unmapped = [k for k in metas if self.memory_names.get(k, k) not in self.params]
+        if unmapped:
+            shown = ", ".join(repr(k) for k in unmapped[:8])
+            raise MergeError(
+                f"Cannot place merged tensors [{shown}{', ...' if len(unmapped) > 8 else ''}] ({len(unmapped)}) into "
+                f"a {type(self.model).__name__} (its weights are stored converted on disk); pass output_dir= to "
+                "write a checkpoint instead."
+            )
+        return super().begin(metas, infos, read_ahead)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        destination = self.params[self.memory_names.get(key, key)]
+        with torch.no_grad():
+            if destination.dtype != value.dtype:
+                destination.data = value.to(destination.device)
+            else:
+                destination.copy_(value)
+
+    def finish(self, record: MergeRecord | None) -> torch.nn.Module:
+        return record.attach_to(self.model) if record is not None else self.model
+
+
+class DispatchedSink(ModelSink):
+    """A model built empty and filled tensor by tensor onto the devices of an Accelerate device map (``"disk"``
+    entries offloaded), then dispatched; never materialised whole in CPU memory."""
+
+    unsupported_options = ("max_shard_size",)
+
+    def __init__(self, template: torch.nn.Module, options: MergeOptions, device_map: Any) -> None:
+        from ..placement import DispatchedOutput
+
+        self.output = DispatchedOutput(template, device_map, max_memory=options.max_memory,
+                                       offload_folder=options.offload_folder)
+        super().__init__(self.output.model)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.output.place(self.memory_names.get(key, key), value)
+
+    def finish(self, record: MergeRecord | None) -> torch.nn.Module:
+        self.model = self.output.finish()
+        return super().finish(record)
+
+
+class TensorsSink(Sink):
+    """Live tensors updated in place (``{key: tensor}``, e.g. a model being trained), each cast to its own dtype."""
+
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "dtype")
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.tensors[key].copy_(value.to(self.tensors[key].dtype))
+
+    def finish(self, record: MergeRecord | None) -> Mapping[str, torch.Tensor]:
+        return self.tensors
+
+
+def output_sink(base: TensorSource, options: MergeOptions, *, output_dir: str | Path | None = None,
+                into: torch.nn.Module | None = None, state_dict: bool = False) -> Sink:
+    """The sink of a merge's weights: a folder with ``output_dir``; else ``into``; else a model of the base's class
+    (placed per ``device_map``, or the base's own Accelerate device map); else a state dict."""
+    from ..models import load_model_from_folder
+    from ..placement import is_dispatched
+
+    if output_dir is not None:
+        if into is not None:
+            raise ValueError("Give output_dir= or an in-memory target (inplace=True), not both.")
+        return FolderSink(output_dir, base, options.max_shard_size)
+    if state_dict:
+        return StateDictSink(base.aliases)
+    device_map = options.device_map
+    if device_map is None and into is None and base.model is not None and is_dispatched(base.model):
+        device_map = base.model.hf_device_map
+    if device_map is not None:
+        if into is not None:
+            raise ValueError("device_map= places a new model; it cannot update a model in place (inplace=True).")
+        template = base.model if base.model is not None else load_model_from_folder(base.folder, meta=True)
+        if template is None:
+            raise ValueError("device_map= needs a model base or a checkpoint folder with a config.json.")
+        return DispatchedSink(template, options, device_map)
+    target = into
+    if target is None and base.model is not None:
+        target = copy.deepcopy(base.model)
+    if target is None and base.folder is not None:
+        target = load_model_from_folder(base.folder)
+    if target is None:
+        return StateDictSink(base.aliases)
+    return ModelSink(target)

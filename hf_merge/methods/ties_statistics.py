@@ -1,0 +1,89 @@
+"""TIES' exact whole-model statistics, streamed: each task's trim threshold (the top-k % of its task vector over all
+parameters) and the global majority sign (of exactly-zero elected sums), without storing any value.
+
+The float32 bit pattern of |τ| is monotone in |τ|, so a histogram of its high 16 bits (exponent and 7 mantissa bits)
+locates the bin holding each task's threshold, and one of the low 16 bits inside that bin gives it exactly.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import ties
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
+
+#: Bins of the high 16 bits of a non-negative float32: exponent + 7 mantissa bits (the sign bit is 0).
+HIST_BINS = 1 << 15
+
+
+def bit_halves(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 16 bits of the float32 pattern of |τ| as zero-copy views.
+
+    For non-negative floats the bit pattern is monotone in the value, so the high half (exponent + 7 mantissa bits)
+    is a histogram bin and the low half orders values inside one bin.
+    """
+    halves = delta.abs().flatten().view(torch.int16)
+    high, low = (halves[1::2], halves[0::2]) if sys.byteorder == "little" else (halves[0::2], halves[1::2])
+    return high, low
+
+
+def global_statistics(ctx: MergeContext, density: float) -> tuple[list[float], float]:
+    """Exact whole-model thresholds and majority sign of the task vectors ``ctx.iter_deltas()``, streamed.
+
+    Pass 1 histograms the high 16 bits of |τ_t|; pass 2 histograms the low 16 bits inside the bin holding each
+    task's threshold, and sums the elected signs of the entries no threshold bin can change. When that partial
+    sum outweighs the undecided entries the majority sign is settled; otherwise a third pass sums it exactly.
+    """
+    num_tasks = len(ctx.task_names)
+    if density >= 1.0:
+        return [0.0] * num_tasks, majority_sign(ctx, [0.0] * num_tasks)
+    coarse = torch.zeros(num_tasks, HIST_BINS, dtype=torch.int64)
+    numel = 0
+    for _, _, deltas in ctx.iter_deltas("TIES threshold (1/2)"):
+        numel += deltas[0].numel()
+        for t, delta in enumerate(deltas):
+            coarse[t] += torch.bincount(bit_halves(delta)[0], minlength=HIST_BINS).cpu()
+    rank = ties.threshold_rank(numel, density)
+    bins, ranks_in_bin = [], []
+    for t in range(num_tasks):
+        cumulative = coarse[t].cumsum(0)
+        b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+        bins.append(b)
+        ranks_in_bin.append(rank - (int(cumulative[b - 1]) if b > 0 else 0))
+
+    fine = torch.zeros(num_tasks, 1 << 16, dtype=torch.int64)
+    decided_mass, undecided = 0, 0
+    for _, _, deltas in ctx.iter_deltas("TIES threshold (2/2)"):
+        kept_sum = torch.zeros_like(deltas[0])
+        ambiguous = torch.zeros(deltas[0].shape, dtype=torch.bool, device=deltas[0].device)
+        for t, delta in enumerate(deltas):
+            high, low = bit_halves(delta)
+            in_bin = high == bins[t]
+            fine[t] += torch.bincount(low[in_bin].to(torch.int32) & 0xFFFF, minlength=1 << 16).cpu()
+            kept_sum += delta * (high > bins[t]).view_as(delta)
+            ambiguous |= in_bin.view_as(delta)
+        undecided += int(ambiguous.sum())
+        decided_mass += int(torch.sign(kept_sum[~ambiguous]).sum())
+    thresholds = []
+    for t in range(num_tasks):
+        low = int(torch.searchsorted(fine[t].cumsum(0), torch.tensor(ranks_in_bin[t])))
+        bits = torch.tensor([(bins[t] << 16) | low], dtype=torch.int32)
+        thresholds.append(float(bits.view(torch.float32)))
+    if abs(decided_mass) > undecided:
+        return thresholds, float(1 if decided_mass > 0 else -1)
+    return thresholds, majority_sign(ctx, thresholds)
+
+
+def majority_sign(ctx: MergeContext, thresholds: list[float]) -> float:
+    """sign(Σ over all entries of γ) for the task vectors trimmed at ``thresholds``, in one streaming pass."""
+    limits = torch.tensor(thresholds, device=ctx.device).view(-1, 1)
+    mass = 0
+    for _, _, deltas in ctx.iter_deltas("TIES majority sign"):
+        stacked = torch.stack([d.flatten() for d in deltas])
+        mass += int(torch.sign((stacked * (stacked.abs() >= limits)).sum(dim=0)).sum())
+    return float(torch.sign(torch.tensor(float(mass))))
