@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .errors import MergeError
-from .io.sources import LowRankSource, TensorSource
+from .io.deltas import LowRankSource
+from .io.sources import TensorSource
 from .lowrank import LowRank
 from .models import memory_to_key
 

@@ -17,7 +17,7 @@ from .engine import Plan, run
 from .inputs import Inputs, describe_inputs, open_base, open_tasks
 from .io.sinks import Sink, output_sink
 from .io.sources import TensorSource
-from .options import OPTION_KEYWORDS, MergeOptions, make_options
+from .options import MergeOptions, split_options
 from .record import MergeRecord
 from .registry import get_merger, make_config
 
@@ -33,18 +33,8 @@ def merge(
     output: str = "model",
     rank: int | None = None,
     energy: float | None = None,
-    device: torch.device | str | None = None,
-    compute_device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    progress: bool = True,
-    allow_pickle: bool = False,
-    memory_budget: int | str | None = None,
-    max_memory: int | str | Mapping[Any, int | str] | None = None,
-    device_map: Mapping[str, Any] | str | None = None,
-    offload_folder: str | os.PathLike | None = None,
-    max_shard_size: int | str | None = None,
     into: torch.nn.Module | None = None,
-    **overrides: Any,
+    **keywords: Any,
 ) -> Any:
     """Merge fine-tuned models into one, streaming tensor by tensor.
 
@@ -58,19 +48,15 @@ def merge(
         output_dir: write a ``from_pretrained``-loadable checkpoint there (atomically) and return its path.
         output: ``"model"`` (merged weights) or ``"lora"`` (LoRA inputs only: a merged PEFT adapter,
             :class:`~hf_merge.MergedAdapter`, saved to ``output_dir`` when given); ``rank``/``energy`` set its ranks.
-        device: where the arithmetic runs (default CPU), e.g. ``"cuda"`` while inputs stream from disk;
-            ``compute_device`` is a synonym.
-        dtype: output dtype of floating-point tensors (default: the base's dtype per tensor).
-        progress: show tqdm progress bars.
-        allow_pickle: accept ``pytorch_model.bin`` inputs (loaded with ``weights_only=True``).
-        memory_budget: bytes (or ``"4GB"``) the merge's working set may hold; sets the read-ahead and selects the
-            exact multi-pass routes. ``max_memory`` given as a size means the same.
-        max_memory: as a dict, Accelerate's placement budget for ``device_map="auto"`` (``{"cpu": "4GB", 0: ...}``).
-        device_map: placement of the merged model (an Accelerate device map, or ``"auto"``); a dispatched base's
-            ``hf_device_map`` is reused by default. ``"disk"`` entries go to ``offload_folder``.
-        max_shard_size: shard size of the written checkpoint (default 5GB).
         into: an existing model to write the merged weights into (what ``merge_with(..., inplace=True)`` uses).
-        **overrides: config fields, e.g. ``scaling=0.3``.
+        **keywords: the run options (:class:`~hf_merge.MergeOptions`, built by :func:`~hf_merge.options.make_options`):
+            ``device`` (where the arithmetic runs, e.g. ``"cuda"`` while inputs stream from disk; ``compute_device``
+            is a synonym), ``dtype`` (output dtype of floating-point tensors), ``progress``, ``allow_pickle``,
+            ``memory_budget`` (bytes or ``"4GB"`` the merge's working set may hold; ``max_memory`` given as a size
+            means the same), ``max_memory`` (as a dict, Accelerate's placement budget for ``device_map="auto"``),
+            ``device_map`` (placement of the merged model; a dispatched base's ``hf_device_map`` is reused by
+            default), ``offload_folder`` (for ``"disk"`` entries), ``max_shard_size`` (default 5GB). An output that
+            cannot honour an option raises naming it. Every other keyword is a config field, e.g. ``scaling=0.3``.
 
     Returns:
         A new model of the base's class (the base is untouched) for a model base, the model described by the folder's
@@ -79,12 +65,8 @@ def merge(
     Example:
         >>> merged = hf_merge.merge(base, {"sst2": m1, "mnli": m2}, "ties", density=0.2, scaling=1.0)
     """
-    options = make_options(
-        device=device, compute_device=compute_device, dtype=dtype, progress=progress, allow_pickle=allow_pickle,
-        memory_budget=memory_budget, max_memory=max_memory, device_map=device_map, offload_folder=offload_folder,
-        max_shard_size=max_shard_size,
-    )
-    config = make_config(config, **overrides)
+    options = split_options(keywords)
+    config = make_config(config, **keywords)
     merger = get_merger(config)
     tasks = open_tasks(finetuned, allow_pickle=options.allow_pickle)
     base_source = open_base(base, allow_pickle=options.allow_pickle) if base is not None else None
@@ -135,7 +117,7 @@ def compress(
     from .bank import BankSink
     from .methods.base import TaskCompressor
 
-    options = make_options(**{k: keywords.pop(k) for k in OPTION_KEYWORDS if k in keywords})
+    options = split_options(keywords)
     config = make_config(config, **keywords)
     compressor = get_merger(config)
     if not isinstance(compressor, TaskCompressor):
@@ -158,16 +140,13 @@ def merge_adapters(
     *,
     rank: int | None = None,
     energy: float | None = None,
-    progress: bool = False,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
-    memory_budget: int | str | None = None,
-    **overrides: Any,
+    **keywords: Any,
 ) -> Any:
     """Merge adapters already loaded in ``model`` (a ``PeftModel``, or a transformers model with adapters loaded
     through ``load_adapter``) into a new adapter ``adapter_name`` added to the same model — like PEFT's
     ``add_weighted_adapter``, but with any hf_merge method, computed in low-rank form where the method allows.
 
+    ``keywords``: run options (as for :func:`merge`; progress bars are off by default here), then config fields.
     Returns the :class:`~hf_merge.MergedAdapter` (already loaded into ``model``).
     """
     import tempfile
@@ -183,8 +162,8 @@ def merge_adapters(
         raise ValueError(f"The model already has an adapter named {adapter_name!r}.")
     if len(adapter_names) < 1:
         raise ValueError("adapter_names is empty.")
-    options = make_options(progress=progress, device=device, dtype=dtype, memory_budget=memory_budget)
-    config = make_config(config, **overrides)
+    options = split_options(keywords, progress=False)
+    config = make_config(config, **keywords)
     base = StateDictSource(peft_base_state_dict(model), "base (under the adapters)")
     tasks: dict[str, TensorSource] = {
         name: LoraSource(LoraAdapter.from_peft_model(model, name, f"adapter {name!r}")) for name in adapter_names

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .io.deltas import DeltaSource
 from .io.publish import publish_folder
 from .io.sinks import Sink
-from .io.sources import DeltaSource, FolderSource, StateDictSource, TensorSource
+from .io.sources import FolderSource, StateDictSource, TensorSource
 from .io.writer import ShardWriter, plan_shards, write_safetensors_shards
 from .methods.base import TaskCompressor
 from .record import MergeRecord
@@ -276,6 +277,7 @@ class BankSink(Sink):
     """Takes a compressor's encoded parts per tensor and builds a :class:`TaskBank`: streamed into ``output_dir``
     (payload shards written as parts arrive, in the shard plan's order) and opened from there, or held in memory."""
 
+    description = "a task bank"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "dtype")
     takes_encoded = True
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from .errors import MergeError
+from .io.deltas import DeltaSource
 from .io.prefetch import Prefetcher
-from .io.sources import DeltaSource, TensorSource
+from .io.sources import TensorSource
 from .kernels import fused_linear_combine
 from .params import ParamInfo
 from .tensors import TensorMeta, numpy_view

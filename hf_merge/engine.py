@@ -25,9 +25,10 @@ import torch
 from .context import MergeContext
 from .errors import MergeError
 from .inputs import bind_deltas, classify_sources, validate_sources
+from .io.deltas import DeltaSource, LowRankSource
 from .io.prefetch import Prefetcher
 from .io.sinks import Sink
-from .io.sources import DeltaSource, LowRankSource, TensorSource
+from .io.sources import TensorSource
 from .methods.base import Merger, ModelMerger, TaskCompressor
 from .options import MergeOptions
 from .params import classify_parameters

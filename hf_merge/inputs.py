@@ -18,7 +18,8 @@ import torch
 
 from .adapters import is_adapter_folder, is_peft_model, open_lora
 from .errors import MergeError
-from .io.sources import DeltaSource, ModelSource, TensorMeta, TensorSource, open_source
+from .io.deltas import DeltaSource
+from .io.sources import ModelSource, TensorMeta, TensorSource, open_source
 from .models import meta_model
 from .params import ParamInfo, classify_parameters
 

@@ -189,17 +189,3 @@ def _eigh(gram: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
         return torch.from_numpy(w), torch.from_numpy(q)
     w, q = torch.linalg.eigh(gram)
     return (w[n - top :], q[:, n - top :]) if some else (w, q)
-
-
-def reference_top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference route: a full thin SVD (float32), truncated to k. For tests and benchmarks."""
-    _check_matrix("matrix", matrix)
-    u, s, vh = torch.linalg.svd(matrix.to(torch.float32), full_matrices=False)
-    return u[:, :k], s[:k], vh[:k].transpose(0, 1)
-
-
-def reference_polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The reference route: P Qᵀ from a full thin SVD (float32). For tests and benchmarks."""
-    _check_matrix("matrix", matrix)
-    p, _, qh = torch.linalg.svd(matrix.to(torch.float32), full_matrices=False)
-    return p @ qh

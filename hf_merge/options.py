@@ -73,7 +73,7 @@ class MergeOptions:
         """Raise naming the options of ``names`` that were given: ``where`` cannot honour them."""
         given = [name for name in names if name in self.given()]
         if given:
-            raise ValueError(f"{where} cannot honour the option(s) {given}.")
+            raise ValueError(f"{where} cannot honour the option(s) {given}; leave them out for this output.")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -133,3 +133,10 @@ def make_options(
 #: The keywords :func:`make_options` takes (every front door accepts these).
 OPTION_KEYWORDS = ("device", "compute_device", "dtype", "progress", "allow_pickle", "memory_budget", "device_map",
                    "max_memory", "offload_folder", "max_shard_size")
+
+
+def split_options(keywords: dict[str, Any], **defaults: Any) -> MergeOptions:
+    """The :class:`MergeOptions` of a front door's keywords: the option keywords are taken out of ``keywords`` (what
+    remains are method parameters); ``defaults`` apply where the caller gave none."""
+    given = {name: keywords.pop(name) for name in OPTION_KEYWORDS if name in keywords}
+    return make_options(**{**defaults, **given})

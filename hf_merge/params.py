@@ -1,10 +1,14 @@
-"""Public parameter classifier: what each tensor of a model is, and which transformer block it belongs to.
+"""Public parameter classifier: what each tensor of a model is, and which residual block it belongs to.
 
-Methods read this instead of guessing from names: TSV / Iso route ``LINEAR``/``EMBEDDING`` matrices to their SVD
-treatment, LiNeS scales by ``block``/``num_blocks``, C2M3 needs ``transposed`` for GPT-2's ``Conv1D``.
+Methods read this instead of parsing names themselves: LiNeS scales by ``block``/``num_blocks``, C2M3 needs
+``transposed`` for GPT-2's ``Conv1D``, methods with ``uses_param_info`` route by ``kind``.
 
-The kinds come from the model's modules when a model (or a config that can build one on the meta device) is
-available, otherwise from names and ``ndim`` of a bare state dict.
+- Kinds come from the model's modules (``Linear``, ``Conv1D``, ``Embedding``, norms, ...) when a model, or a config
+  that builds one on the meta device, is available; otherwise from the names and ``ndim`` of a bare state dict.
+- Blocks always come from the tensor's name: the first ``<container>.<index>.`` matching :data:`BLOCK_PATTERN`
+  (``model.layers.3.``, ``transformer.h.3.``, ``encoder.layer.3.``, ``blocks.3.``, ``resblocks.3.``); the block
+  count of a container is the largest index seen plus one, or the config's ``num_hidden_layers`` when the model has
+  a single container. A model whose blocks are named otherwise gets ``block=None`` everywhere.
 """
 
 from __future__ import annotations
@@ -49,11 +53,6 @@ class ParamInfo:
     num_blocks: int | None = None
     stack: str | None = None
     transposed: bool = False
-
-    @property
-    def is_matrix(self) -> bool:
-        """A 2-D parameter: the tensors TSV and Iso treat with an SVD."""
-        return self.ndim == 2 and self.kind in (ParamKind.LINEAR, ParamKind.EMBEDDING)
 
 
 def _block_of(name: str) -> tuple[str | None, int | None]:

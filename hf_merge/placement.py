@@ -128,9 +128,6 @@ class DispatchedOutput:
             self.offload_folder = Path(offload_folder or tempfile.mkdtemp(prefix="hf_merge_offload_"))
             self.offload_folder.mkdir(parents=True, exist_ok=True)
 
-    def state_names(self) -> set[str]:
-        return set(self.model.state_dict())
-
     def place(self, name: str, tensor: torch.Tensor) -> None:
         """Put the merged ``tensor`` for parameter/buffer ``name`` where the device map says."""
         from accelerate.utils import offload_weight, set_module_tensor_to_device

@@ -20,13 +20,14 @@ class MergeRecord:
     inputs: Mapping[str, Any]
     artifact: str = "model"
 
-    def write_to(self, folder: Path) -> None:
-        """Write ``merge_config.json`` (a task bank keeps its config in its manifest) and the model card."""
+    def write_to(self, folder: Path, **card_options: Any) -> None:
+        """Write ``merge_config.json`` (a task bank keeps its config in its manifest) and the model card
+        (``card_options``: those of :func:`hf_merge.hub.build_model_card`)."""
         from .hub import write_card
 
         if self.artifact != "task_bank":
             self.config.save_pretrained(folder)
-        write_card(folder, self.config, dict(self.inputs), artifact=self.artifact)
+        write_card(folder, self.config, dict(self.inputs), artifact=self.artifact, **card_options)
 
     def attach_to(self, model: Any) -> Any:
         """Record the merge on ``model`` and give it a card-writing ``save_pretrained`` and ``push_to_hub``."""

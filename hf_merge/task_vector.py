@@ -14,7 +14,8 @@ import torch
 
 from .errors import MergeError
 from .inputs import open_pair
-from .io.sources import DeltaSource, TensorMeta, TensorSource, open_source
+from .io.deltas import DeltaSource
+from .io.sources import TensorMeta, TensorSource, open_source
 
 
 class TaskVector:

@@ -47,3 +47,8 @@ def numpy_view(tensor: torch.Tensor) -> np.ndarray:
 def tensor_copy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of ``dtype`` holding a copy of ``array`` (the inverse of :func:`numpy_view`)."""
     return torch.from_numpy(np.array(array)).view(dtype)
+
+
+#: ``(key, flat indices or None for the whole tensor, values in the output dtype)``: entries of an output tensor to
+#: overwrite once a whole pass has settled them (see ``OnePassMerge.amendments`` and ``Sink.amend``).
+Amendment = tuple[str, torch.Tensor | None, torch.Tensor]

@@ -34,7 +34,7 @@ from hf_merge.permutation.frank_wolfe import (
 from hf_merge.permutation.repair import layer_statistics
 from hf_merge.permutation.spec import state_dict_of
 from tests import tiny_models
-from tests.test_permutation import BUILT_IN_MODELS, permuted_copy, randomized_resnet
+from tests.helpers import BUILT_IN_MODELS, permuted_copy, randomized_resnet
 
 
 def independent_mlps(count: int, widths=(6, 10, 8, 3)) -> list[MLP]:

@@ -3,6 +3,7 @@ text, its validation grid (searched with one merge, being linear) and its fast r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
@@ -137,3 +138,32 @@ def test_the_low_rank_form_and_the_linear_coefficients_agree_with_merge_tensor()
     torch.testing.assert_close(merger.merge_lowrank("w", parts, info).dense(), dense)
     coefficients = merger.linear_coefficients(["a", "b", "c"])
     torch.testing.assert_close(sum(c * p.dense() for c, p in zip(coefficients, parts)), dense)
+
+
+def test_a_lora_output_runs_in_the_methods_own_low_rank_form(tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_bert()
+    generator = torch.Generator().manual_seed(3)
+    adapters, updates = [], []
+    for i in range(2):
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=2, target_modules=["query"]))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        peft_model.save_pretrained(tmp_path / f"adapter{i}")
+        adapters.append(tmp_path / f"adapter{i}")
+        layer = peft_model.base_model.model.bert.encoder.layer[0].attention.self.query
+        updates.append(layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+    calls = []
+    original = ScaledMeanMerger.merge_lowrank
+    monkeypatch.setattr(ScaledMeanMerger, "merge_lowrank",
+                        lambda self, key, parts, info: calls.append(key) or original(self, key, parts, info))
+    merged = hf_merge.merge(base, adapters, ScaledMeanConfig(scaling=0.6), output="lora", progress=False)
+    assert len(calls) == 2  # the query matrix of each of the 2 layers, merged in factors (no dense ΔW, no SVD)
+    prefix = "base_model.model.bert.encoder.layer.0.attention.self.query."
+    got = merged.tensors[prefix + "lora_B.weight"].double() @ merged.tensors[prefix + "lora_A.weight"].double()
+    expected = 0.6 * (updates[0] + updates[1]).double() / 2
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-7)
+    assert merged.merge_config == ScaledMeanConfig(scaling=0.6)

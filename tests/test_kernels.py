@@ -8,7 +8,7 @@ import torch
 import hf_merge
 from hf_merge.kernels import TiesOnePassKernel
 from hf_merge.tuning import TUNING
-from tests.test_merge import _ties_reference
+from tests.helpers import ties_reference
 
 pytest.importorskip("numba")
 
@@ -52,7 +52,7 @@ def test_compiled_one_pass_ties_equals_the_torch_route_and_the_whole_model_refer
     torch_route = _merge(monkeypatch, "torch", base, fts, **options)
     assert len(reports) == calls
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
-    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.3, 1.3, aggregate)
+    expected = ties_reference(as_float(base), [as_float(f) for f in fts], 0.3, 1.3, aggregate)
     for key in base:
         assert compiled[key].dtype == dtype, key
         assert torch.equal(compiled[key], torch_route[key]), key
@@ -70,7 +70,7 @@ def test_one_pass_ties_takes_a_negative_majority_sign_for_cancelling_entries(mon
     fts[2]["big"][0, 0] = base["big"][0, 0]
     merged = _merge(monkeypatch, route, base, fts, density=1.0)
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
-    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 1.0, 1.0)
+    expected = ties_reference(as_float(base), [as_float(f) for f in fts], 1.0, 1.0)
     for key in base:
         assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
     cancelled = merged["big"][0, 0].float() - base["big"][0, 0].float()

@@ -7,6 +7,7 @@ import torch
 
 from hf_merge import linalg
 from hf_merge.linalg import polar, polar_with_singular_values, top_k_svd
+from tests.helpers import rel_error
 
 
 def _with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -32,10 +33,6 @@ def _truncation(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return (u[:, :k] * s[:k]) @ vh[:k]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 ROUTES = {
     "auto": {},
     "float64_gram": {"FAST_EIGH_MIN_RATIO": 2.0},
@@ -53,7 +50,7 @@ def test_top_k_svd_equals_truncated_full_svd(monkeypatch, route, spectrum, shape
     k = 10
     u, s, v = top_k_svd(matrix, k)
     assert u.shape == (shape[0], k) and s.shape == (k,) and v.shape == (shape[1], k)
-    assert _rel((u * s) @ v.T, _truncation(matrix, k)) < 1e-4
+    assert rel_error((u * s) @ v.T, _truncation(matrix, k)) < 1e-4
     exact = torch.linalg.svdvals(matrix.double())[:k]
     assert torch.allclose(s.double(), exact, rtol=1e-4, atol=1e-6 * exact[0].item())
     assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-4)
@@ -64,7 +61,7 @@ def test_batched_top_k_svd_equals_one_matrix_at_a_time() -> None:
     batch = torch.stack([_with_spectrum(50, 30, _spectra(30)[name], seed=i) for i, name in enumerate(_spectra(30))])
     u, s, v = top_k_svd(batch, 7)
     for i, matrix in enumerate(batch):
-        assert _rel((u[i] * s[i]) @ v[i].T, _truncation(matrix, 7)) < 1e-4
+        assert rel_error((u[i] * s[i]) @ v[i].T, _truncation(matrix, 7)) < 1e-4
 
 
 def test_top_k_svd_of_zero_matrix_and_k_zero() -> None:
@@ -91,9 +88,9 @@ def test_polar_equals_svd_polar(monkeypatch, route, condition, shape) -> None:
     matrix = _with_spectrum(*shape, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), r))
     p, qh = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
     exact = p @ qh
-    assert _rel(polar(matrix), exact) < 1e-4
+    assert rel_error(polar(matrix), exact) < 1e-4
     factor, singular_values = polar_with_singular_values(matrix)
-    assert _rel(factor, exact) < 1e-4
+    assert rel_error(factor, exact) < 1e-4
     assert torch.allclose(singular_values.double(), torch.linalg.svdvals(matrix.double()), rtol=1e-4, atol=1e-7)
 
 
@@ -139,7 +136,7 @@ def test_float32_svd_polar_error_estimate_bounds_the_error(condition, shape) -> 
                             seed=3)
     p, s, qh = torch.linalg.svd(matrix, full_matrices=False)
     p64, qh64 = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
-    assert _rel(p @ qh, p64 @ qh64) <= linalg._svd_polar_error(s, shape[0])
+    assert rel_error(p @ qh, p64 @ qh64) <= linalg._svd_polar_error(s, shape[0])
 
 
 def test_polar_skips_the_gram_route_for_an_ill_conditioned_matrix(monkeypatch) -> None:
@@ -147,4 +144,4 @@ def test_polar_skips_the_gram_route_for_an_ill_conditioned_matrix(monkeypatch) -
     monkeypatch.setattr(linalg, "_eigh", lambda gram: calls.append(gram) or pytest.fail("Gram route tried"))
     matrix = _with_spectrum(64, 64, torch.logspace(0, -4, 64))
     p64, qh64 = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
-    assert _rel(polar(matrix), p64 @ qh64) < 1e-4 and not calls
+    assert rel_error(polar(matrix), p64 @ qh64) < 1e-4 and not calls

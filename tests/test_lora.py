@@ -13,6 +13,7 @@ from hf_merge.io import open_source
 from hf_merge.lowrank import LowRank, lowrank_svd, truncate
 from hf_merge.methods.iso import iso_cts, lowrank_iso_c, lowrank_iso_cts
 from hf_merge.methods.tsv import lowrank_tsv_merge, tsv_merge
+from tests.helpers import rel_error
 from tests.tiny_models import logits, tiny_bert, tiny_gpt2
 
 
@@ -126,15 +127,11 @@ def _random_parts(rows, cols, ranks, seed=0):
             for r in ranks]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def test_lowrank_svd_reconstructs_the_product():
     (part,) = _random_parts(40, 30, [6])
     u, s, v = lowrank_svd(part.P, part.Q)
     assert s.numel() == 6
-    assert _rel((u * s) @ v.T, part.dense()) < 1e-5
+    assert rel_error((u * s) @ v.T, part.dense()) < 1e-5
     torch.testing.assert_close(u.T @ u, torch.eye(6), atol=1e-5, rtol=0)
 
 
@@ -142,7 +139,7 @@ def test_lowrank_tsv_merge_equals_the_dense_method():
     parts = _random_parts(48, 40, [8, 8, 8])
     k = 6  # ≤ every adapter's rank: the dense top-k is well defined
     dense = tsv_merge([p.dense() for p in parts], k)
-    assert _rel(lowrank_tsv_merge(parts, k).dense(), dense) < 1e-5
+    assert rel_error(lowrank_tsv_merge(parts, k).dense(), dense) < 1e-5
 
 
 def test_lowrank_iso_c_equals_dense_iso_c_restricted_to_the_range():
@@ -151,23 +148,23 @@ def test_lowrank_iso_c_equals_dense_iso_c_restricted_to_the_range():
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     rank = 12
     expected = (s.sum() / 30) * u[:, :rank] @ vh[:rank]
-    assert _rel(lowrank_iso_c(parts, 30).dense().double(), expected) < 1e-5
+    assert rel_error(lowrank_iso_c(parts, 30).dense().double(), expected) < 1e-5
 
 
 def test_lowrank_iso_cts_equals_dense_iso_cts_when_well_defined():
     parts = _random_parts(24, 24, [8, 8, 8])  # Σ ranks = 24: M has full rank, the dense method is well defined
     dense = iso_cts([p.dense() for p in parts], 0.8)
-    assert _rel(lowrank_iso_cts(parts, 24, 0.8).dense(), dense) < 1e-5
+    assert rel_error(lowrank_iso_cts(parts, 24, 0.8).dense(), dense) < 1e-5
 
 
 def test_task_arithmetic_in_factors_is_exact_and_truncation_is_eckart_young():
     parts = _random_parts(32, 20, [4, 4])
     merged = truncate(LowRank(torch.cat([0.5 * p.P for p in parts], 1), torch.cat([p.Q for p in parts])))
     dense = 0.5 * (parts[0].dense() + parts[1].dense())
-    assert merged.rank == 8 and _rel(merged.dense(), dense) < 1e-5
+    assert merged.rank == 8 and rel_error(merged.dense(), dense) < 1e-5
     u, s, vh = torch.linalg.svd(dense.double())
     best3 = (u[:, :3] * s[:3]) @ vh[:3]
-    assert _rel(truncate(merged, rank=3).dense().double(), best3) < 1e-5
+    assert rel_error(truncate(merged, rank=3).dense().double(), best3) < 1e-5
     energy = truncate(merged, energy=0.9)
     kept = (s[: energy.rank] ** 2).sum() / (s**2).sum()
     assert kept >= 0.9 and (energy.rank == 1 or (s[: energy.rank - 1] ** 2).sum() / (s**2).sum() < 0.9)

@@ -11,19 +11,10 @@ import torch
 import hf_merge
 from hf_merge.io import open_source
 from hf_merge.methods.dare import dare_drop, mask_seed
-from hf_merge.methods.ties import disjoint_merge, elect_signs
+from hf_merge.methods.ties import elect_signs
 from hf_merge.tuning import TUNING
+from tests.helpers import assert_same_state, state_of, ties_reference
 from tests.tiny_models import FACTORIES, finetuned_copy, logits
-
-
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert set(a) == set(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture
@@ -58,11 +49,11 @@ def test_weighted_average_matches_formula():
 )
 def test_merge_leaves_base_and_inputs_untouched(trio, config):
     _, base, fts = trio
-    before = [_state(m) for m in (base, *fts)]
+    before = [state_of(m) for m in (base, *fts)]
     merged = hf_merge.merge(base, fts, config, progress=False)
     assert merged is not base
     for model, state in zip((base, *fts), before):
-        _assert_same_state(_state(model), state)
+        assert_same_state(state_of(model), state)
 
 
 def test_model_path_and_dict_inputs_give_identical_tensors(trio, tmp_path):
@@ -89,7 +80,7 @@ def test_model_path_and_dict_inputs_give_identical_tensors(trio, tmp_path):
         assert torch.equal(value, from_models[key]), key
         assert torch.equal(value, from_dicts[serialized.memory_names.get(key, key)]), key
     mixed = hf_merge.merge(base, [fts[0], tmp_path / "ft1", fts[2]], config, progress=False).state_dict()
-    _assert_same_state(mixed, merged_model.state_dict())
+    assert_same_state(mixed, merged_model.state_dict())
 
 
 def test_reloaded_checkpoint_gives_the_logits_of_the_in_memory_merge(trio, tmp_path):
@@ -126,7 +117,7 @@ def test_merge_with_inplace_updates_the_model_itself():
     expected = base.merge_with(fts, "task_arithmetic", scaling=0.5, progress=False).state_dict()
     returned = base.merge_with(fts, "task_arithmetic", scaling=0.5, inplace=True, progress=False)
     assert returned is base
-    _assert_same_state(_state(base), {k: v for k, v in expected.items()})
+    assert_same_state(state_of(base), {k: v for k, v in expected.items()})
 
 
 def test_sharded_output_reloads(tmp_path):
@@ -142,7 +133,7 @@ def test_sharded_output_reloads(tmp_path):
     torch.testing.assert_close(logits("gpt2", reloaded), logits("gpt2", in_memory), rtol=0, atol=0)
     # A sharded checkpoint is a valid input too.
     again = hf_merge.merge(path, [path], "task_arithmetic", scaling=1.0, progress=False)
-    _assert_same_state(_state(again), _state(reloaded))
+    assert_same_state(state_of(again), state_of(reloaded))
 
 
 def test_existing_output_folder_is_replaced_whole(tmp_path):
@@ -196,27 +187,6 @@ def test_output_dtype_can_be_chosen():
 
 
 # ----------------------------------------------------------------------------------------- TIES
-def _ties_reference(base, fts, density, scaling, aggregate="mean"):
-    """The reference's whole-model computation on one flattened tasks × parameters matrix."""
-    keys = list(base)
-    flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts])
-    d = flat.shape[1]
-    if density < 1:
-        kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
-    else:  # keep everything
-        kth = torch.zeros(len(fts), 1)
-    trimmed = flat * (flat.abs() >= kth)
-    signs = torch.sign(trimmed.sum(0))
-    signs[signs == 0] = torch.sign(signs.sum())
-    merged = disjoint_merge(trimmed, signs, aggregate) * scaling
-    out, offset = {}, 0
-    for k in keys:
-        n = base[k].numel()
-        out[k] = base[k] + merged[offset:offset + n].view_as(base[k])
-        offset += n
-    return out
-
-
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.93])
 @pytest.mark.parametrize("aggregate", ["mean", "sum"])
 def test_global_ties_streams_to_the_exact_whole_model_result(density, aggregate):
@@ -225,7 +195,7 @@ def test_global_ties_streams_to_the_exact_whole_model_result(density, aggregate)
     base["bias"] = torch.randn(23, generator=gen)
     fts = [{k: v + torch.randn(v.shape, generator=gen) * (0.1 + i) for k, v in base.items()} for i in range(3)]
     merged = hf_merge.merge(base, fts, "ties", density=density, scaling=1.3, aggregate=aggregate, progress=False)
-    expected = _ties_reference(base, fts, density, 1.3, aggregate)
+    expected = ties_reference(base, fts, density, 1.3, aggregate)
     for key in base:
         torch.testing.assert_close(merged[key], expected[key], rtol=0, atol=1e-6)
 
@@ -237,7 +207,7 @@ def test_global_ties_is_exact_on_bf16_task_vectors_full_of_ties():
            for _ in range(4)]
     merged = hf_merge.merge(base, fts, "ties", density=0.2, progress=False)
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
-    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
+    expected = ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
     for key in base:
         assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
 
@@ -417,7 +387,7 @@ def test_global_ties_reads_each_checkpoint_tensor_once_and_is_exact(tmp_path, mo
                       for _ in range(2 if density < 1 and math.prod(shape) < stride else 1)]
     assert sorted(whole_reads) == sorted(expected_reads)
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
-    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], density, 1.0)
+    expected = ties_reference(as_float(base), [as_float(f) for f in fts], density, 1.0)
     merged = load_file(tmp_path / "out" / "model.safetensors")
     for key in shapes:
         assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
@@ -443,7 +413,7 @@ def test_global_ties_with_a_missed_threshold_bracket_falls_back_to_the_exact_str
     hf_merge.merge(folders[0], folders[1:], "ties", density=0.2, output_dir=tmp_path / "out", progress=False)
     assert [one_pass.settled for one_pass in passes] == [False]
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
-    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
+    expected = ties_reference(as_float(base), [as_float(f) for f in fts], 0.2, 1.0)
     merged = load_file(tmp_path / "out" / "model.safetensors")
     for key in shapes:
         assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
@@ -459,7 +429,7 @@ def test_global_ties_under_a_memory_budget_takes_the_exact_streaming_passes(tmp_
     hf_merge.merge(folders[0], folders[1:], "ties", density=0.3, output_dir=tmp_path / "out", max_memory="1GB",
                    progress=False)
     as_float = lambda sd: {k: v.float() for k, v in sd.items()}  # noqa: E731
-    expected = _ties_reference(as_float(base), [as_float(f) for f in fts], 0.3, 1.0)
+    expected = ties_reference(as_float(base), [as_float(f) for f in fts], 0.3, 1.0)
     merged = load_file(tmp_path / "out" / "model.safetensors")
     for key in base:
         assert torch.equal(merged[key], expected[key].to(torch.bfloat16)), key
@@ -479,7 +449,7 @@ def test_global_ties_gives_exactly_cancelling_entries_the_global_majority_sign(m
     original_bracket = OnePassTies.bracket
     monkeypatch.setattr(OnePassTies, "bracket", lambda self: passes.append(self) or original_bracket(self))
     merged = hf_merge.merge(base, fts, "ties", density=1.0, progress=False)
-    expected = _ties_reference(base, fts, 1.0, 1.0)
+    expected = ties_reference(base, fts, 1.0, 1.0)
     assert torch.equal(merged["w"], expected["w"])
     assert merged["w"][0].item() == {1.0: 2.0, -1.0: -2.0, 0.0: 0.0}[majority]
     assert passes[0].settled == (majority != 0)  # a majority sign of exactly 0 takes the exact streaming passes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -12,7 +11,6 @@ from hf_merge.permutation import (
     MLP,
     HeadGroup,
     PermutationSpec,
-    ResNet,
     apply_permutation,
     default_spec,
     mlp_spec,
@@ -24,49 +22,7 @@ from hf_merge.permutation import (
 from hf_merge.permutation.spec import state_dict_of
 from hf_merge.permutation.weight_matching import matching_objective
 from tests import tiny_models
-
-
-def randomized_resnet() -> ResNet:
-    """A small BatchNorm ResNet whose BatchNorm statistics and affine parameters are not the trivial defaults."""
-    model = ResNet(in_channels=1, widths=(4, 8), blocks_per_stage=2, num_classes=3).eval()
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
-                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.weight.copy_(torch.randn(module.num_features, generator=generator))
-                module.bias.copy_(torch.randn(module.num_features, generator=generator))
-    return model
-
-
-def tiny_llama_without_gqa(tie_word_embeddings: bool = True) -> torch.nn.Module:
-    """A rotary decoder with as many kv heads as query heads (the built-in Llama spec refuses GQA)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(
-        LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings)
-    ).eval()
-
-
-BUILT_IN_MODELS = {
-    "mlp": lambda: MLP([6, 12, 10, 3]).eval(),
-    "resnet_bn": randomized_resnet,
-    "bert": tiny_models.tiny_bert,
-    "vit": tiny_models.tiny_vit,
-    "llama_rotary": tiny_llama_without_gqa,
-}
-
-
-def permuted_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    spec = default_spec(model)
-    state = state_dict_of(model)
-    sizes = spec.perm_sizes({k: v.shape for k, v in state.items()})
-    out = copy.deepcopy(model)
-    perms = random_permutations(spec, sizes, torch.Generator().manual_seed(seed))
-    out.load_state_dict(apply_permutation(spec, perms, state))
-    return out
+from tests.helpers import BUILT_IN_MODELS, permuted_copy, tiny_llama_without_gqa
 
 
 @pytest.mark.parametrize("name", sorted(BUILT_IN_MODELS))

@@ -9,6 +9,7 @@ import torch
 import hf_merge
 from hf_merge import evaluation
 from hf_merge.search import SearchResult, default_grid, search
+from tests.helpers import state_of
 from tests.tiny_models import finetuned_copy, tiny_bert
 
 
@@ -99,16 +100,12 @@ def models():
     return base, {f"task{i}": finetuned_copy(base, seed=i + 1) for i in range(3)}
 
 
-def _state(model_or_state):
-    return model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-
-
 def distance_to(target):
     """evaluate_fn: minus the squared distance to a target state dict (maximal exactly at the target)."""
-    target = _state(target)
+    target = state_of(target)
 
     def score(candidate) -> float:
-        state = _state(candidate)
+        state = state_of(candidate)
         return -sum(float((state[k].double() - target[k].double()).pow(2).sum())
                     for k in target if target[k].is_floating_point())
 

@@ -9,6 +9,7 @@ import hf_merge
 from hf_merge.methods.iso import iso_cts_sizes
 from hf_merge.methods.lines import lines_scale
 from tests import tiny_models
+from tests.helpers import rel_error
 
 
 def _state(seed: int, shapes: dict[str, tuple[int, ...]], scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -59,10 +60,6 @@ def reference_iso_cts(deltas: list[torch.Tensor], fraction: float) -> torch.Tens
     return torch.cat(ss).mean() * _polar64(torch.cat(us, 1)) @ _polar64(torch.cat(vs, 1)).T
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 # ----------------------------------------------------------------------------------------------------- TSV
 def test_tsv_m_with_one_task_at_full_rank_is_task_arithmetic() -> None:
     base, tasks = _tasks(1)
@@ -84,7 +81,7 @@ def test_tsv_m_of_tasks_with_orthogonal_subspaces_is_the_sum_of_their_tsv_c() ->
         tasks[f"t{t}"] = {"w": (left[:, block] * spectrum) @ right[:, block].T}
     merged = hf_merge.merge(base, tasks, hf_merge.TSVMergeConfig(), progress=False)["w"]
     compressed_sum = hf_merge.merge(base, tasks, hf_merge.TSVCompressConfig(), progress=False)["w"]
-    assert _rel(merged, compressed_sum) < 1e-4
+    assert rel_error(merged, compressed_sum) < 1e-4
 
 
 def test_tsv_m_matches_the_reference_algorithm_and_averages_other_tensors() -> None:
@@ -92,7 +89,7 @@ def test_tsv_m_matches_the_reference_algorithm_and_averages_other_tensors() -> N
     merged = hf_merge.merge(base, tasks, hf_merge.TSVMergeConfig(scaling=0.7), progress=False)
     for key in ("layer.0.w", "layer.1.w"):
         expected = base[key].double() + 0.7 * reference_tsv_m(_deltas(base, tasks, key))
-        assert _rel(merged[key], expected) < 1e-4, key
+        assert rel_error(merged[key], expected) < 1e-4, key
     for key in ("layer.0.b", "head.text_projection"):  # 1-D, and the 2-D name excluded by default
         expected = base[key] + 0.7 * torch.stack(_deltas(base, tasks, key)).mean(0)
         assert torch.allclose(merged[key], expected, atol=1e-6), key
@@ -106,7 +103,7 @@ def test_tsv_m_is_invariant_to_flipping_a_singular_pair() -> None:
     flipped = {**tasks, "t0": {"w": base["w"] + ((u * s) @ vh).float()}}
     a = hf_merge.merge(base, tasks, "tsv_m", progress=False)["w"]
     b = hf_merge.merge(base, flipped, "tsv_m", progress=False)["w"]
-    assert _rel(a - base["w"], b - base["w"]) < 1e-4
+    assert rel_error(a - base["w"], b - base["w"]) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------- Iso
@@ -119,7 +116,7 @@ def test_iso_c_output_has_a_flat_spectrum_at_the_mean_singular_value_of_the_sum(
         expected = torch.linalg.svdvals(total).mean()
         assert torch.allclose(spectrum, expected.expand_as(spectrum), rtol=1e-4), key
         u, _, vh = torch.linalg.svd(total, full_matrices=False)
-        assert _rel(merged[key] - base[key], expected * u @ vh) < 1e-4  # same singular vectors as Σ_t Δ_t
+        assert rel_error(merged[key] - base[key], expected * u @ vh) < 1e-4  # same singular vectors as Σ_t Δ_t
     expected_bias = base["layer.0.b"] + torch.stack(_deltas(base, tasks, "layer.0.b")).mean(0)
     assert torch.allclose(merged["layer.0.b"], expected_bias, atol=1e-6)
 
@@ -138,7 +135,7 @@ def test_iso_cts_matches_the_reference_algorithm_with_a_flat_spectrum() -> None:
     merged = hf_merge.merge(base, tasks, hf_merge.IsoCTSConfig(common_space_fraction=0.5), progress=False)
     for key in ("w", "v"):
         expected = reference_iso_cts(_deltas(base, tasks, key), 0.5)
-        assert _rel(merged[key] - base[key], expected) < 1e-4, key
+        assert rel_error(merged[key] - base[key], expected) < 1e-4, key
         spectrum = torch.linalg.svdvals(merged[key].double() - base[key].double())
         assert spectrum.max() / spectrum.min() < 1 + 1e-4
 
@@ -147,7 +144,7 @@ def test_iso_cts_without_task_subspaces_is_iso_c() -> None:
     base, tasks = _tasks(4, {"w": (10, 12)})  # r = 10, T = 4: c = 10, p = 0
     cts = hf_merge.merge(base, tasks, hf_merge.IsoCTSConfig(), progress=False)["w"]
     iso = hf_merge.merge(base, tasks, hf_merge.IsoCConfig(), progress=False)["w"]
-    assert _rel(cts - base["w"], iso - base["w"]) < 1e-5
+    assert rel_error(cts - base["w"], iso - base["w"]) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------- TALL / Consensus

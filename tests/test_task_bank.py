@@ -11,18 +11,12 @@ import hf_merge
 from hf_merge import TaskBank, compress
 from hf_merge.methods.consensus import pack_mask, unpack_mask
 from tests import tiny_models
+from tests.helpers import assert_same_state
 
 
 def _models(num_tasks: int = 3):
     base = tiny_models.tiny_bert()
     return base, {f"task{t}": tiny_models.finetuned_copy(base, seed=t) for t in range(num_tasks)}
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for key, value in a.items():
-        assert value.dtype == b[key].dtype, key
-        assert torch.allclose(value.float(), b[key].float(), atol=atol), key
 
 
 def test_full_rank_tsv_c_bank_reproduces_every_finetuned_model() -> None:
@@ -32,7 +26,7 @@ def test_full_rank_tsv_c_bank_reproduces_every_finetuned_model() -> None:
     for name, model in models.items():
         rebuilt = bank.load_task(name)
         assert type(rebuilt) is type(base)
-        _assert_same_weights(rebuilt.state_dict(), model.state_dict())
+        assert_same_state(rebuilt.state_dict(), model.state_dict(), atol=1e-5)
         assert torch.allclose(tiny_models.logits("bert", rebuilt), tiny_models.logits("bert", model), atol=1e-4)
 
 
@@ -46,7 +40,7 @@ def test_default_tsv_c_bank_holds_each_task_at_rank_r_over_t_and_saves_round_tri
     assert torch.allclose(bank.task_delta("task1", key).double(), (u[:, :10] * s[:10]) @ vh[:10], atol=1e-5)
     with pytest.warns(UserWarning, match="token_type_embeddings"):
         same_as_merge = hf_merge.merge(base, models, hf_merge.TSVCompressConfig(task="task1"), progress=False)
-    _assert_same_weights(bank.load_task("task1").state_dict(), same_as_merge.state_dict())
+    assert_same_state(bank.load_task("task1").state_dict(), same_as_merge.state_dict(), atol=1e-5)
 
     path = bank.save_pretrained(tmp_path / "bank")
     assert (tmp_path / "bank" / "base" / "config.json").is_file()  # an in-memory base is stored in the bank
@@ -54,7 +48,7 @@ def test_default_tsv_c_bank_holds_each_task_at_rank_r_over_t_and_saves_round_tri
     assert reloaded.tasks == bank.tasks and reloaded.config == bank.config
     rebuilt = reloaded.load_task("task2")
     assert type(rebuilt) is type(base)
-    _assert_same_weights(rebuilt.state_dict(), bank.load_task("task2").state_dict(), atol=0)
+    assert_same_state(rebuilt.state_dict(), bank.load_task("task2").state_dict(), atol=0)
     assert bank.storage_ratio() < 1.0 and reloaded.storage_ratio() == bank.storage_ratio()
 
 
@@ -69,7 +63,7 @@ def test_tall_mask_bank_stores_one_bit_per_weight_and_task_and_rebuilds_masked_m
         assert meta.dtype == torch.uint8 and meta.shape == ((numel[name.split("::")[0]] + 7) // 8,)
     for name in models:
         expected = hf_merge.merge(base, models, config.replace(task=name), progress=False)
-        _assert_same_weights(bank.load_task(name).state_dict(), expected.state_dict(), atol=1e-6)
+        assert_same_state(bank.load_task(name).state_dict(), expected.state_dict(), atol=1e-6)
     total = sum(numel.values()) * 4
     expected_ratio = (total + sum((n + 7) // 8 for n in numel.values()) * 4 + total) / (4 * total)
     assert bank.storage_ratio() == pytest.approx(expected_ratio, rel=1e-3)  # τ_MTL + 4 bit masks + base
@@ -82,7 +76,7 @@ def test_state_dict_banks_return_state_dicts_and_folder_bases_are_referenced_by_
     bank = compress(base, tasks, "tsv_c", rank_fraction=1.0, progress=False)
     rebuilt = bank.load_task("t1")
     assert isinstance(rebuilt, dict)
-    _assert_same_weights(rebuilt, tasks["t1"])
+    assert_same_state(rebuilt, tasks["t1"], atol=1e-5)
 
     model_base, models = _models(2)
     model_base.save_pretrained(tmp_path / "base")
@@ -93,7 +87,7 @@ def test_state_dict_banks_return_state_dicts_and_folder_bases_are_referenced_by_
     assert not (tmp_path / "bank" / "base").exists()
     rebuilt = TaskBank.from_pretrained(tmp_path / "bank").load_task("task0", output_dir=tmp_path / "task0")
     reloaded = type(model_base).from_pretrained(rebuilt)
-    _assert_same_weights(reloaded.state_dict(), models["task0"].state_dict())
+    assert_same_state(reloaded.state_dict(), models["task0"].state_dict(), atol=1e-5)
 
 
 def test_bank_errors_name_what_is_wrong(tmp_path) -> None:

@@ -14,7 +14,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-from .cards import write_card
 from .push import RetryPolicy, push_folder
 
 _CARD_OPTIONS = ("license", "pipeline_tag", "eval_results", "model_name")
@@ -41,20 +40,23 @@ def save_merged_model(
     repo_id: str | None = None,
     **save_kwargs: Any,
 ) -> Path:
-    """Write the model (its class's ``save_pretrained``), ``merge_config.json`` and the model card; return the folder.
+    """Write the model (its class's ``save_pretrained``), ``merge_config.json`` and the model card, published as one
+    folder (:func:`hf_merge.io.publish.publish_folder`); return the folder.
 
     ``save_kwargs`` go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``, ``safe_serialization``); the
     card options are those of :func:`hf_merge.hub.cards.build_model_card`.
     """
+    from ..io.publish import publish_folder
+    from ..record import MergeRecord
+
     merge_config, merge_inputs = _merge_record(model)
     folder = Path(save_directory)
-    type(model).save_pretrained(model, folder, **save_kwargs)
-    merge_config.save_pretrained(folder)
-    write_card(
-        folder, merge_config, merge_inputs,
-        library_name="transformers", model_class=type(model).__name__, license=license, pipeline_tag=pipeline_tag,
-        eval_results=eval_results, model_name=model_name, repo_id=repo_id,
-    )
+    with publish_folder(folder) as staging:
+        type(model).save_pretrained(model, staging, **save_kwargs)
+        MergeRecord(merge_config, merge_inputs).write_to(
+            staging, library_name="transformers", model_class=type(model).__name__, license=license,
+            pipeline_tag=pipeline_tag, eval_results=eval_results, model_name=model_name, repo_id=repo_id,
+        )
     return folder
 
 

@@ -1,17 +1,10 @@
 """Streaming input/output: lazy tensor sources, sharded safetensors writing, the output sinks and folder publishing."""
 
 from ..tensors import TensorMeta
+from .deltas import DeltaSource, LowRankSource
 from .publish import publish_folder
 from .sinks import Sink
-from .sources import (
-    DeltaSource,
-    FolderSource,
-    LowRankSource,
-    ModelSource,
-    StateDictSource,
-    TensorSource,
-    open_source,
-)
+from .sources import FolderSource, ModelSource, StateDictSource, TensorSource, open_source
 from .writer import write_safetensors_shards
 
 __all__ = [

@@ -99,6 +99,7 @@ class AdapterSink(Sink):
     """Collects the merged updates of the LoRA-targeted matrices (factors, or dense merged weights it factors) and the
     merged ``modules_to_save`` weights, and builds a :class:`MergedAdapter` (saved to ``output_dir`` when given)."""
 
+    description = "a LoRA adapter (output='lora')"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
     takes_lowrank = True
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..errors import MergeError
-from ..tensors import TensorMeta
+from ..tensors import Amendment, TensorMeta
 from .publish import publish_folder
 from .sources import ModelSource, TensorSource
 from .writer import DEFAULT_MAX_SHARD_SIZE, OutputBuffers, ShardWriter, plan_shards
@@ -31,13 +31,13 @@ if TYPE_CHECKING:
     from ..params import ParamInfo
     from ..record import MergeRecord
 
-#: ``(key, flat indices or None for the whole tensor, values in the output dtype)``.
-Amendment = tuple[str, torch.Tensor | None, torch.Tensor]
 
 
 class Sink(abc.ABC):
     """One output of a merge."""
 
+    #: What the output is, in error messages.
+    description: ClassVar[str] = "this output"
     #: Options this output cannot honour; a run given any of them raises naming it.
     unsupported_options: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`amend` patches tensors already put (else the engine holds outputs until they are settled).
@@ -48,7 +48,7 @@ class Sink(abc.ABC):
     takes_encoded: ClassVar[bool] = False
 
     def check_options(self, options: MergeOptions) -> None:
-        options.reject(self.unsupported_options, type(self).__name__)
+        options.reject(self.unsupported_options, f"The output, {self.description},")
 
     def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
         """The keys wanted, in the order they will be put (``metas``: output shapes and dtypes)."""
@@ -80,6 +80,7 @@ class FolderSink(Sink):
     pass settles late patched in place), the base's side files, ``merge_config.json`` and the card; published
     atomically. Returns the folder's path."""
 
+    description = "a checkpoint folder (output_dir=...)"
     unsupported_options = ("device_map", "max_memory", "offload_folder")
     amends_in_place = True
 
@@ -127,6 +128,7 @@ class FolderSink(Sink):
 class StateDictSink(Sink):
     """A ``{key: tensor}`` dict (tied aliases included under every name)."""
 
+    description = "a state dict"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
 
     def __init__(self, aliases: Mapping[str, str] | None = None) -> None:
@@ -145,6 +147,7 @@ class StateDictSink(Sink):
 class ModelSink(Sink):
     """A model of the base's class (ties kept): each merged tensor copied into ``model`` under its in-memory name."""
 
+    description = "an in-memory model"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -179,6 +182,7 @@ class DispatchedSink(ModelSink):
     """A model built empty and filled tensor by tensor onto the devices of an Accelerate device map (``"disk"``
     entries offloaded), then dispatched; never materialised whole in CPU memory."""
 
+    description = "a model placed by Accelerate (device_map=...)"
     unsupported_options = ("max_shard_size",)
 
     def __init__(self, template: torch.nn.Module, options: MergeOptions, device_map: Any) -> None:
@@ -199,6 +203,7 @@ class DispatchedSink(ModelSink):
 class TensorsSink(Sink):
     """Live tensors updated in place (``{key: tensor}``, e.g. a model being trained), each cast to its own dtype."""
 
+    description = "the live tensors of a model being trained"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "dtype")
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:

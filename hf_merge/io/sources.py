@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..lowrank import LowRank
 from ..tensors import SAFETENSORS_DTYPES, TensorMeta, numpy_view
 from .safetensors_file import SafetensorsFile
 
-__all__ = ["SAFETENSORS_DTYPES", "DeltaSource", "FolderSource", "LowRankSource", "ModelSource", "StateDictSource", "TensorMeta", "TensorSource",
+__all__ = ["SAFETENSORS_DTYPES", "FolderSource", "ModelSource", "StateDictSource", "TensorMeta", "TensorSource",
            "open_source"]
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -116,53 +115,6 @@ class TensorSource(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.label})"
-
-
-class DeltaSource(TensorSource):
-    """A task given as an update of a base rather than as stored weights (a LoRA adapter, a task vector, a task of a
-    task bank). :func:`hf_merge.inputs.bind_deltas` binds it to the run's base before validation; it then reads as
-    θ₀ + ΔW and gives ΔW itself through :meth:`delta`."""
-
-    _base: TensorSource | None = None
-
-    def bind(self, base: TensorSource) -> None:
-        """Check the update against ``base`` (names, shapes) and read through it from now on."""
-        self._base = base
-
-    @property
-    def bound_base(self) -> TensorSource:
-        if self._base is None:
-            raise RuntimeError(f"{self.label} is not bound to a base model yet.")
-        return self._base
-
-    def keys(self) -> list[str]:
-        return self.bound_base.keys()
-
-    def meta(self, key: str) -> TensorMeta:
-        return self.bound_base.meta(key)
-
-    @property
-    def config(self) -> Any:
-        return self.bound_base.config if self._base is not None else None
-
-    @abc.abstractmethod
-    def delta(self, key: str, base: torch.Tensor) -> torch.Tensor:
-        """ΔW of ``key`` in float32 on ``base``'s device (``base``: the bound base's tensor in float32)."""
-
-    def _read(self, key: str) -> torch.Tensor:
-        base = self.bound_base.get(key)
-        if not base.dtype.is_floating_point:
-            return base
-        return (base.to(torch.float32) + self.delta(key, base.to(torch.float32))).to(base.dtype)
-
-
-class LowRankSource(DeltaSource):
-    """A :class:`DeltaSource` whose updates of matrices come as factors ΔW = P Q (a LoRA adapter): merges into a
-    low-rank output stay in factors for methods with a low-rank form."""
-
-    @abc.abstractmethod
-    def update(self, key: str) -> LowRank | None:
-        """ΔW of ``key`` as factors, or ``None`` when this source does not update ``key`` in low-rank form."""
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...] | None:

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..tensors import Amendment
+
 if TYPE_CHECKING:
     from ..config import MergeConfig
     from ..context import MergeContext
@@ -77,8 +79,6 @@ class Merger(abc.ABC):
         """The merged task vector of one tensor (float32), given the float32 base and the T task vectors τ_t."""
 
 
-#: ``(key, flat indices or None for the whole tensor, values in the output dtype)``: entries to overwrite.
-Amendment = tuple[str, torch.Tensor | None, torch.Tensor]
 
 
 class OnePassMerge(abc.ABC):

@@ -26,13 +26,13 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, check_number
+from ..config import MethodCard, check_fraction
 from ..linalg import polar, polar_with_singular_values, top_k_svd
 from ..lowrank import LowRank, lowrank_svd, stack_factors
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
-from .tsv import ALPHA_GRID, _check_exclude, is_svd_treated, lowrank_mean, mean_delta
+from .tsv import SubspaceMergeConfig, is_svd_treated, lowrank_mean, mean_delta
 
 ISO_BIBTEX = """@inproceedings{marczak2025notask,
   title     = {No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces},
@@ -44,13 +44,10 @@ ISO_BIBTEX = """@inproceedings{marczak2025notask,
 
 
 @dataclasses.dataclass(kw_only=True)
-class IsoCConfig(MergeConfig):
-    """``scaling`` α (official search ``linspace(0, 3, 31)[1:]``), ``exclude`` name substrings of 2-D parameters
-    that are averaged instead (official: ``("text_projection",)``)."""
+class IsoCConfig(SubspaceMergeConfig):
+    """``scaling`` α and ``exclude`` as in :class:`~hf_merge.methods.tsv.SubspaceMergeConfig`."""
 
     method: str = dataclasses.field(default="iso_c", init=False)
-    scaling: float = 1.0
-    exclude: Sequence[str] = ("text_projection",)
 
     card: ClassVar[MethodCard] = MethodCard(
         title="Isotropic merging in the common subspace (Iso-C)",
@@ -64,24 +61,15 @@ class IsoCConfig(MergeConfig):
         paper_url="https://arxiv.org/abs/2502.04959",
     )
 
-    def __post_init__(self) -> None:
-        check_number("scaling", self.scaling)
-        self.exclude = _check_exclude(self.exclude)
-
-    def search_space(self) -> SearchSpace:
-        """α over ``linspace(0, 3, 31)[1:]``; Eq. 4 is linear in α."""
-        return SearchSpace("scaling", ALPHA_GRID, "linear")
 
 
 @dataclasses.dataclass(kw_only=True)
-class IsoCTSConfig(MergeConfig):
-    """``scaling`` α, ``common_space_fraction`` f ∈ (0, 1] of the rank given to the common subspace (official 0.8),
-    ``exclude`` as in :class:`IsoCConfig`."""
+class IsoCTSConfig(SubspaceMergeConfig):
+    """``scaling`` α and ``exclude`` as in :class:`~hf_merge.methods.tsv.SubspaceMergeConfig`,
+    ``common_space_fraction`` f ∈ (0, 1] of the rank given to the common subspace (official 0.8)."""
 
     method: str = dataclasses.field(default="iso_cts", init=False)
-    scaling: float = 1.0
     common_space_fraction: float = 0.8
-    exclude: Sequence[str] = ("text_projection",)
 
     card: ClassVar[MethodCard] = MethodCard(
         title="Isotropic merging in common and task-specific subspaces (Iso-CTS)",
@@ -95,13 +83,8 @@ class IsoCTSConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
-        check_number("scaling", self.scaling)
+        super().__post_init__()
         check_fraction("common_space_fraction", self.common_space_fraction, low_open=True)
-        self.exclude = _check_exclude(self.exclude)
-
-    def search_space(self) -> SearchSpace:
-        """α over ``linspace(0, 3, 31)[1:]``; the merge (Eqs. 6–9) is linear in α."""
-        return SearchSpace("scaling", ALPHA_GRID, "linear")
 
 
 def iso_c(deltas: list[torch.Tensor]) -> torch.Tensor:

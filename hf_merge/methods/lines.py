@@ -2,9 +2,11 @@
 and Enhances Model Merging", arXiv 2410.17146).
 
 The task vector of residual block ℓ = 1..L is scaled by λ(ℓ) = α + β (ℓ − 1)/(L − 1) (Eq. 1); parameters outside
-the residual blocks (embeddings, final norm, heads) get α. Blocks come from :class:`~hf_merge.ParamInfo`
-(``block`` is 0-based, so ℓ = block + 1; L = ``num_blocks`` of the block's stack, e.g. encoder and decoder stacks
-are scaled separately, each over its own depth), never from substrings; ``LinesConfig.num_blocks`` overrides L.
+the residual blocks (embeddings, final norm, heads) get α. Blocks come from :class:`~hf_merge.ParamInfo`, which
+reads them off the tensor names (:data:`hf_merge.params.BLOCK_PATTERN`: ``layers.3.``, ``h.3.``, ``layer.3.``, ...):
+``block`` is 0-based, so ℓ = block + 1, and L = ``num_blocks`` of the block's stack (encoder and decoder stacks are
+scaled separately, each over its own depth); ``LinesConfig.num_blocks`` overrides L. Tensors outside such names get
+α, like the parameters outside the blocks.
 A one-block stack (L = 1) gets α.
 
 * Single-task editing (``inner=None``): θ = θ₀ + λ(ℓ) τ for exactly one fine-tuned model; α must be given (the paper

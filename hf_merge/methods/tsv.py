@@ -59,15 +59,31 @@ def _check_rank_fraction(rank_fraction: float | None) -> None:
 
 
 @dataclasses.dataclass(kw_only=True)
-class TSVMergeConfig(MergeConfig):
-    """``scaling`` α (official search ``linspace(0, 3, 31)[1:]``; 1.0 is the natural default), ``rank_fraction``
-    the kept fraction of each task's rank (``None``: 1/T, the official k = ⌊r/T⌋), ``exclude`` name substrings of
-    2-D parameters that are averaged instead of SVD-treated (official: ``("text_projection",)``)."""
+class SubspaceMergeConfig(MergeConfig):
+    """Fields of the subspace merges (TSV-M, Iso-C, Iso-CTS): ``scaling`` α (official search
+    ``linspace(0, 3, 31)[1:]``; 1.0 is the natural default) and ``exclude``, name substrings of 2-D parameters that
+    are averaged instead of SVD-treated (official: ``("text_projection",)``)."""
+
+    scaling: float = 1.0
+    exclude: Sequence[str] = ("text_projection",)
+
+    def __post_init__(self) -> None:
+        check_number("scaling", self.scaling)
+        self.exclude = _check_exclude(self.exclude)
+
+    def search_space(self) -> SearchSpace:
+        """α over ``linspace(0, 3, 31)[1:]``; the merged update is α times an update that does not depend on α
+        (TSV Eq. 7, Iso Eqs. 4 and 9)."""
+        return SearchSpace("scaling", ALPHA_GRID, "linear")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TSVMergeConfig(SubspaceMergeConfig):
+    """``scaling`` and ``exclude`` as in :class:`SubspaceMergeConfig`; ``rank_fraction`` the kept fraction of each
+    task's rank (``None``: 1/T, the official k = ⌊r/T⌋)."""
 
     method: str = dataclasses.field(default="tsv_m", init=False)
-    scaling: float = 1.0
     rank_fraction: float | None = None
-    exclude: Sequence[str] = ("text_projection",)
 
     card: ClassVar[MethodCard] = MethodCard(
         title="Task Singular Vectors — merging (TSV-M)",
@@ -82,13 +98,8 @@ class TSVMergeConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
-        check_number("scaling", self.scaling)
+        super().__post_init__()
         _check_rank_fraction(self.rank_fraction)
-        self.exclude = _check_exclude(self.exclude)
-
-    def search_space(self) -> SearchSpace:
-        """α over ``linspace(0, 3, 31)[1:]``; Eq. 7 is linear in α."""
-        return SearchSpace("scaling", ALPHA_GRID, "linear")
 
 
 @dataclasses.dataclass(kw_only=True)

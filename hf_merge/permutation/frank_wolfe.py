@@ -1,4 +1,4 @@
-"""C2M3: cycle-consistent multi-model merging by Frank–Wolfe (Crisostomi et al., NeurIPS 2024; spec §9).
+"""C2M3: cycle-consistent multi-model merging by Frank–Wolfe (Crisostomi et al., NeurIPS 2024).
 
 Unknowns: for each model A and permutation ℓ a doubly stochastic matrix P_A^ℓ mapping A to a shared universe,
 U_A = π_A(W_A) (P applied along every axis the spec names). Pairwise maps factor as P_A P_Bᵀ, so they are cycle
@@ -197,7 +197,7 @@ def frank_wolfe_sync(
     patience: int = 5,
     anchor: bool = True,
 ) -> FrankWolfeResult:
-    """Run C2M3's Frank–Wolfe synchronisation (spec §9) and return permutations, objective trace and soft matrices.
+    """Run C2M3's Frank–Wolfe synchronisation (Crisostomi et al. 2024) and return permutations, objective trace and soft matrices.
 
     ``anchor=True`` (default) fixes model 0's matrices to the identity, so the universe is model 0's neuron order.
     This removes the gauge freedom P_A → P_A Q of the objective without changing the value of any permutation
@@ -253,7 +253,7 @@ def c2m3(
     patience: int = 5,
     anchor: bool = True,
 ) -> list[Perms]:
-    """Cycle-consistent permutations of N models to a shared universe (spec §9 defaults: 200 iterations, Sinkhorn
+    """Cycle-consistent permutations of N models to a shared universe (the reference implementation's defaults: 200 iterations, Sinkhorn
     initialisation). ``perms[A]`` maps model A to the universe: ``apply_permutation(spec, perms[A], state_A)``;
     the pairwise map aligning B to A is ``compose_to(perms[A], perms[B])``."""
     return frank_wolfe_sync(

@@ -40,6 +40,6 @@ def average_states(states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, to
 def merge_permuted(
     spec: PermutationSpec, states: Sequence[Mapping[str, torch.Tensor]], perms: Sequence[Perms]
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """(merged state dict, aligned state dicts): the average in the universe (spec §9, ``average_in_universe``)."""
+    """(merged state dict, aligned state dicts): the average in the universe (C2M3, Crisostomi et al. 2024: ``average_in_universe``)."""
     aligned = align_to_first(spec, states, perms)
     return average_states(aligned), aligned

@@ -1,4 +1,4 @@
-"""REPAIR (Jordan et al. 2023; spec §10): renormalise a merged network's activations to its endpoints' statistics.
+"""REPAIR (Jordan et al. 2023): renormalise a merged network's activations to its endpoints' statistics.
 
 For every repaired layer (a hidden ``Linear``/``Conv`` output of an MLP or CNN, or a ``BatchNorm`` output) and every
 channel, the goal is μ* = mean_A μ_A and σ*² = mean_A σ_A² over the endpoints A, already aligned to the merged
@@ -115,7 +115,7 @@ def layer_statistics(
 def _reset_batchnorm(
     model: nn.Module, module: nn.Module, dataloader: Iterable[Any], max_batches: int | None
 ) -> None:
-    """Re-estimate one BatchNorm's running statistics on the data (cumulative average, spec §10)."""
+    """Re-estimate one BatchNorm's running statistics on the data (cumulative average, as REPAIR's reference code resets and re-estimates them)."""
     momentum = module.momentum
     module.reset_running_stats()
     module.momentum = None

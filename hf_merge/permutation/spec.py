@@ -5,7 +5,7 @@ renumbered without changing the function a network computes, provided every tens
 renumbered the same way. A :class:`PermutationSpec` names those permutations and lists, for each tensor, the
 permutation acting on each of its axes (``None`` for an axis that is never permuted).
 
-Index convention (spec §8): a permutation is an index tensor ``p`` with P = I[p], so P W = W[p]; permuting axis ``k``
+Index convention (as in Git Re-Basin, Ainsworth et al. 2023): a permutation is an index tensor ``p`` with P = I[p], so P W = W[p]; permuting axis ``k``
 of a tensor by ``p`` is ``W.index_select(k, p)``. Position ``u`` of the permuted tensor holds unit ``p[u]``.
 
 Attention heads: a :class:`HeadGroup` ties permutations that share one head-level permutation (heads move as whole
@@ -178,7 +178,7 @@ def compose_to(perms_a: Mapping[str, torch.Tensor], perms_b: Mapping[str, torch.
     """Pairwise map from universe permutations: the permutation that aligns model B to model A.
 
     With ``perms_x[name][u]`` the unit of model X at universe position u, unit i of A corresponds to B's unit
-    ``perms_b[invert(perms_a)[i]]`` — the factorisation P_AB = P_A P_Bᵀ of spec §9, cycle-consistent by construction.
+    ``perms_b[invert(perms_a)[i]]`` — the factorisation P_AB = P_A P_Bᵀ of C2M3 (Crisostomi et al. 2024), cycle-consistent by construction.
     """
     return {name: perms_b[name][invert(perms_a[name])] for name in perms_a}
 

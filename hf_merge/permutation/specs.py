@@ -1,4 +1,4 @@
-"""Built-in permutation specs: MLP / plain conv chains, BatchNorm ResNets, and BERT / ViT encoders (spec §9).
+"""Built-in permutation specs: MLP / plain conv chains, BatchNorm ResNets, and BERT / ViT encoders (the architectures C2M3's experiments align).
 
 Residual networks: every tensor that reads or writes one residual stream shares one permutation ("P_res" in the
 transformers specs, one per stage in a ResNet, where a ``downsample`` shortcut starts a new stream). Each block's

@@ -1,4 +1,4 @@
-"""Git Re-Basin weight matching (Ainsworth et al. 2023), the pairwise baseline of spec §8.
+"""Git Re-Basin weight matching (Ainsworth et al. 2023), the pairwise baseline of C2M3 (Sec. 3.2 of the Git Re-Basin paper, "matching weights").
 
 Maximise Σ_tensors ⟨W_A, π(W_B)⟩ over the permutations π of a :class:`PermutationSpec` by coordinate ascent: visit
 the permutations in random order; for one permutation with the others fixed the objective is linear,
@@ -78,7 +78,7 @@ def weight_matching(
     max_iter: int = 100,
     seed: int = 0,
 ) -> Perms:
-    """Permutations aligning model B to model A (spec §8).
+    """Permutations aligning model B to model A (Ainsworth et al. 2023, Sec. 3.2).
 
     Returns ``{perm_name: index}`` such that ``apply_permutation(spec, perms, state_dict_b)`` is B in A's neuron order.
     """

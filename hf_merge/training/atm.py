@@ -2,8 +2,8 @@
 
 θ⁰ is the model given to the trainer. Round k = 1..K, for every task t: fine-tune θ^{k−1} on D_t for the per-round
 budget (fresh optimizer and scheduler, seed ``args.seed + (k−1)·T + t``), take τ_t^k = θ_t^k − θ^{k−1}, restore θ^{k−1}.
-Then θ^k = θ^{k−1} + α · merge(τ_1^k, …, τ_T^k) (spec §11). With one full-batch SGD step per task and α = 1 this is
-gradient descent on Σ_t L_t; α = 1/T gives the mean loss.
+Then θ^k = θ^{k−1} + α · merge(τ_1^k, …, τ_T^k) (:mod:`hf_merge.training.merge_step`). With one full-batch SGD step
+per task and α = 1 this is gradient descent on Σ_t L_t; α = 1/T gives the mean loss.
 
 Each (round, task) fine-tune is one call of the inner :meth:`transformers.Trainer.train` with the user's
 ``TrainingArguments`` (optimizer, scheduler, batch size, logging, ``report_to``), except that saving and evaluation
@@ -11,18 +11,20 @@ happen at round boundaries: after every round the trainer evaluates every task t
 ``args.eval_strategy != "no"``) and writes ``checkpoint-<round>`` (when ``args.save_strategy != "no"``), which
 ``train(resume_from_checkpoint=...)`` continues from, to the same result as an uninterrupted run.
 
-Memory: with Task Arithmetic (the default merge) the trainer holds the model, a copy of θ^{k−1} and a running sum of
-task vectors (float32, or float64 for float64 models): about three models. Any other merge method keeps the T
-fine-tuned models of the round (plus θ^{k−1}) until the round's merge: T + 2 models.
+Memory: with a merge linear in the task vectors (Task Arithmetic, the default, or averaging) the trainer holds the
+model, a copy of θ^{k−1} and a running sum of task vectors (float32, or float64 for float64 models): about three
+models. Any other merge method keeps the T fine-tuned models of the round (plus θ^{k−1}) until the round's merge:
+T + 2 models.
+
+(This module is ~450 lines: ``ATMTrainer`` overrides the ``Trainer`` hooks one round of ATM touches — loss, prediction,
+evaluation, logging, optimizer creation, training — and they share its per-(round, task) state; the merge step and
+the round checkpoints live in their own modules.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -32,33 +34,22 @@ import transformers
 from torch import nn
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import (
-    PREFIX_CHECKPOINT_DIR,
     IntervalStrategy,
     SaveStrategy,
     TrainOutput,
     enable_full_determinism,
-    get_last_checkpoint,
     set_seed,
 )
 
-from ..engine import Plan, run
-from ..errors import MergeError
-from ..io.sinks import TensorsSink
-from ..io.sources import StateDictSource
-from ..methods.base import Merger
-from ..options import make_options
 from ..registry import get_merger
+from .checkpoints import RoundCheckpoints
 from .config import ATMConfig
-
-ATM_STATE_NAME = "atm_state.json"
-TASK_HEADS_NAME = "task_heads.safetensors"
-OPTIMIZER_STATES_NAME = "atm_optimizer_states.pt"
-_HEAD_KEY_SEPARATOR = "@"  # "<parameter name>@<task>": parameter names never contain "@"
+from .merge_step import accumulate_task_vector, accumulation_dtype, apply_running_sum, merge_round
 
 LossFn = Callable[[nn.Module, dict[str, Any]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 
 
-class ATMTrainer(transformers.Trainer):
+class ATMTrainer(RoundCheckpoints, transformers.Trainer):
     """A :class:`transformers.Trainer` that runs ATM over several tasks.
 
     Args:
@@ -293,7 +284,7 @@ class ATMTrainer(transformers.Trainer):
             common = coefficients[0] if coefficients and len(set(coefficients)) == 1 else None
             task_states: dict[str, dict[str, torch.Tensor]] = {}
             if coefficients is not None:
-                running_sum = {name: torch.zeros_like(t, dtype=_accumulation_dtype(t.dtype)) for name, t in base.items()}
+                running_sum = {name: torch.zeros_like(t, dtype=accumulation_dtype(t.dtype)) for name, t in base.items()}
             for task_index, task in enumerate(tasks):
                 output = self._fine_tune(user_args, round_index, task_index, task, ignore_keys_for_eval)
                 loss_sum += output.training_loss * output.global_step
@@ -302,7 +293,7 @@ class ATMTrainer(transformers.Trainer):
                 live = self._merged_tensors()
                 with torch.no_grad():
                     if running_sum is not None:
-                        _accumulate_task_vector(running_sum, live, base, coefficients[task_index], common,
+                        accumulate_task_vector(running_sum, live, base, coefficients[task_index], common,
                                                 f"round {round_index}, task {task!r}")
                     else:
                         task_states[task] = {name: tensor.detach().clone() for name, tensor in live.items()}
@@ -311,9 +302,9 @@ class ATMTrainer(transformers.Trainer):
             live = self._merged_tensors()
             with torch.no_grad():
                 if running_sum is not None:
-                    _apply_running_sum(live, base, running_sum, common if common is not None else 1.0, alpha)
+                    apply_running_sum(live, base, running_sum, common if common is not None else 1.0, alpha)
                 else:
-                    self._apply_merger(merger, live, base, task_states, alpha, round_index)
+                    merge_round(merger, live, base, task_states, alpha, round_index, self.model)
             del base, live, running_sum, task_states
 
             self.state = self._outer_state()
@@ -416,24 +407,6 @@ class ATMTrainer(transformers.Trainer):
             raise ValueError("The model has no trainable floating-point parameters for ATM to merge.")
         return tensors
 
-    def _apply_merger(
-        self,
-        merger: Merger,
-        live: dict[str, torch.Tensor],
-        base: dict[str, torch.Tensor],
-        task_states: dict[str, dict[str, torch.Tensor]],
-        alpha: float,
-        round_index: int,
-    ) -> None:
-        """θ^k = θ^{k−1} + α · merged task vector: one engine run into the live tensors."""
-        sources = {
-            task: StateDictSource(state, f"ATM round {round_index} model fine-tuned on {task!r}")
-            for task, state in task_states.items()
-        }
-        plan = Plan(StateDictSource(base, f"ATM round {round_index} start model"), sources,
-                    _ScaledUpdate(merger, alpha), architecture=self.model)
-        run(plan, TensorsSink(live), make_options(device=next(iter(live.values())).device, progress=False))
-
     def _outer_state(self) -> TrainerState:
         """The state callbacks see between fine-tunes: steps over all fine-tunes, the whole log history."""
         state = TrainerState()
@@ -443,112 +416,6 @@ class ATMTrainer(transformers.Trainer):
         state.is_local_process_zero = self.is_local_process_zero()
         state.is_world_process_zero = self.is_world_process_zero()
         return state
-
-    # ------------------------------------------------------------------------------------------ saving, resuming
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` plus ``task_heads.safetensors`` (with task heads) and ``atm_config.json``."""
-        super().save_model(output_dir, _internal_call)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        self.atm_config.save_pretrained(output_dir)
-        if self.task_heads is not None:
-            from safetensors.torch import save_file
-
-            tensors = {
-                f"{name}{_HEAD_KEY_SEPARATOR}{task}": tensor.detach().cpu().contiguous()
-                for task, head in self.task_heads.items()
-                for name, tensor in head.state_dict().items()
-            }
-            save_file(tensors, os.path.join(output_dir, TASK_HEADS_NAME), metadata={"format": "pt"})
-
-    def _save_round_checkpoint(self, round_index: int) -> None:
-        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{round_index}")
-        self.save_model(folder, _internal_call=True)
-        if self.args.should_save:
-            if not self.atm_config.reset_optimizer:
-                torch.save(self._optimizer_states, os.path.join(folder, OPTIMIZER_STATES_NAME))
-            self.state.save_to_json(os.path.join(folder, "trainer_state.json"))
-            record = {
-                "completed_rounds": round_index,
-                "global_step": self._steps_done,
-                "tasks": list(self.task_datasets),
-                "atm_config": self.atm_config.to_dict(),
-            }
-            with open(os.path.join(folder, ATM_STATE_NAME), "w", encoding="utf-8") as fh:  # written last: complete
-                json.dump(record, fh, indent=2)
-            self._rotate_round_checkpoints()
-        self.accelerator.wait_for_everyone()
-        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-
-    def _rotate_round_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        if not limit or limit <= 0:
-            return
-        prefix = f"{PREFIX_CHECKPOINT_DIR}-"
-        rounds = sorted(
-            int(entry.name[len(prefix):])
-            for entry in os.scandir(self.args.output_dir)
-            if entry.is_dir() and entry.name.startswith(prefix) and entry.name[len(prefix):].isdigit()
-        )
-        for round_index in rounds[:-limit]:
-            shutil.rmtree(os.path.join(self.args.output_dir, f"{prefix}{round_index}"), ignore_errors=True)
-
-    def _load_round_checkpoint(self, checkpoint: str | bool) -> int:
-        """Restore the model, heads, optimizer moments and log history of a round checkpoint; return its round."""
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(f"No checkpoint-<round> folder found in output_dir {self.args.output_dir!r}.")
-        checkpoint = os.fspath(checkpoint)
-        record_path = os.path.join(checkpoint, ATM_STATE_NAME)
-        if not os.path.isfile(record_path):
-            raise FileNotFoundError(
-                f"{checkpoint!r} is not a complete ATM round checkpoint (no {ATM_STATE_NAME}); "
-                "resume from a folder written by ATMTrainer."
-            )
-        with open(record_path, encoding="utf-8") as fh:
-            record = json.load(fh)
-        tasks = list(self.task_datasets)
-        if record["tasks"] != tasks:
-            raise ValueError(f"Checkpoint {checkpoint!r} was trained on tasks {record['tasks']}, this trainer has {tasks}.")
-        saved_config = {k: v for k, v in record["atm_config"].items() if k != "rounds"}
-        ours = {k: v for k, v in self.atm_config.to_dict().items() if k != "rounds"}
-        if saved_config != ours:
-            raise ValueError(
-                f"Checkpoint {checkpoint!r} used ATM settings {saved_config}, which differ from {ours} "
-                "(only rounds may change on resume)."
-            )
-        completed = int(record["completed_rounds"])
-        if completed > self.atm_config.rounds:
-            raise ValueError(
-                f"Checkpoint {checkpoint!r} has {completed} completed rounds, more than rounds={self.atm_config.rounds}."
-            )
-        self._load_from_checkpoint(checkpoint)
-        if self.task_heads is not None:
-            self._load_task_heads(os.path.join(checkpoint, TASK_HEADS_NAME))
-        self._optimizer_states = {}
-        if not self.atm_config.reset_optimizer:
-            states_path = os.path.join(checkpoint, OPTIMIZER_STATES_NAME)
-            if os.path.isfile(states_path):
-                self._optimizer_states = torch.load(states_path, map_location=self.args.device, weights_only=True)
-        self._steps_done = int(record["global_step"])
-        self._history = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).log_history
-        return completed
-
-    def _load_task_heads(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"The checkpoint has no {TASK_HEADS_NAME} at {path!r}, but this trainer has task heads.")
-        per_task: dict[str, dict[str, torch.Tensor]] = {task: {} for task in self.task_heads}
-        for key, tensor in load_file(path, device=str(self.args.device)).items():
-            name, _, task = key.partition(_HEAD_KEY_SEPARATOR)
-            if task not in per_task:
-                raise ValueError(f"{path!r} holds a head for unknown task {task!r}; tasks are {list(per_task)}.")
-            per_task[task][name] = tensor
-        for task, head in self.task_heads.items():
-            head.load_state_dict(per_task[task])
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -584,47 +451,3 @@ def _split_loss(result: Any, task: str | None) -> tuple[torch.Tensor, torch.Tens
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"compute_loss_fns[{task!r}] must return a scalar loss tensor (or (loss, logits)).")
     return loss, logits
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision weights (their deltas fall below the bf16 ulp), float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _accumulate_task_vector(
-    running_sum: dict[str, torch.Tensor], live: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-    coefficient: float, common: float | None, what: str,
-) -> None:
-    """running_sum += c_t τ_t with τ_t = θ_t − θ^{k−1} (just τ_t when every c_t is ``common``), in the accumulation
-    dtype."""
-    for name, total in running_sum.items():
-        delta = live[name].to(total.dtype) - base[name].to(total.dtype)
-        if not torch.isfinite(delta).all():
-            raise MergeError(f"ATM {what}: fine-tuning produced NaN/Inf in {name!r} (lower the learning rate?).")
-        total.add_(delta, alpha=1.0 if common is not None else coefficient)
-
-
-def _apply_running_sum(
-    live: dict[str, torch.Tensor],
-    base: dict[str, torch.Tensor],
-    running_sum: dict[str, torch.Tensor],
-    common: float,
-    alpha: float,
-) -> None:
-    """θ^k = θ^{k−1} + α · c Σ_t τ_t (or α Σ_t c_t τ_t), rounded once to the model's dtype."""
-    for name, total in running_sum.items():
-        merged = base[name].to(total.dtype) + (alpha * common) * total
-        live[name].copy_(merged.to(live[name].dtype))
-
-
-class _ScaledUpdate(Merger):
-    """The merged task vector of ``inner`` times α (ATM's outer step size), merged tensor by tensor."""
-
-    def __init__(self, inner: Merger, alpha: float) -> None:
-        self.inner, self.alpha, self.config = inner, alpha, inner.config
-
-    def prepare(self, ctx: Any) -> None:
-        self.inner.prepare(ctx.nested())  # tensor by tensor: never the inner method's one-pass route
-
-    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: Any) -> torch.Tensor:
-        return self.inner.merge_tensor(key, base, deltas, info).mul_(self.alpha)

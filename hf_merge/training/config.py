@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
-from ..config import MergeConfig, SerializableConfig, check_number
+from ..config import MergeConfig, MethodCard, SerializableConfig, check_number
 
 ATM_CONFIG_NAME = "atm_config.json"
 
@@ -27,7 +27,7 @@ class ATMConfig(SerializableConfig):
     """How many rounds of ATM to run, the fine-tuning budget per (round, task), and how task vectors are merged.
 
     Every round k fine-tunes a copy of the current model θ^{k−1} on each task t, forms τ_t^k = θ_t^k − θ^{k−1}, merges
-    them with ``merge`` and sets θ^k = θ^{k−1} + α · merged (spec §11).
+    them with ``merge`` and sets θ^k = θ^{k−1} + α · merged (Zhou et al. 2024).
 
     Args:
         rounds: K, the number of tune-then-merge rounds (≥ 1).
@@ -37,7 +37,7 @@ class ATMConfig(SerializableConfig):
         merge: how the T task vectors of a round combine, any base-relative merge config (default
             ``TaskArithmeticConfig(scaling=1.0)``, i.e. Σ_t τ_t). Methods without a base (permutation alignment) are
             rejected.
-        reset_optimizer: ``True`` (default): a fresh optimizer for every (round, task), as the spec recommends (AdamW
+        reset_optimizer: ``True`` (default): a fresh optimizer for every (round, task), as ATM's reference setting does (AdamW
             moments from a previous base are stale). ``False``: each task keeps its optimizer moments from one round to
             the next (T optimizer states are held in memory and saved in checkpoints). The learning-rate schedule
             always spans one (round, task) budget.
@@ -48,6 +48,24 @@ class ATMConfig(SerializableConfig):
     """
 
     config_file_name: ClassVar[str] = ATM_CONFIG_NAME
+    card: ClassVar[MethodCard] = MethodCard(
+        title="ATM (Alternating Tuning and Merging)",
+        summary=(
+            "ATM treats merging as one step of an iterative procedure: in every round each task fine-tunes a copy "
+            "of the current merged model for a small budget, the resulting task vectors (relative to the current "
+            "model) are merged, and the merge becomes the next round's starting point. Since a task vector after "
+            "one full-batch gradient step is the negative task gradient, ATM approximates multi-task training "
+            "without pooling the tasks' data."
+        ),
+        bibtex="""@article{zhou2024atm,
+  title   = {{ATM}: Improving Model Merging by Alternating Tuning and Merging},
+  author  = {Zhou, Luca and Solombrino, Daniele and Crisostomi, Donato and Bucarelli, Maria Sofia and
+             Silvestri, Fabrizio and Rodol{\\`a}, Emanuele},
+  journal = {arXiv preprint arXiv:2411.03055},
+  year    = {2024}
+}""",
+        paper_url="https://arxiv.org/abs/2411.03055",
+    )
 
     rounds: int
     steps_per_round: int | None = None

@@ -1,0 +1,104 @@
+"""Helpers shared by several test files: error measures, state-dict snapshots and comparisons, the whole-model TIES
+reference, and the permutation-symmetry models (model factories of the merge tests live in ``tiny_models``)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from hf_merge.methods.ties import disjoint_merge
+from hf_merge.permutation import MLP, ResNet, apply_permutation, default_spec, random_permutations
+from hf_merge.permutation.spec import state_dict_of
+from tests import tiny_models
+
+
+# ----------------------------------------------------------------------------------------- tensors and state dicts
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, computed in float64 (‖b‖ floored at 1e-30, so two zero tensors are 0 apart)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def state_of(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A snapshot of a model's state dict (or of a state dict): detached copies that later in-place writes leave alone."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *, atol: float | None = None) -> None:
+    """The same keys, and under each the same dtype and values: bit-equal when ``atol`` is None, else
+    ``torch.allclose`` in float32 with that ``atol`` (and its default ``rtol``)."""
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype, key
+        if atol is None:
+            assert torch.equal(value, b[key]), key
+        else:
+            assert torch.allclose(value.float(), b[key].float(), atol=atol), key
+
+
+# ----------------------------------------------------------------------------------------- TIES
+def ties_reference(base, fts, density, scaling, aggregate="mean"):
+    """The reference's whole-model computation on one flattened tasks × parameters matrix."""
+    keys = list(base)
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts])
+    d = flat.shape[1]
+    if density < 1:
+        kth = flat.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    else:  # keep everything
+        kth = torch.zeros(len(fts), 1)
+    trimmed = flat * (flat.abs() >= kth)
+    signs = torch.sign(trimmed.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    merged = disjoint_merge(trimmed, signs, aggregate) * scaling
+    out, offset = {}, 0
+    for k in keys:
+        n = base[k].numel()
+        out[k] = base[k] + merged[offset:offset + n].view_as(base[k])
+        offset += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------- permutation symmetries
+def randomized_resnet() -> ResNet:
+    """A small BatchNorm ResNet whose BatchNorm statistics and affine parameters are not the trivial defaults."""
+    model = ResNet(in_channels=1, widths=(4, 8), blocks_per_stage=2, num_classes=3).eval()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+    return model
+
+
+def tiny_llama_without_gqa(tie_word_embeddings: bool = True) -> torch.nn.Module:
+    """A rotary decoder with as many kv heads as query heads (the built-in Llama spec refuses GQA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings)
+    ).eval()
+
+
+BUILT_IN_MODELS = {
+    "mlp": lambda: MLP([6, 12, 10, 3]).eval(),
+    "resnet_bn": randomized_resnet,
+    "bert": tiny_models.tiny_bert,
+    "vit": tiny_models.tiny_vit,
+    "llama_rotary": tiny_llama_without_gqa,
+}
+
+
+def permuted_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with its weights moved by random permutations of its built-in spec (the same function)."""
+    spec = default_spec(model)
+    state = state_dict_of(model)
+    sizes = spec.perm_sizes({k: v.shape for k, v in state.items()})
+    out = copy.deepcopy(model)
+    perms = random_permutations(spec, sizes, torch.Generator().manual_seed(seed))
+    out.load_state_dict(apply_permutation(spec, perms, state))
+    return out

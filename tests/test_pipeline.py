@@ -1,0 +1,143 @@
+"""The shape of the package: every route runs through one engine call into one sink, under one set of options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import hf_merge
+from hf_merge import engine
+from hf_merge.cli import main
+from hf_merge.io import open_source
+from hf_merge.tuning import TUNING
+from tests.tiny_models import finetuned_copy, logits, tiny_bert
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    base = tiny_bert()
+    base.save_pretrained(root / "base")
+    for seed in (1, 2):
+        finetuned_copy(base, seed).save_pretrained(root / f"ft{seed}")
+    return root
+
+
+@pytest.fixture
+def engine_runs(monkeypatch):
+    """Every stream through the engine, recorded as the name of the sink it went to."""
+    runs: list[str] = []
+    original = engine._stream
+
+    def spy(plan, ctx, sink, options):
+        runs.append(type(sink).__name__)
+        return original(plan, ctx, sink, options)
+
+    monkeypatch.setattr(engine, "_stream", spy)
+    return runs
+
+
+def test_every_front_door_streams_through_the_one_engine_run(folders, tmp_path, engine_runs):
+    from transformers import BertForSequenceClassification
+
+    from hf_merge.training.merge_step import merge_round
+
+    base, fts = folders / "base", [folders / "ft1", folders / "ft2"]
+    hf_merge.merge(base, fts, "ties", output_dir=tmp_path / "merged", progress=False)
+    model = BertForSequenceClassification.from_pretrained(base)
+    model.merge_with(fts, "task_arithmetic", scaling=0.5, progress=False)
+    hf_merge.TaskVector(base, fts[0]).apply_to(base)
+    bank = hf_merge.compress(base, {"a": fts[0], "b": fts[1]}, "tsv_c", progress=False)
+    bank.load_task("a")
+    source = open_source(base)
+    state = {key: source.get(key).clone() for key in source.keys()}
+    tuned = {k: v + 0.01 for k, v in state.items() if v.is_floating_point()}
+    live = {k: v.clone() for k, v in state.items() if v.is_floating_point()}
+    merge_round(hf_merge.get_merger(hf_merge.TiesConfig()), live, {k: state[k] for k in live},
+                {"a": tuned, "b": tuned}, 0.5, 1, model)
+    assert engine_runs == ["FolderSink", "ModelSink", "ModelSink", "BankSink", "ModelSink", "TensorsSink"]
+
+
+def test_the_search_function_is_not_replaced_by_its_submodule():
+    from hf_merge.search import SearchResult
+
+    assert callable(hf_merge.search) and hf_merge.search.__name__ == "search"
+    assert SearchResult.__module__ == "hf_merge.search"
+
+
+@pytest.mark.parametrize(
+    ("route", "option"),
+    [("folder", "device_map"), ("bank", "dtype"), ("lora", "max_shard_size"), ("state_dict", "offload_folder")],
+)
+def test_an_output_refuses_by_name_an_option_it_cannot_honour(folders, tmp_path, route, option):
+    base, fts = folders / "base", [folders / "ft1", folders / "ft2"]
+    values = {"device_map": {"": "cpu"}, "dtype": "bfloat16", "max_shard_size": "1MB", "offload_folder": tmp_path}
+    with pytest.raises(ValueError, match=rf"cannot honour the option\(s\) \['{option}'\]"):
+        if route == "folder":
+            hf_merge.merge(base, fts, "ties", output_dir=tmp_path / "out", progress=False, **{option: values[option]})
+        elif route == "bank":
+            hf_merge.compress(base, fts, "tsv_c", output_dir=tmp_path / "out", progress=False,
+                              **{option: values[option]})
+        elif route == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            adapter = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
+            adapter.save_pretrained(tmp_path / "adapter")
+            hf_merge.merge(base, [tmp_path / "adapter"], "task_arithmetic", scaling=1.0, output="lora",
+                           progress=False, **{option: values[option]})
+        else:
+            state = {"w": torch.zeros(3)}
+            hf_merge.merge(state, [{"w": torch.ones(3)}], "average", progress=False, **{option: values[option]})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_small_placement_budget_places_the_result_without_limiting_the_merge(tmp_path):
+    base = tiny_bert()
+    fts = [finetuned_copy(base, seed) for seed in (1, 2)]
+    placed = hf_merge.merge(base, fts, "ties", device_map="auto", max_memory={"cpu": "20KB"},
+                            offload_folder=tmp_path / "offload", progress=False)
+    assert "disk" in set(placed.hf_device_map.values())  # the result did not fit the budget and was offloaded
+    plain = hf_merge.merge(base, fts, "ties", progress=False)
+    torch.testing.assert_close(logits("bert", placed), logits("bert", plain), rtol=0, atol=0)
+
+
+def test_merge_with_accepts_the_keywords_of_merge(folders, tmp_path):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(folders / "base")
+    path = model.merge_with([folders / "ft1", folders / "ft2"], "ties", output_dir=tmp_path / "merged",
+                            dtype="bfloat16", max_shard_size="20KB", progress=False)
+    assert path == str(tmp_path / "merged")
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()  # sharded as asked
+    reloaded = BertForSequenceClassification.from_pretrained(path)
+    assert reloaded.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_the_cli_takes_every_merge_option_as_a_yaml_key(folders, tmp_path, capsys):
+    spec = {"method": "ties", "base": str(folders / "base"), "models": [str(folders / "ft1"), str(folders / "ft2")],
+            "output": "merged", "max_shard_size": "20KB", "memory_budget": "64MB"}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["merge", str(tmp_path / "merge.yaml"), "--quiet"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**spec, "max_shardsize": "1GB"}))
+    assert main(["merge", str(tmp_path / "bad.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert "unknown key(s) ['max_shardsize']" in error and "'max_shard_size'" in error
+
+
+def test_the_engine_returns_freed_memory_between_tensors(monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(TUNING, "release_every", 1)
+    base = {"a": torch.zeros(4), "b": torch.zeros(2, 2), "steps": torch.zeros((), dtype=torch.int64)}
+    hf_merge.merge(base, [{k: v + 1 for k, v in base.items()}], "average", progress=False)
+    assert len(calls) == 2  # after each floating-point tensor
+
+
+def test_task_vectors_and_mergers_say_what_they_are(folders):
+    vector = 0.5 * hf_merge.TaskVector(folders / "base", folders / "ft1")
+    assert repr(vector).startswith("TaskVector(") and "0.5" in repr(vector)
+    assert repr(hf_merge.get_merger(hf_merge.TiesConfig(density=0.3))) == (
+        "TiesMerger(TiesConfig(method='ties', density=0.3, scaling=1.0, scope='global', aggregate='mean'))"
+    )
