@@ -29,6 +29,7 @@ from .io.deltas import DeltaSource, LowRankSource
 from .io.prefetch import Prefetcher
 from .io.sinks import Sink
 from .io.sources import TensorSource
+from .lowrank import LowRank
 from .methods.base import Merger, ModelMerger, TaskCompressor
 from .options import MergeOptions
 from .params import classify_parameters
@@ -202,10 +203,8 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
                 theta0, deltas = ctx.load(key)
                 return theta0 + merger.merge_tensor(key, theta0, deltas, ctx.infos[key])
             rows, cols = ctx.metas[key].shape
-            from .lowrank import LowRank
-
-            return merger.merge_lowrank(key, [p if p is not None else LowRank.zero(rows, cols) for p in parts],
-                                        ctx.infos[key])
+            parts = [(p if p is not None else LowRank.zero(rows, cols)).to(ctx.device) for p in parts]
+            return merger.merge_lowrank(key, parts, ctx.infos[key])
 
         return lowrank
     coefficients = merger.linear_coefficients(ctx.task_names)

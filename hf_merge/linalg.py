@@ -26,11 +26,7 @@ import math
 
 import torch
 
-FAST_EIGH_MIN_RATIO = 1e-3  # λ_k/λ_1 above which the float32 Gram route is accurate (≤ 5e-6 measured)
-DOUBLE_EIGH_MIN_RATIO = 1e-10  # λ_k/λ_1 above which the float64 Gram route is accurate
-FAST_POLAR_MIN_RATIO = 1e-2  # λ_min/λ_max of AᵀA above which the float32 Gram route is used (error ≲ κ·eps ≈ 1e-5)
-POLAR_PROBE_MIN_RCOND = 1e-4  # Cholesky 1-norm rcond estimate of AᵀA (measured ≤ 20× below λ_min/λ_max) to try it
-SVD_POLAR_MAX_ERROR = 1e-4  # error estimate (an upper bound, measured) up to which the float32 SVD's polar is kept
+from .tuning import TUNING
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, batched: bool = False) -> None:
@@ -75,9 +71,9 @@ def top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     values = torch.zeros(batch, k, dtype=torch.float32, device=stack.device)
     right = torch.zeros(batch, cols, k, dtype=torch.float32, device=stack.device)
     pending = list(range(batch)) if k > 0 else []
-    tiers = [(torch.float64, DOUBLE_EIGH_MIN_RATIO)]
+    tiers = [(torch.float64, TUNING.eigh_double_min_ratio)]
     if k <= r // 4:  # float32 Gram eigenpairs lose accuracy deep into the spectrum (Iso-CTS's common space)
-        tiers.insert(0, (torch.float32, FAST_EIGH_MIN_RATIO))
+        tiers.insert(0, (torch.float32, TUNING.eigh_fast_min_ratio))
     for dtype, min_ratio in tiers:
         if not pending:
             break
@@ -134,12 +130,12 @@ def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torc
     if _likely_well_conditioned(gram):
         values, vectors = _eigh(gram)
         top, bottom = values[-1].item(), values[0].item()
-        if top > 0 and bottom >= FAST_POLAR_MIN_RATIO * top:
+        if top > 0 and bottom >= TUNING.polar_fast_min_ratio * top:
             singular = values.sqrt()
             inverse_sqrt = (vectors * singular.reciprocal()) @ vectors.transpose(0, 1)  # (AᵀA)^{-1/2}, n × n
             return work @ inverse_sqrt, singular.flip(0)
     p, s, qh = torch.linalg.svd(work, full_matrices=False)
-    if _svd_polar_error(s, m) <= SVD_POLAR_MAX_ERROR:
+    if _svd_polar_error(s, m) <= TUNING.svd_polar_max_error:
         return p @ qh, s
     p, s, qh = torch.linalg.svd(work.to(torch.float64), full_matrices=False)
     return (p @ qh).to(torch.float32), s.to(torch.float32)
@@ -158,7 +154,7 @@ def _likely_well_conditioned(gram: torch.Tensor) -> bool:
     if info != 0:
         return False
     rcond, info = lapack.spocon(factor, float(abs(array).sum(axis=0).max()))
-    return info == 0 and rcond >= POLAR_PROBE_MIN_RCOND
+    return info == 0 and rcond >= TUNING.polar_probe_min_rcond
 
 
 def _svd_polar_error(singular_values: torch.Tensor, rows: int) -> float:

@@ -33,6 +33,9 @@ class LowRank:
     def scaled(self, factor: float) -> LowRank:
         return LowRank(self.P * factor, self.Q)
 
+    def to(self, device: torch.device | str) -> LowRank:
+        return LowRank(self.P.to(device), self.Q.to(device))
+
     @classmethod
     def zero(cls, rows: int, cols: int) -> LowRank:
         """The rank-0 update of a rows × cols matrix (a module an adapter does not target)."""

@@ -1,7 +1,8 @@
 """Tuning constants of the streaming routes, in one object that tests (and experts) set.
 
-Each value was measured on the 468M-parameter merge benchmark (``benchmarks/bench_merge_io.py``); none changes a
-result, only how work is split: the routes give the same bits for any value.
+The streaming values were measured on the 468M-parameter merge benchmark (``benchmarks/bench_merge_io.py``) and
+change no result, only how work is split (the routes give the same bits for any value); the linear-algebra
+thresholds choose between exact routes, each within the tested error bound.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ class Tuning:
     ties_sample_every: int = 1024
     #: Input bytes the engine streams between returns of freed memory to the operating system (glibc malloc_trim).
     release_every: int = 256 << 20
+    #: Top-k SVD (:func:`hf_merge.linalg.top_k_svd`): λ_k/λ_1 of the Gram matrix above which its float32
+    #: eigendecomposition is accurate (≤ 5e-6 measured), and above which the float64 one is; below both, a full SVD.
+    eigh_fast_min_ratio: float = 1e-3
+    eigh_double_min_ratio: float = 1e-10
+    #: Polar factor (:func:`hf_merge.linalg.polar`): λ_min/λ_max of AᵀA above which the float32 Gram route is used
+    #: (error ≲ κ·eps ≈ 1e-5); the Cholesky 1-norm rcond estimate of AᵀA (measured ≤ 20× below λ_min/λ_max) from
+    #: which that route is tried; the error estimate (an upper bound, measured) up to which the float32 SVD's polar
+    #: factor is kept before a float64 SVD.
+    polar_fast_min_ratio: float = 1e-2
+    polar_probe_min_rcond: float = 1e-4
+    svd_polar_max_error: float = 1e-4
 
 
 #: The values in force. Tests change them with ``monkeypatch.setattr(TUNING, "combine_chunk", 7)``.

@@ -7,6 +7,7 @@ import torch
 
 from hf_merge import linalg
 from hf_merge.linalg import polar, polar_with_singular_values, top_k_svd
+from hf_merge.tuning import TUNING
 from tests.helpers import rel_error
 
 
@@ -35,8 +36,8 @@ def _truncation(matrix: torch.Tensor, k: int) -> torch.Tensor:
 
 ROUTES = {
     "auto": {},
-    "float64_gram": {"FAST_EIGH_MIN_RATIO": 2.0},
-    "full_svd": {"FAST_EIGH_MIN_RATIO": 2.0, "DOUBLE_EIGH_MIN_RATIO": 2.0},
+    "float64_gram": {"eigh_fast_min_ratio": 2.0},
+    "full_svd": {"eigh_fast_min_ratio": 2.0, "eigh_double_min_ratio": 2.0},
 }
 
 
@@ -45,7 +46,7 @@ ROUTES = {
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96), (48, 48)])
 def test_top_k_svd_equals_truncated_full_svd(monkeypatch, route, spectrum, shape) -> None:
     for name, value in ROUTES[route].items():
-        monkeypatch.setattr(linalg, name, value)
+        monkeypatch.setattr(TUNING, name, value)
     matrix = _with_spectrum(*shape, _spectra(min(shape))[spectrum])
     k = 10
     u, s, v = top_k_svd(matrix, k)
@@ -73,8 +74,8 @@ def test_top_k_svd_of_zero_matrix_and_k_zero() -> None:
 
 POLAR_ROUTES = {
     "auto": {},
-    "float32_svd": {"FAST_POLAR_MIN_RATIO": 2.0},
-    "float64_svd": {"FAST_POLAR_MIN_RATIO": 2.0, "SVD_POLAR_MAX_ERROR": -1.0},
+    "float32_svd": {"polar_fast_min_ratio": 2.0},
+    "float64_svd": {"polar_fast_min_ratio": 2.0, "svd_polar_max_error": -1.0},
 }
 
 
@@ -83,7 +84,7 @@ POLAR_ROUTES = {
 @pytest.mark.parametrize("shape", [(80, 30), (30, 80), (40, 40)])
 def test_polar_equals_svd_polar(monkeypatch, route, condition, shape) -> None:
     for name, value in POLAR_ROUTES[route].items():
-        monkeypatch.setattr(linalg, name, value)
+        monkeypatch.setattr(TUNING, name, value)
     r = min(shape)
     matrix = _with_spectrum(*shape, torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), r))
     p, qh = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]

@@ -131,9 +131,9 @@ class AdapterSink(Sink):
 
     def put(self, key: str, value: LowRank | torch.Tensor) -> None:
         if key in self.replaced:
-            self.full_values[key] = value
+            self.full_values[key] = value.to("cpu")
         elif isinstance(value, LowRank):
-            self.updates[key] = value
+            self.updates[key] = value.to("cpu")
         else:  # a densely merged weight: its update, factored
             self.updates[key] = LowRank.from_dense(value.float() - self.base.get(key).float())
 
