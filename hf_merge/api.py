@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import MergeConfig
-from .engine import Plan, run
+from .engine import Plan, check_plan, run
 from .inputs import Inputs, describe_inputs, open_base, open_tasks
 from .io.sinks import Sink, output_sink
 from .io.sources import TensorSource
@@ -74,6 +74,9 @@ def merge(
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}.")
     if output != "lora" and (rank is not None or energy is not None):
         raise ValueError("rank= and energy= apply to output='lora' only.")
+    record = MergeRecord(config, describe_inputs(base_source, tasks), artifact="adapter" if output == "lora" else "model")
+    plan = Plan(base_source, tasks, merger, record)
+    check_plan(plan)
     layout_source = base_source if base_source is not None else next(iter(tasks.values()))
     if output == "lora":
         from .io.adapter_sink import AdapterSink
@@ -85,8 +88,7 @@ def merge(
         sink: Sink = AdapterSink(base_source, tasks, rank=rank, energy=energy, output_dir=output_dir)
     else:
         sink = output_sink(layout_source, options, output_dir=output_dir, into=into)
-    record = MergeRecord(config, describe_inputs(base_source, tasks), artifact="adapter" if output == "lora" else "model")
-    return run(Plan(base_source, tasks, merger, record), sink, options)
+    return run(plan, sink, options)
 
 
 def compress(

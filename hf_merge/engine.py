@@ -51,13 +51,24 @@ class Plan:
     architecture: torch.nn.Module | None = None
 
 
+def check_plan(plan: Plan) -> None:
+    """Refuse a plan whose method and inputs do not go together (before anything is built for its output)."""
+    method = plan.merger.config.method
+    if isinstance(plan.merger, ModelMerger):
+        if plan.base is not None:
+            raise ValueError(f"Method {method!r} merges models without a base: call merge(None, models, ...).")
+        if len(plan.tasks) < 2:
+            raise ValueError(f"Method {method!r} needs at least two models, got {len(plan.tasks)}.")
+    elif plan.base is None:
+        raise ValueError(f"Method {method!r} needs the pre-trained base model θ₀ (base=None given).")
+
+
 def run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     """Carry out ``plan`` into ``sink`` under ``options``; return what the sink returns."""
+    check_plan(plan)
     sink.check_options(options)
     if isinstance(plan.merger, ModelMerger):
         return _run_whole_models(plan, sink, options)
-    if plan.base is None:
-        raise ValueError(f"Method {plan.merger.config.method!r} needs the pre-trained base model θ₀ (base=None given).")
     ctx = _context(plan, options)
     try:
         plan.merger.prepare(ctx)
@@ -148,7 +159,7 @@ def _stream(plan: Plan, ctx: MergeContext, sink: Sink, options: MergeOptions) ->
                 theta0, deltas = inputs.get(key)
                 return merger.encode_tensor(key, theta0, deltas, infos[key])
         elif merger.one_pass is not None:
-            produce = _one_pass_route(merger, ctx, sink, stack, floating, order)
+            produce = _one_pass_route(merger, ctx, sink, stack, floating)
         else:
             produce = _tensor_route(merger, ctx, sink, stack, floating, out_metas)
 
@@ -170,7 +181,7 @@ def _put_all(sink: Sink, order: list[str], metas: Mapping[str, TensorMeta], base
 
 
 def _one_pass_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextlib.ExitStack,
-                    floating: list[str], order: list[str]) -> Callable[[str], torch.Tensor]:
+                    floating: list[str]) -> Callable[[str], torch.Tensor]:
     """Each tensor merged as its inputs stream by (mapped, two tensors ahead); a sink that cannot patch what it was
     given gets every tensor after the amendments."""
     one_pass = merger.one_pass
@@ -226,10 +237,6 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
 def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     """Merge models that share no base: the first model is the reference for keys, shapes and output layout."""
     merger, models = plan.merger, dict(plan.tasks)
-    if plan.base is not None:
-        raise ValueError(f"Method {merger.config.method!r} merges models without a base: call merge(None, models, ...).")
-    if len(models) < 2:
-        raise ValueError(f"Method {merger.config.method!r} needs at least two models, got {len(models)}.")
     first, *_ = models.values()
     metas = validate_sources(first, dict(list(models.items())[1:]), dtype=options.dtype)
     infos = classify_sources(first, models, architecture=plan.architecture)

@@ -127,6 +127,7 @@ class DispatchedOutput:
         if "disk" in self.device_map.values():
             self.offload_folder = Path(offload_folder or tempfile.mkdtemp(prefix="hf_merge_offload_"))
             self.offload_folder.mkdir(parents=True, exist_ok=True)
+        self.owns_offload_folder = self.offload_folder is not None and offload_folder is None
 
     def place(self, name: str, tensor: torch.Tensor) -> None:
         """Put the merged ``tensor`` for parameter/buffer ``name`` where the device map says."""

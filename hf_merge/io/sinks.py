@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -180,17 +181,22 @@ class ModelSink(Sink):
 
 class DispatchedSink(ModelSink):
     """A model built empty and filled tensor by tensor onto the devices of an Accelerate device map (``"disk"``
-    entries offloaded), then dispatched; never materialised whole in CPU memory."""
+    entries offloaded), then dispatched; never materialised whole in CPU memory. Nothing is built before
+    :meth:`begin` (a run refused during validation leaves no offload folder behind)."""
 
     description = "a model placed by Accelerate (device_map=...)"
     unsupported_options = ("max_shard_size",)
 
     def __init__(self, template: torch.nn.Module, options: MergeOptions, device_map: Any) -> None:
+        self.template, self.options, self.device_map = template, options, device_map
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
         from ..placement import DispatchedOutput
 
-        self.output = DispatchedOutput(template, device_map, max_memory=options.max_memory,
-                                       offload_folder=options.offload_folder)
+        self.output = DispatchedOutput(self.template, self.device_map, max_memory=self.options.max_memory,
+                                       offload_folder=self.options.offload_folder)
         super().__init__(self.output.model)
+        return super().begin(metas, infos, read_ahead)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.output.place(self.memory_names.get(key, key), value)
@@ -198,6 +204,11 @@ class DispatchedSink(ModelSink):
     def finish(self, record: MergeRecord | None) -> torch.nn.Module:
         self.model = self.output.finish()
         return super().finish(record)
+
+    def abort(self, error: BaseException) -> None:
+        output = getattr(self, "output", None)
+        if output is not None and output.owns_offload_folder:  # a temporary folder of ours: nothing else is there
+            shutil.rmtree(output.offload_folder, ignore_errors=True)
 
 
 class TensorsSink(Sink):
