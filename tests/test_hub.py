@@ -217,7 +217,7 @@ def test_bad_card_arguments_are_rejected_by_name() -> None:
         build_model_card(hf_merge.TiesConfig(), {"base": None, "models": ["a", "b"]})
 
 
-def test_every_registered_built_in_method_has_a_card() -> None:
+def test_every_registered_method_has_card_text() -> None:
     from hf_merge.registry import MERGE_METHODS, _load_builtin_methods
 
     _load_builtin_methods()

@@ -7,7 +7,7 @@ fine-tuned states (T + 2 models).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +17,10 @@ from ..io.sinks import TensorsSink
 from ..io.sources import StateDictSource
 from ..methods.base import Merger
 from ..options import make_options
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
+    from ..params import ParamInfo
 
 
 def merge_round(
@@ -76,8 +80,8 @@ class _ScaledUpdate(Merger):
     def __init__(self, inner: Merger, alpha: float) -> None:
         self.inner, self.alpha, self.config = inner, alpha, inner.config
 
-    def prepare(self, ctx: Any) -> None:
+    def prepare(self, ctx: MergeContext) -> None:
         self.inner.prepare(ctx.nested())  # tensor by tensor: never the inner method's one-pass route
 
-    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: Any) -> torch.Tensor:
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         return self.inner.merge_tensor(key, base, deltas, info).mul_(self.alpha)
