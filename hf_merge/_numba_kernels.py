@@ -74,8 +74,8 @@ SEGMENT = 1024  # entries per inner loop; inner loops index per-segment views fr
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def ties_one_pass(base, tasks, out, offset, low, high, scaling, mean, counts, open_index, open_values, zero_index,
-                  zero_negative):
+def ties_one_pass(base, tasks, out, offset, low, high, scaling, mean, limit, counts, open_index, open_values,
+                  zero_index, zero_negative):
     """One block of one-pass TIES (see :class:`hf_merge.kernels.TiesOnePassKernel`); chunk c of ``counts`` gets
     [at-or-above per task, strictly-above per task, decided mass, #open, #zero-sum, #non-finite kept sums or results] and its
     open and zero-sum entries go to the buffers' slots from c·KERNEL_CHUNK on."""
@@ -144,12 +144,12 @@ def ties_one_pass(base, tasks, out, offset, low, high, scaling, mean, counts, op
             if mean:
                 for j in range(size):
                     result = theta0[j] + (agreed[j] * elected[j] / max(agreeing[j], one32)) * scaling
-                    bad += not (abs(result) < np.inf)  # a merge overflowing float32
+                    bad += not (abs(result) < limit)  # a merge overflowing float32 or the output dtype
                     store(out_part, j, result)
             else:
                 for j in range(size):
                     result = theta0[j] + (agreed[j] * elected[j]) * scaling
-                    bad += not (abs(result) < np.inf)
+                    bad += not (abs(result) < limit)
                     store(out_part, j, result)
             nonfinite += bad
             if found == 0:
@@ -210,10 +210,11 @@ def fused_multiply_add(typingctx, a, b, c):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def linear_combine(first, others, weights, out, nonfinite):
-    """out = w_0·x_0 + Σ_t w_t·x_t in float32, accumulated in input order with a fused multiply-add per term (the
-    torch route of ``MergeContext.combine``), cast to the output dtype; ``nonfinite[c]`` counts chunk c's
-    non-finite results."""
+def linear_combine(first, others, weights, out, limit, nonfinite):
+    """out = x_0 + Σ_t w_t·(x_t − x_0) in float32: the difference rounded to float32, then one fused multiply-add per
+    term, in input order (the torch route of ``MergeContext.combine``), cast to the output dtype;
+    ``nonfinite[c]`` counts chunk c's results that are not finite once cast (``|x| < limit`` is, see
+    :func:`hf_merge.kernels.finite_limit`)."""
     n = first.shape[0]
     for chunk in numba.prange(nonfinite.shape[0]):
         begin, end = chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)
@@ -221,14 +222,15 @@ def linear_combine(first, others, weights, out, nonfinite):
         bad = 0
         for start in range(begin, end, SEGMENT):
             size = min(SEGMENT, end - start)
-            part, out_part = first[start : start + size], out[start : start + size]
+            base, out_part = first[start : start + size], out[start : start + size]
             for j in range(size):
-                accumulator[j] = load(part, j) * weights[0]
+                accumulator[j] = load(base, j)
             for t in range(len(others)):
-                part, weight = others[t][start : start + size], weights[t + 1]
+                part, weight = others[t][start : start + size], weights[t]
                 for j in range(size):
-                    accumulator[j] = fused_multiply_add(load(part, j), weight, accumulator[j])
+                    difference = load(part, j) - load(base, j)
+                    accumulator[j] = fused_multiply_add(difference, weight, accumulator[j])
             for j in range(size):
-                bad += not (abs(accumulator[j]) < np.inf)
+                bad += not (abs(accumulator[j]) < limit)
                 store(out_part, j, accumulator[j])
         nonfinite[chunk] = bad

@@ -11,7 +11,6 @@ Unsupported PEFT features raise with the feature named: DoRA, ``lora_bias``, tra
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .config import load_json
 from .errors import MergeError
 from .io.deltas import LowRankSource
 from .io.sources import TensorSource
@@ -76,6 +76,13 @@ class LoraAdapter:
         for module, parts in self.factors_raw.items():
             if set(parts) != {"A", "B"}:
                 raise ValueError(f"{label}: module {module!r} has lora_{'A' if 'A' in parts else 'B'} only.")
+            rank = _pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8))
+            if parts["A"].shape[0] != rank or parts["B"].shape[1] != rank:
+                raise ValueError(
+                    f"{label}: module {module!r} has rank {parts['A'].shape[0]} (lora_A) / {parts['B'].shape[1]} "
+                    f"(lora_B) factors, but its adapter_config gives r={rank}: the scaling α/r would be wrong "
+                    "(PEFT refuses this adapter too)."
+                )
 
     def _check_supported(self) -> None:
         peft_type = str(self.config.get("peft_type", "LORA")).upper()
@@ -92,7 +99,9 @@ class LoraAdapter:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, label: str = "adapter", *, allow_pickle: bool = False) -> LoraAdapter:
         folder = Path(folder)
-        config = json.loads((folder / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+        config = load_json(folder / ADAPTER_CONFIG_NAME)
+        if not isinstance(config, dict):
+            raise ValueError(f"{folder / ADAPTER_CONFIG_NAME}: expected a JSON object.")
         if (folder / ADAPTER_WEIGHTS_NAME).is_file():
             from safetensors.torch import load_file
 

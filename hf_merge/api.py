@@ -85,9 +85,10 @@ def merge(
             raise ValueError("into= receives merged weights; output='lora' builds an adapter.")
         if base_source is None:
             raise ValueError(f"output='lora' merges LoRA adapters onto their base: give base (method {config.method!r}).")
-        sink: Sink = AdapterSink(base_source, tasks, rank=rank, energy=energy, output_dir=output_dir)
+        sink: Sink = AdapterSink(base_source, tasks, options, rank=rank, energy=energy, output_dir=output_dir,
+                                 inputs=record.input_folders())
     else:
-        sink = output_sink(layout_source, options, output_dir=output_dir, into=into)
+        sink = output_sink(layout_source, options, output_dir=output_dir, into=into, inputs=record.input_folders())
     return run(plan, sink, options)
 
 
@@ -130,7 +131,8 @@ def compress(
         raise ValueError("config.task selects one task for merge(); compress stores every task, so leave it None.")
     base_source = open_base(base, allow_pickle=options.allow_pickle)
     tasks = open_tasks(finetuned, allow_pickle=options.allow_pickle)
-    sink = BankSink(compressor, base_source, list(tasks), output_dir=output_dir, max_shard_size=options.max_shard_size)
+    inputs = MergeRecord(config, describe_inputs(base_source, tasks)).input_folders()
+    sink = BankSink(compressor, base_source, list(tasks), options, output_dir=output_dir, inputs=inputs)
     return run(Plan(base_source, tasks, compressor), sink, options)
 
 
@@ -171,8 +173,8 @@ def merge_adapters(
         name: LoraSource(LoraAdapter.from_peft_model(model, name, f"adapter {name!r}")) for name in adapter_names
     }
     record = MergeRecord(config, describe_inputs(base, tasks), artifact="adapter")
-    merged = run(Plan(base, tasks, get_merger(config), record), AdapterSink(base, tasks, rank=rank, energy=energy),
-                 options)
+    merged = run(Plan(base, tasks, get_merger(config), record), AdapterSink(base, tasks, options, rank=rank,
+                                                                            energy=energy), options)
     with tempfile.TemporaryDirectory() as tmp:
         merged.save_pretrained(Path(tmp) / "adapter")
         model.load_adapter(str(Path(tmp) / "adapter"), adapter_name=adapter_name)

@@ -8,25 +8,37 @@ which ``bank.load_task(name)`` rebuilds each task's model.
 On disk (written atomically)::
 
     bank_dir/
-      task_bank.json              manifest: method config, task names, base reference, base tensor shapes/dtypes
-      payload/model*.safetensors  the compressed tensors, named "<tensor>::<part>" (e.g. "...q_proj.weight::U.3")
+      task_bank.json              manifest: method config, task names, base reference, base tensor shapes/dtypes and
+                                  a fingerprint of the base's data
+      payload/model*.safetensors  the compressed tensors, named "<tensor>::<part>" (e.g. "...q_proj.weight::U.3"); the
+                                  task names, in the order of the parts' indices, are in each file's metadata
       base/                       the base checkpoint, only when the base was not given as a folder (else its path)
+
+Integrity: :meth:`TaskBank.from_pretrained` refuses a bank whose base changed since it was written (shapes, dtypes
+and the fingerprint of sampled bytes of every tensor), whose manifest lists the tasks in another order than its
+payload, and a payload value that is not finite when a task is rebuilt. It reads the payload lazily, tensor by
+tensor: keep the folder until the bank is no longer used (a removed file is named in the error).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import load_json
+from .errors import MergeError
 from .io.deltas import DeltaSource
-from .io.publish import publish_folder
+from .io.publish import check_output_dir, publish_folder
 from .io.sinks import Sink
 from .io.sources import FolderSource, StateDictSource, TensorSource
 from .io.writer import ShardWriter, plan_shards, write_safetensors_shards
@@ -36,11 +48,14 @@ from .tensors import SAFETENSORS_DTYPES, TensorMeta
 
 if TYPE_CHECKING:
     from .config import MergeConfig
+    from .options import MergeOptions
     from .params import ParamInfo
 
 BANK_MANIFEST = "task_bank.json"
 BANK_FORMAT = "hf_merge.task_bank"
-BANK_VERSION = 1
+BANK_VERSION = 2
+_TASKS_METADATA = "hf_merge_tasks"
+_FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK = 16, 256
 PAYLOAD_DIR = "payload"
 BASE_DIR = "base"
 _SEPARATOR = "::"
@@ -110,17 +125,22 @@ class TaskBank:
         index = self._task_index(name)
         if key not in self.metas or not self.metas[key].dtype.is_floating_point:
             raise KeyError(f"The bank has no floating-point tensor {key!r}.")
-        return self._compressor.decode_tensor(
+        delta = self._compressor.decode_tensor(
             key, index, lambda part: self.payload.get(f"{key}{_SEPARATOR}{part}"),
             self.metas[key], self.infos[key],
         )
+        if not torch.isfinite(delta).all():
+            raise MergeError(f"{self.payload.label}: the stored parts of {key!r} rebuild task {name!r} with NaN or Inf "
+                             "values (a corrupt payload).")
+        return delta
 
     def _task_index(self, name: str) -> int:
         if name not in self._tasks:
             raise KeyError(f"Unknown task {name!r}; the bank holds {self._tasks}.")
         return self._tasks.index(name)
 
-    def load_task(self, name: str, *, output_dir: str | os.PathLike | None = None, progress: bool = False) -> Any:
+    def load_task(self, name: str, *, output_dir: str | os.PathLike | None = None, progress: bool = False,
+                  overwrite: bool = False) -> Any:
         """Rebuild task ``name``: θ₀ + τ̂_name, cast to the base's dtypes.
 
         Returns a new model of the base's class for a model base (or a folder base with a ``config.json``), a state
@@ -132,10 +152,15 @@ class TaskBank:
         from .options import make_options
 
         self._task_index(name)
-        options = make_options(progress=progress)
+        options = make_options(progress=progress, overwrite=overwrite)
         plan = Plan(self.base, {name: _BankTask(self, name)}, TaskArithmeticMerger(TaskArithmeticConfig(scaling=1.0)),
                     record=MergeRecord(self.config, {"task_bank_task": name}))
-        return run(plan, output_sink(self.base, options, output_dir=output_dir), options)
+        return run(plan, output_sink(self.base, options, output_dir=output_dir, inputs=self.folders()), options)
+
+    def folders(self) -> list[Path]:
+        """The folders this bank reads: its base's and, for a bank opened from disk, its own (outputs may not touch
+        them)."""
+        return [folder for folder in (self.base.folder, self.payload.folder) if folder is not None]
 
     # ------------------------------------------------------------------ size
     def payload_nbytes(self) -> int:
@@ -150,12 +175,15 @@ class TaskBank:
         return stored / (len(self._tasks) * self.base_nbytes())
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> str:
-        """Write the bank into ``save_directory`` atomically (see the module docstring for the layout)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                        overwrite: bool = False) -> str:
+        """Write the bank into ``save_directory`` atomically (see the module docstring for the layout, and
+        :mod:`hf_merge.io.publish` for the rules of an existing folder and ``overwrite``)."""
         target = Path(save_directory).absolute()
-        with publish_folder(target) as tmp:
+        with publish_folder(target, self.folders(), overwrite=overwrite) as tmp:
             (tmp / PAYLOAD_DIR).mkdir()
-            write_safetensors_shards(tmp / PAYLOAD_DIR, self.layout, self.payload.get, max_shard_size=max_shard_size)
+            write_safetensors_shards(tmp / PAYLOAD_DIR, self.layout, self.payload.get, max_shard_size=max_shard_size,
+                                     metadata=_tasks_metadata(self._tasks))
             _finish_bank(tmp, self.config, self._tasks, self.base, self.metas, embed_base=self._base_embedded,
                          max_shard_size=max_shard_size)
         return str(target)
@@ -184,21 +212,26 @@ class TaskBank:
         manifest_path = folder / BANK_MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"No {BANK_MANIFEST} in {folder}: not a task bank folder.")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("format") != BANK_FORMAT or manifest.get("version") != BANK_VERSION:
-            raise ValueError(
-                f"{manifest_path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-                f"expected {BANK_FORMAT!r} version {BANK_VERSION}."
-            )
-        config = MergeConfig.from_dict(manifest["config"])
-        embedded = bool(manifest["base"]["embedded"])
-        base_path = folder / BASE_DIR if embedded else Path(manifest["base"]["path"])
+        manifest = load_json(manifest_path)
+        if not isinstance(manifest, dict) or manifest.get("format") != BANK_FORMAT or manifest.get("version") not in (
+                1, BANK_VERSION):
+            found = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+            raise ValueError(f"{manifest_path} has format {found[0]!r} version {found[1]!r}; expected "
+                             f"{BANK_FORMAT!r} version {BANK_VERSION}.")
+        try:
+            config = MergeConfig.from_dict(manifest["config"])
+            tasks, base_entry = list(manifest["tasks"]), manifest["base"]
+            embedded = bool(base_entry["embedded"])
+            base_path = folder / BASE_DIR if embedded else Path(base_entry["path"])
+            tensors = dict(base_entry["tensors"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{manifest_path}: a malformed task-bank manifest ({type(error).__name__}: {error}).") from None
         if not base_path.exists():
             raise FileNotFoundError(
                 f"The bank's base checkpoint {base_path} does not exist (the bank stores only its path)."
             )
         base = FolderSource(base_path, "task bank base")
-        for key, entry in manifest["base"]["tensors"].items():
+        for key, entry in tensors.items():
             if not base.has(key):
                 raise ValueError(f"The bank's base {base_path} has no tensor {key!r}; was it changed since compress?")
             meta = base.meta(key)
@@ -208,7 +241,19 @@ class TaskBank:
                     f"for {tuple(entry['shape'])} {entry['dtype']}."
                 )
         payload = FolderSource(folder / PAYLOAD_DIR, "task bank payload")
-        return cls(config, manifest["tasks"], base, payload, base_embedded=embedded)
+        if manifest["version"] == 1:
+            warnings.warn(f"{manifest_path}: a version-1 task bank carries no integrity data (base fingerprint, task "
+                          "names with the payload); save it again to add them.", stacklevel=2)
+        else:
+            if base_fingerprint(base) != base_entry.get("fingerprint"):
+                raise ValueError(f"The bank's base {base_path} changed since the bank was written (its data no longer "
+                                 "matches the fingerprint in task_bank.json): rebuilding tasks on it would be wrong.")
+            for name, metadata in payload.file_metadata().items():
+                stored = json.loads(metadata.get(_TASKS_METADATA, "null"))
+                if stored != tasks:
+                    raise ValueError(f"{manifest_path} lists the tasks {tasks}, but the payload {name} holds {stored}: "
+                                     "the manifest was edited; restore the task order or compress again.")
+        return cls(config, tasks, base, payload, base_embedded=embedded)
 
 
 def _payload_layout(
@@ -255,10 +300,32 @@ def _finish_bank(
             "embedded": embed_base,
             "path": base_path,
             "tensors": {k: {"shape": list(m.shape), "dtype": _DTYPE_TO_NAME[m.dtype]} for k, m in metas.items()},
+            "fingerprint": base_fingerprint(base),
         },
     }
     (folder / BANK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     MergeRecord(config, {"base": base.origin, "models": dict.fromkeys(tasks)}, artifact="task_bank").write_to(folder)
+
+
+def base_fingerprint(base: TensorSource) -> str:
+    """A hash of every base tensor's name, shape, dtype and :data:`_FINGERPRINT_BLOCKS` evenly spaced blocks of its
+    data: changes when the base is replaced or modified (e.g. fine-tuned), without reading the whole checkpoint."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(base.keys()):  # sorted: a folder lists tensors in file order, a model in module order
+        meta = base.meta(key)
+        numel = math.prod(meta.shape)
+        step = max(numel // _FINGERPRINT_BLOCKS, 1)
+        starts = list(range(0, numel, step))[:_FINGERPRINT_BLOCKS]
+        digest.update(f"{key}\x00{meta.shape}\x00{meta.dtype}\x00".encode())
+        if numel:
+            blocks = base.read_blocks(key, starts, min(_FINGERPRINT_BLOCK, numel)).contiguous()
+            digest.update(blocks.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tasks_metadata(tasks: Sequence[str]) -> dict[str, str]:
+    """Safetensors metadata binding a payload to its task names, in the order of the parts' task indices."""
+    return {_TASKS_METADATA: json.dumps(list(tasks))}
 
 
 class _BankTask(DeltaSource):
@@ -281,11 +348,16 @@ class BankSink(Sink):
     unsupported_options = ("device_map", "max_memory", "offload_folder", "dtype")
     takes_encoded = True
 
-    def __init__(self, compressor: TaskCompressor, base: TensorSource, tasks: Sequence[str], *,
-                 output_dir: str | os.PathLike | None = None, max_shard_size: int | str | None = None) -> None:
+    def __init__(self, compressor: TaskCompressor, base: TensorSource, tasks: Sequence[str], options: MergeOptions, *,
+                 output_dir: str | os.PathLike | None = None, inputs: Sequence[Path] = ()) -> None:
         self.compressor, self.base, self.tasks = compressor, base, list(tasks)
         self.output_dir = Path(output_dir).absolute() if output_dir is not None else None
-        self.max_shard_size = max_shard_size or "5GB"
+        if self.output_dir is not None:
+            check_output_dir(self.output_dir, inputs, overwrite=options.overwrite)  # before any work
+        elif options.overwrite:
+            options.reject(("overwrite",), f"The output, {self.description} held in memory (no output_dir),")
+        self.inputs, self.overwrite = list(inputs), options.overwrite
+        self.max_shard_size = options.max_shard_size or "5GB"
         self.embed_base = base.folder is None or base.model is not None
         self._stack = contextlib.ExitStack()
         self.pending: dict[str, torch.Tensor] = {}
@@ -295,8 +367,9 @@ class BankSink(Sink):
         self.layout = _payload_layout(self.compressor, metas, infos, len(self.tasks))
         if self.output_dir is None:
             return [k for k, m in metas.items() if m.dtype.is_floating_point]
-        self.plan = plan_shards(self.layout, max_shard_size=self.max_shard_size)
-        self.staging = self._stack.enter_context(publish_folder(self.output_dir))
+        self.plan = plan_shards(self.layout, max_shard_size=self.max_shard_size, metadata=_tasks_metadata(self.tasks))
+        self.staging = self._stack.enter_context(publish_folder(self.output_dir, self.inputs,
+                                                                overwrite=self.overwrite))
         (self.staging / PAYLOAD_DIR).mkdir()
         self.writer = ShardWriter(self.staging / PAYLOAD_DIR, self.plan)
         self.names = iter(self.plan.order)

@@ -36,13 +36,22 @@ def load_merge_spec(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Merge config {path} does not exist.")
-    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{at}: {problem}.") from None
     valid = _yaml_keys()
     if not isinstance(spec, Mapping):
         raise ValueError(f"{path}: expected a mapping with keys {sorted(valid)}.")
     unknown = sorted(set(spec) - valid)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(valid)}.")
+        from .config import did_you_mean
+
+        raise ValueError(f"{path}: unknown key(s) {unknown}{did_you_mean(unknown, valid)}; valid keys are "
+                         f"{sorted(valid)}.")
     for key in ("method", "models", "output"):
         if key not in spec:
             raise ValueError(f"{path}: missing required key {key!r}.")
@@ -83,8 +92,8 @@ def _merge_command(args: argparse.Namespace) -> int:
 
     spec = load_merge_spec(args.config)
     config = MergeConfig.from_dict({"method": spec["method"], **spec["parameters"]})
-    output = merge(spec["base"], spec["models"], config, output_dir=spec["output"], progress=not args.quiet,
-                   **spec["options"])
+    options = {**spec["options"], **({"overwrite": True} if args.overwrite else {})}
+    output = merge(spec["base"], spec["models"], config, output_dir=spec["output"], progress=not args.quiet, **options)
     if not args.quiet:
         print(f"Merged {len(spec['models'])} model(s) with {config.method} into {output}")
     return 0
@@ -115,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser = commands.add_parser("merge", help="run the merge described by a YAML file")
     merge_parser.add_argument("config", help="YAML file with method, base, models, parameters, output")
     merge_parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    merge_parser.add_argument("--overwrite", action="store_true",
+                              help="write into an existing folder hf-merge did not write (your files are kept)")
     merge_parser.set_defaults(func=_merge_command)
     methods_parser = commands.add_parser("methods", help="list merge methods and their defaults")
     methods_parser.set_defaults(func=_methods_command)
@@ -129,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-        print(f"hf-merge: error: {error}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, OSError) as error:  # user errors: one line, exit code 2
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        print(f"hf-merge: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

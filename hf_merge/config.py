@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 CONFIG_NAME = "merge_config.json"
@@ -45,11 +46,36 @@ class SearchSpace:
         check_choice("kind", self.kind, COEFFICIENT_KINDS)
 
 
-class SerializableConfig:
+class _BuiltOnce(type):
+    """Marks every instance as built once its ``__init__`` (and ``__post_init__``) returned: from then on it is
+    immutable."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        instance = super().__call__(*args, **kwargs)
+        object.__setattr__(instance, "_built", True)
+        return instance
+
+
+class SerializableConfig(metaclass=_BuiltOnce):
     """``to_dict``/``from_dict``, ``save_pretrained``/``from_pretrained`` and ``replace`` for config dataclasses;
-    nested configs become nested dicts. Subclasses name their file in ``config_file_name``."""
+    nested configs become nested dicts. Subclasses name their file in ``config_file_name``.
+
+    Every value is checked when it is set: a NaN or ±inf anywhere in a field is refused, naming the field. A built
+    config is immutable (:meth:`replace` makes a validated copy), so what was validated is what runs.
+    """
 
     config_file_name: ClassVar[str] = CONFIG_NAME
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_built", False):
+            raise dataclasses.FrozenInstanceError(
+                f"{type(self).__name__} is immutable once built; use config.replace({name}=...) for a changed copy."
+            )
+        _check_finite(name, value)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"{type(self).__name__} is immutable; cannot delete {name!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-serialisable dict; nested configs become nested dicts."""
@@ -57,11 +83,13 @@ class SerializableConfig:
 
     @staticmethod
     def _check_keys(target: type, data: Mapping[str, Any], unknown_message: str) -> None:
-        """Raise ``unknown_message`` (formatted with ``unknown``) and the valid names for keys ``target`` lacks."""
+        """Raise ``unknown_message`` (formatted with ``unknown``), a "did you mean" and the valid names for keys
+        ``target`` lacks."""
         names = {f.name for f in dataclasses.fields(target) if f.init}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{unknown_message.format(unknown=unknown)}; valid parameters: {sorted(names)}.")
+            raise ValueError(f"{unknown_message.format(unknown=unknown)}{did_you_mean(unknown, names)}; "
+                             f"valid parameters: {sorted(names)}.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Any:
@@ -126,6 +154,16 @@ class MergeConfig(SerializableConfig):
         return next(f.default for f in dataclasses.fields(cls) if f.name == "method")
 
 
+def did_you_mean(unknown: list[str] | str, known: Iterable[str]) -> str:
+    """`` (did you mean 'ties'?)`` for the closest known name of each unknown one, or ``""``."""
+    import difflib
+
+    known = list(known)
+    guesses = [match for name in ([unknown] if isinstance(unknown, str) else unknown)
+               for match in difflib.get_close_matches(name, known, n=1, cutoff=0.6)]
+    return f" (did you mean {', '.join(repr(g) for g in dict.fromkeys(guesses))}?)" if guesses else ""
+
+
 def write_json(directory: str | os.PathLike, filename: str, data: Mapping[str, Any]) -> str:
     """Write ``data`` as ``directory/filename`` (folder created if needed); return the file path."""
     os.makedirs(directory, exist_ok=True)
@@ -143,8 +181,22 @@ def read_json(directory: str | os.PathLike, filename: str) -> dict[str, Any]:
         path = os.path.join(path, filename)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {filename} found at {path!r}.")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """The JSON content of ``path``; a malformed file raises ``ValueError`` naming it, the line and the column."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)}: malformed JSON at line {error.lineno}, column {error.colno} "
+                         f"({error.msg}).") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{os.fspath(path)}: not a UTF-8 JSON file.") from None
 
 
 def _to_plain(value: Any) -> Any:
@@ -166,8 +218,7 @@ def _from_plain(value: Any) -> Any:
 # ----------------------------------------------------------------------- validation helpers
 def check_fraction(name: str, value: float, *, low_open: bool = False, high_open: bool = False) -> None:
     """Raise unless ``value`` lies in [0, 1] (with optionally open ends)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
+    check_number(name, value)
     too_low = value <= 0 if low_open else value < 0
     too_high = value >= 1 if high_open else value > 1
     if too_low or too_high:
@@ -176,8 +227,22 @@ def check_fraction(name: str, value: float, *, low_open: bool = False, high_open
 
 
 def check_number(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a finite real number (not a bool)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}.")
+    _check_finite(name, value)
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """Raise naming ``name`` for a NaN or ±inf anywhere in ``value`` (numbers, and inside lists and mappings)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_finite(f"{name}[{key!r}]", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_finite(f"{name}[{index}]", item)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

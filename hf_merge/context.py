@@ -17,7 +17,7 @@ from .io.prefetch import Prefetcher
 from .io.sources import TensorSource
 from .kernels import fused_linear_combine
 from .params import ParamInfo
-from .tensors import TensorMeta, numpy_view
+from .tensors import TensorMeta, check_output_finite, numpy_view
 from .tuning import TUNING
 
 
@@ -109,20 +109,23 @@ class MergeContext:
 
     def combine(self, key: str, coefficients: Sequence[float], dtype: torch.dtype,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """θ₀ + Σ_t c_t τ_t of ``key`` as (1 − Σc)·θ₀ + Σ_t c_t θ_t in ``dtype``, on the CPU (into ``out`` if given).
+        """θ₀ + Σ_t c_t (θ_t − θ₀) of ``key`` in ``dtype``, on the CPU (into ``out`` if given): each difference rounded
+        to float32, then one fused multiply-add per task, in input order.
 
-        On a CPU compute device the inputs stream in pieces of :attr:`~hf_merge.tuning.Tuning.combine_chunk` elements through one float32
-        accumulator that stays in cache, so each input is read once and the output written once (no full-size
-        float32 temporaries). A non-finite piece is traced to the input that holds it.
+        On a CPU compute device the inputs stream in pieces of :attr:`~hf_merge.tuning.Tuning.combine_chunk` elements
+        through one float32 accumulator that stays in cache, so each input is read once and the output written once
+        (no full-size float32 temporaries); the compiled kernel (:func:`hf_merge.kernels.fused_linear_combine`) gives
+        the same bits. A non-finite piece is traced to the input that holds it.
         """
-        weights = [1.0 - sum(coefficients), *coefficients]
         sources = [self.base, *self.tasks.values()]
         if self.device.type != "cpu":
-            total = sources[0].get(key).to(self.device, torch.float32) * weights[0]
-            for source, weight in zip(sources[1:], weights[1:]):
-                total.add_(source.get(key).to(self.device), alpha=weight)
+            base = sources[0].get(key).to(self.device, torch.float32)
+            total = base.clone()
+            for source, weight in zip(sources[1:], coefficients):
+                total.add_(source.get(key).to(self.device, torch.float32) - base, alpha=weight)
             self.check_finite(total, sources, key)
-            return total.to("cpu", dtype) if out is None else out.copy_(total)
+            result = total.to("cpu", dtype) if out is None else out.copy_(total)
+            return check_output_finite(key, result)
         if out is None:
             out = torch.empty(self.metas[key].shape, dtype=dtype)
         flat_out = out.view(-1)
@@ -130,19 +133,22 @@ class MergeContext:
         if fused is not None:
             # one fused compiled loop, reading checkpoint tensors through a mapping: the same bits as below
             arrays = [source.flat_array(key) for source in sources]
-            if not fused(arrays, weights, numpy_view(flat_out)):
-                self.check_finite(out.float(), sources, key)
-            return out
-        accumulator = torch.empty(min(flat_out.numel(), TUNING.combine_chunk), dtype=torch.float32)
+            if fused(arrays, list(coefficients), numpy_view(flat_out)):
+                return out
+            # a non-finite result: the torch route below names the input holding NaN/Inf, or the overflow
+        size = min(flat_out.numel(), TUNING.combine_chunk)
+        accumulator, base_buffer, difference_buffer = (torch.empty(size, dtype=torch.float32) for _ in range(3))
         start = 0
         for pieces in zip(*(source.iter_chunks(key, TUNING.combine_chunk) for source in sources)):
-            acc = accumulator[: pieces[0].numel()]
-            acc.copy_(pieces[0]).mul_(weights[0])
-            for piece, weight in zip(pieces[1:], weights[1:]):
-                acc.add_(piece.to("cpu"), alpha=weight)
+            n = pieces[0].numel()
+            acc, base, difference = accumulator[:n], base_buffer[:n], difference_buffer[:n]
+            base.copy_(pieces[0])
+            acc.copy_(base)
+            for piece, weight in zip(pieces[1:], coefficients):
+                acc.add_(torch.sub(difference.copy_(piece), base, out=difference), alpha=weight)
             self.check_finite(acc, sources, key, pieces)
-            flat_out[start : start + acc.numel()].copy_(acc)
-            start += acc.numel()
+            check_output_finite(key, flat_out[start : start + n].copy_(acc), acc)
+            start += n
         return out
 
     @staticmethod

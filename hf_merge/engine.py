@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from .options import MergeOptions
 from .params import classify_parameters
 from .placement import release_freed_memory
 from .record import MergeRecord
-from .tensors import TensorMeta
+from .tensors import Amendment, TensorMeta, check_output_finite
 from .tuning import TUNING
 
 
@@ -165,7 +165,7 @@ def _stream(plan: Plan, ctx: MergeContext, sink: Sink, options: MergeOptions) ->
 
         _put_all(sink, order, metas, base, produce, release, options, f"merging ({method})")
         if merger.one_pass is not None and sink.amends_in_place:
-            sink.amend(merger.one_pass.amendments())
+            sink.amend(_checked(merger.one_pass.amendments()))
 
 
 def _put_all(sink: Sink, order: list[str], metas: Mapping[str, TensorMeta], base: TensorSource,
@@ -198,9 +198,15 @@ def _one_pass_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contex
 
     held = {key: merge_one(key) for key in tqdm(floating, desc=f"merging ({merger.config.method})", unit="tensor",
                                                   leave=False, disable=not ctx.progress)}
-    for key, index, values in one_pass.amendments():
+    for key, index, values in _checked(one_pass.amendments()):
         held[key].view(-1)[slice(None) if index is None else index] = values.view(-1)
     return held.pop
+
+
+def _checked(amendments: Iterable[Amendment]) -> Iterator[Amendment]:
+    """The amendments, each checked finite in the output dtype."""
+    for key, index, values in amendments:
+        yield key, index, check_output_finite(key, values)
 
 
 def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextlib.ExitStack, floating: list[str],
@@ -228,8 +234,8 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
 
     def merge_one(key: str) -> torch.Tensor:
         theta0, deltas = prefetcher.get(key)
-        merged_delta = merger.merge_tensor(key, theta0, deltas, ctx.infos[key])
-        return (theta0 + merged_delta).to("cpu", out_metas[key].dtype)
+        merged = theta0 + merger.merge_tensor(key, theta0, deltas, ctx.infos[key])
+        return check_output_finite(key, merged.to("cpu", out_metas[key].dtype), merged)
 
     return merge_one
 
@@ -245,7 +251,8 @@ def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     try:
         merged = merger.merge_models(ctx)
         order = sink.begin(out_metas, infos, 0)
-        _put_all(sink, order, metas, first, lambda key: merged[key].to("cpu", out_metas[key].dtype),
+        _put_all(sink, order, metas, first,
+                 lambda key: check_output_finite(key, merged[key].to("cpu", out_metas[key].dtype), merged[key]),
                  _MemoryRelease(metas, len(models)), options, f"merging ({merger.config.method})")
     except BaseException as error:
         sink.abort(error)

@@ -25,7 +25,7 @@ import torch
 #: One parallel kernel at a time: numba's fallback threading layer (workqueue) is not thread-safe.
 _LAUNCH_LOCK = threading.Lock()
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
-#: ``(flat input arrays, weights, flat output array) -> whether every result is finite``.
+#: ``(flat input arrays [base, tasks...], one weight per task, flat output array) -> whether every result is finite``.
 LinearCombine = Callable[[Sequence[np.ndarray], Sequence[float], np.ndarray], bool]
 
 
@@ -68,17 +68,26 @@ def fused_ties_one_pass(num_tasks: int, low: Sequence[float], high: Sequence[flo
 
 
 def _linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> bool:
-    """out = Σ_i w_i·x_i over flat kernel arrays (x_0 any kernel dtype, the others one dtype), accumulated in float32
-    in input order with one fused multiply-add per term: the bits of torch's ``acc.mul_(w_0)`` then
-    ``acc.add_(x_i, alpha=w_i)``. Returns whether every result is finite."""
+    """out = x_0 + Σ_t w_t·(x_t − x_0) over flat kernel arrays (x_0 any kernel dtype, the others one dtype; one weight
+    per x_t), accumulated in float32 in input order, the difference rounded to float32 and then one fused
+    multiply-add per term: the bits of torch's ``acc.add_(x_t − x_0, alpha=w_t)``. Returns whether every result is
+    finite."""
     from ._numba_kernels import KERNEL_CHUNK
     from ._numba_kernels import linear_combine as kernel
 
     nonfinite = np.zeros(-(-out.shape[0] // KERNEL_CHUNK), dtype=np.int64)
     with _LAUNCH_LOCK:
         kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.asarray(weights, dtype=np.float32),
-               out, nonfinite)
+               out, finite_limit(out), nonfinite)
     return not nonfinite.any()
+
+
+def finite_limit(out: np.ndarray) -> np.float32:
+    """The bound below which a float32 |x| stays finite once stored in ``out``'s dtype: ∞ for float32; for bfloat16
+    (uint16 bits) the midpoint between its largest finite value and ∞ (0x7F7F8000), which rounds to ∞ (to even)."""
+    if out.dtype == np.uint16:
+        return np.array([0x7F7F8000], dtype=np.uint32).view(np.float32)[0]
+    return np.float32(np.inf)
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -145,8 +154,8 @@ class TiesOnePassKernel:
         zero_negative = self.zero_negative[out.dtype]
         with _LAUNCH_LOCK:
             ties_one_pass(_read_only(base), tuple(_read_only(a) for a in tasks), out, offset, self.low, self.high,
-                          self.scaling, self.mean, counts, self.open_index, self.open_values, self.zero_index,
-                          zero_negative)
+                          self.scaling, self.mean, finite_limit(out), counts, self.open_index, self.open_values,
+                          self.zero_index, zero_negative)
         num_tasks = len(tasks)
         if counts[:, 2 * num_tasks + 3].any():
             return None

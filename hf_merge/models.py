@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
+from .config import load_json
+from .io.publish import MARKER
 from .io.sources import SAFE_WEIGHTS_INDEX_NAME, TensorSource
 
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
-_SKIPPED_FILES = {SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin.index.json", "merge_config.json", "README.md"}
+_SKIPPED_FILES = {SAFE_WEIGHTS_INDEX_NAME, "pytorch_model.bin.index.json", "merge_config.json", "README.md", MARKER}
 
 
 def architecture_class(folder: Path) -> tuple[Any, type | None]:
@@ -76,7 +78,7 @@ def copy_side_files(base: TensorSource, destination: Path, dtype: torch.dtype | 
                 shutil.copy2(item, destination / item.name)
         config_file = destination / "config.json"
         if dtype is not None and config_file.is_file():
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            config = load_json(config_file)
             for key in ("dtype", "torch_dtype"):
                 if key in config:
                     config[key] = str(dtype).removeprefix("torch.")

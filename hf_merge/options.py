@@ -52,6 +52,8 @@ class MergeOptions:
             it bounds where the *result* goes, not the merge's working set.
         offload_folder: where ``"disk"`` entries of the device map go.
         max_shard_size: shard size of a written checkpoint (``None``: 5GB, the Hub's default).
+        overwrite: write into an existing folder this package did not write (the user's files in it are kept;
+            see :mod:`hf_merge.io.publish`).
     """
 
     device: torch.device | None = None
@@ -63,6 +65,7 @@ class MergeOptions:
     max_memory: Mapping[Any, int | str] | None = None
     offload_folder: str | os.PathLike | None = None
     max_shard_size: int | str | None = None
+    overwrite: bool = False
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than their default, by name."""
@@ -92,6 +95,7 @@ def make_options(
     max_memory: int | str | Mapping[Any, int | str] | None = None,
     offload_folder: str | os.PathLike | None = None,
     max_shard_size: int | str | None = None,
+    overwrite: bool = False,
 ) -> MergeOptions:
     """The one way to build :class:`MergeOptions` from user keywords.
 
@@ -101,6 +105,9 @@ def make_options(
     if device is not None and compute_device is not None and torch.device(device) != torch.device(compute_device):
         raise ValueError(f"device={device!r} and compute_device={compute_device!r} disagree; give one.")
     device = device if device is not None else compute_device
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but no CUDA device is available (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda is not None}); use device='cpu'.")
     if isinstance(max_memory, Mapping):
         placement_budget = dict(max_memory)
         for size in placement_budget.values():
@@ -113,8 +120,9 @@ def make_options(
             memory_budget = max_memory
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {progress!r}.")
-    if not isinstance(allow_pickle, bool):
-        raise TypeError(f"allow_pickle must be a bool, got {allow_pickle!r}.")
+    for name, flag in (("allow_pickle", allow_pickle), ("overwrite", overwrite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}.")
     if max_shard_size is not None:
         parse_size(max_shard_size)
     return MergeOptions(
@@ -127,12 +135,13 @@ def make_options(
         max_memory=placement_budget,
         offload_folder=offload_folder,
         max_shard_size=max_shard_size,
+        overwrite=overwrite,
     )
 
 
 #: The keywords :func:`make_options` takes (every front door accepts these).
 OPTION_KEYWORDS = ("device", "compute_device", "dtype", "progress", "allow_pickle", "memory_budget", "device_map",
-                   "max_memory", "offload_folder", "max_shard_size")
+                   "max_memory", "offload_folder", "max_shard_size", "overwrite")
 
 
 def split_options(keywords: dict[str, Any], **defaults: Any) -> MergeOptions:

@@ -4,6 +4,7 @@ record attached to an in-memory model (whose ``save_pretrained``/``push_to_hub``
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ class MergeRecord:
     config: MergeConfig
     inputs: Mapping[str, Any]
     artifact: str = "model"
+
+    def input_folders(self) -> list[Path]:
+        """The local folders the merge read (its inputs' origins that are folders): an output may not touch them."""
+        origins = [self.inputs.get("base"), *dict(self.inputs.get("models") or {}).values()]
+        return [Path(origin) for origin in origins if isinstance(origin, str) and os.path.isdir(origin)]
 
     def write_to(self, folder: Path, **card_options: Any) -> None:
         """Write ``merge_config.json`` (a task bank keeps its config in its manifest) and the model card

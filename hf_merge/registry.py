@@ -32,7 +32,10 @@ def config_class(method: str) -> type[MergeConfig]:
     try:
         return MERGE_METHODS[method][0]
     except KeyError:
-        raise ValueError(f"Unknown merge method {method!r}; available: {sorted(MERGE_METHODS)}.") from None
+        from .config import did_you_mean
+
+        raise ValueError(f"Unknown merge method {method!r}{did_you_mean(method, MERGE_METHODS)}; "
+                         f"available: {sorted(MERGE_METHODS)}.") from None
 
 
 def make_config(config: MergeConfig | str, **overrides: Any) -> MergeConfig:
@@ -40,10 +43,16 @@ def make_config(config: MergeConfig | str, **overrides: Any) -> MergeConfig:
     from .config import MergeConfig
 
     if isinstance(config, str):
-        return config_class(config)(**overrides)
-    if isinstance(config, MergeConfig):
-        return config.replace(**overrides) if overrides else config
-    raise TypeError(f"config must be a MergeConfig or a method name, got {type(config).__name__}.")
+        config_cls = config_class(config)
+    elif isinstance(config, MergeConfig):
+        config_cls = type(config)
+    else:
+        raise TypeError(f"config must be a MergeConfig or a method name, got {type(config).__name__}.")
+    MergeConfig._check_keys(config_cls, overrides,
+                            f"Unknown parameter(s) {{unknown}} for method {config_cls.method_name()!r}")
+    if isinstance(config, str):
+        return config_cls(**overrides)
+    return config.replace(**overrides) if overrides else config
 
 
 def get_merger(config: MergeConfig | str, **overrides: Any) -> Merger:

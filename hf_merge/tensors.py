@@ -32,8 +32,13 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype holding ``dtype``'s bytes: itself, or uint16 for bfloat16 (which numpy lacks)."""
-    return np.dtype(np.uint16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+    """The numpy dtype holding ``dtype``'s bytes: itself, or the unsigned integer of its width for the float types
+    numpy lacks (bfloat16 as uint16, float8 as uint8)."""
+    if dtype == torch.bfloat16:
+        return np.dtype(np.uint16)
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        return np.dtype(np.uint8)
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -41,6 +46,8 @@ def numpy_view(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
+    if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
+        return tensor.view(torch.uint8).numpy()
     return tensor.numpy()
 
 
@@ -52,3 +59,22 @@ def tensor_copy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 #: ``(key, flat indices or None for the whole tensor, values in the output dtype)``: entries of an output tensor to
 #: overwrite once a whole pass has settled them (see ``OnePassMerge.amendments`` and ``Sink.amend``).
 Amendment = tuple[str, torch.Tensor | None, torch.Tensor]
+
+
+def check_output_finite(key: str, tensor: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    """``tensor`` (merged values already cast to the output dtype), or :class:`~hf_merge.MergeError` naming ``key``
+    when a value is not finite there: the merge overflowed the output dtype (inputs are checked as they are read).
+    float8 casts saturate instead of overflowing, so for them the float32 ``values`` before the cast are compared
+    with the largest finite value."""
+    small = tensor.is_floating_point() and tensor.dtype.itemsize == 1  # float8
+    wide = tensor.float() if small else tensor
+    saturated = small and values is not None and bool((values.abs() > torch.finfo(tensor.dtype).max).any())
+    if tensor.is_floating_point() and (saturated or not torch.isfinite(wide).all()):
+        from .errors import MergeError
+
+        name = str(tensor.dtype).removeprefix("torch.")
+        raise MergeError(
+            f"tensor {key!r}: merged values overflow {name} (largest finite {torch.finfo(tensor.dtype).max:.4g}); "
+            "write a wider dtype (dtype='float32') or check the method's coefficients."
+        )
+    return tensor

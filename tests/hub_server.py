@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 _REPO_ROUTE = re.compile(r"^/api/models/(?P<repo_id>[^/]+(?:/[^/]+)?)/(?P<op>preupload|commit|branch)/(?P<rev>.+)$")
 _INFO_ROUTE = re.compile(r"^/api/models/(?P<repo_id>[^/]+(?:/[^/]+)?)(?:/revision/(?P<rev>.+))?$")
 DROP_CONNECTION = 0  # pass as ``status`` to :meth:`HubTestServer.fail` to close the socket without an answer
+NEVER_ANSWER = -1  # pass as ``status``: accept the request and never answer it (until the server stops, at most 60 s)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class HubTestServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="hub-test-server", daemon=True)
+        self.stopped = threading.Event()  # releases requests held by NEVER_ANSWER
 
     @property
     def endpoint(self) -> str:
@@ -85,6 +87,7 @@ class HubTestServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -194,6 +197,10 @@ def _make_handler(server: HubTestServer) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             status, payload = server.handle(method, url.path, parse_qs(url.query), self.headers, body)
+            if status == NEVER_ANSWER:
+                server.stopped.wait(timeout=60)
+                self.close_connection = True
+                return
             if status == DROP_CONNECTION:
                 self.close_connection = True
                 self.connection.shutdown(2)  # no status line: the client sees the peer disconnect

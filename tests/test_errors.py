@@ -97,7 +97,7 @@ def test_a_failing_merge_keeps_an_existing_output_folder_intact(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "previous.txt").write_text("keep me")
     with pytest.raises(MergeError):
-        _merge_to(tmp_path, {"w": torch.zeros(2)}, [{"w": torch.tensor([0.0, float("nan")])}])
+        _merge_to(tmp_path, {"w": torch.zeros(2)}, [{"w": torch.tensor([0.0, float("nan")])}], overwrite=True)
     assert (tmp_path / "out" / "previous.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

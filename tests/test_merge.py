@@ -136,14 +136,23 @@ def test_sharded_output_reloads(tmp_path):
     assert_same_state(state_of(again), state_of(reloaded))
 
 
-def test_existing_output_folder_is_replaced_whole(tmp_path):
+def test_an_earlier_output_is_replaced_whole_and_a_users_folder_is_never_emptied(tmp_path):
     base = {"w": torch.zeros(4)}
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
-    hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=1.0, output_dir=tmp_path / "out",
-                   progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "merge_config.json", "model.safetensors"]
+    for scaling in (0.5, 1.0):  # the second run replaces the first run's output
+        hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=scaling, output_dir=tmp_path / "out",
+                       progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        ".hf_merge_output.json", "README.md", "merge_config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "stale.txt").write_text("old")
+    with pytest.raises(ValueError, match=r"holds files hf_merge did not write \(stale.txt\)"):
+        hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=1.0, output_dir=tmp_path / "mine",
+                       progress=False)
+    hf_merge.merge(base, [{"w": torch.ones(4)}], "task_arithmetic", scaling=1.0, output_dir=tmp_path / "mine",
+                   overwrite=True, progress=False)
+    assert (tmp_path / "mine" / "stale.txt").read_text() == "old"
+    assert (tmp_path / "mine" / "model.safetensors").is_file()
 
 
 def test_tokenizer_and_config_files_are_copied_from_a_base_folder(tmp_path):

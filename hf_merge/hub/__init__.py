@@ -1,4 +1,4 @@
-"""Publishing merge artifacts: model cards from ``model_cards/`` templates and one-commit pushes to the Hub.
+"""Publishing merge artifacts: model cards from the ``hf_merge/model_cards/`` templates and one-commit pushes to the Hub.
 
 - :func:`build_model_card` / :func:`write_card` — the card of a merged model, adapter or task bank.
 - :func:`push_folder` — upload a folder to a Hub repo in a single commit, retrying transient failures.

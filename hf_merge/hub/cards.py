@@ -1,4 +1,4 @@
-"""Model cards for merge artifacts, rendered from the Jinja templates in ``model_cards/``.
+"""Model cards for merge artifacts, rendered from the Jinja templates in ``hf_merge/model_cards/`` (package data).
 
 The YAML front matter is built with ``huggingface_hub.ModelCardData`` and the card with
 ``ModelCard.from_template``; nothing here writes YAML metadata by hand. What the card says:
@@ -17,21 +17,16 @@ come from its config's :attr:`~hf_merge.MergeConfig.card`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .provenance import CARD_NAME, inherited_license, input_records
 
-# model_cards/ at the top of the source tree (editable installs); a wheel can ship it as data files under
-# <prefix>/share/hf_merge/model_cards.
-_TEMPLATE_DIRS = (
-    Path(__file__).resolve().parents[2] / "model_cards",
-    Path(sys.prefix) / "share" / "hf_merge" / "model_cards",
-)
-TEMPLATE_DIR = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[0])
+#: The templates ship inside the package, so every kind of install (``--user``, ``--target``, a system Python) has them.
+TEMPLATE_DIR = Path(str(importlib.resources.files("hf_merge") / "model_cards"))
 TEMPLATES = {"model": "merged_model.md", "adapter": "merged_model.md", "task_bank": "task_bank.md"}
 ARTIFACT_LIBRARIES = {"model": "transformers", "adapter": "peft", "task_bank": None}
 LIBRARY_NAMES = ("transformers", "peft")
@@ -188,7 +183,7 @@ def build_model_card(
         artifact: ``"model"``, ``"adapter"`` or ``"task_bank"``; selects the template and loading example.
         load_snippet: Python code replacing the default loading example.
         extra_tags: more Hub tags.
-        template_path: a Jinja template to use instead of the one in ``model_cards/``.
+        template_path: a Jinja template to use instead of the one in ``hf_merge/model_cards/``.
 
     Example:
         >>> card = build_model_card(TiesConfig(density=0.2), {"base": "bert-base-uncased", "models": {...}})
@@ -249,13 +244,12 @@ def build_model_card(
 
 def folder_architecture(folder: Path) -> str | None:
     """The first `architectures` entry of `folder/config.json`, or None."""
-    import json
+    from ..config import load_json
 
     config_file = folder / "config.json"
     if not config_file.is_file():
         return None
-    with open(config_file, encoding="utf-8") as fh:
-        architectures = json.load(fh).get("architectures") or []
+    architectures = load_json(config_file).get("architectures") or []
     return architectures[0] if architectures else None
 
 

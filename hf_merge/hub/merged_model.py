@@ -16,7 +16,7 @@ from typing import Any
 
 from .push import RetryPolicy, push_folder
 
-_CARD_OPTIONS = ("license", "pipeline_tag", "eval_results", "model_name")
+_CARD_OPTIONS = ("license", "pipeline_tag", "eval_results", "model_name", "overwrite")
 
 
 def _merge_record(model: Any) -> tuple[Any, Any]:
@@ -38,10 +38,11 @@ def save_merged_model(
     eval_results: Any = None,
     model_name: str | None = None,
     repo_id: str | None = None,
+    overwrite: bool = False,
     **save_kwargs: Any,
 ) -> Path:
     """Write the model (its class's ``save_pretrained``), ``merge_config.json`` and the model card, published as one
-    folder (:func:`hf_merge.io.publish.publish_folder`); return the folder.
+    folder (:func:`hf_merge.io.publish.publish_folder`, whose rules ``overwrite`` follows); return the folder.
 
     ``save_kwargs`` go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``, ``safe_serialization``); the
     card options are those of :func:`hf_merge.hub.cards.build_model_card`.
@@ -51,9 +52,10 @@ def save_merged_model(
 
     merge_config, merge_inputs = _merge_record(model)
     folder = Path(save_directory)
-    with publish_folder(folder) as staging:
+    record = MergeRecord(merge_config, merge_inputs)
+    with publish_folder(folder, record.input_folders(), overwrite=overwrite) as staging:
         type(model).save_pretrained(model, staging, **save_kwargs)
-        MergeRecord(merge_config, merge_inputs).write_to(
+        record.write_to(
             staging, library_name="transformers", model_class=type(model).__name__, license=license,
             pipeline_tag=pipeline_tag, eval_results=eval_results, model_name=model_name, repo_id=repo_id,
         )

@@ -9,10 +9,11 @@ retried: they raise :class:`HubPushError` saying what to fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,17 +44,23 @@ class HubPushError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """Bounded exponential backoff: ``max_attempts`` tries in all, waiting ``initial_delay * multiplier**k``
-    seconds (capped at ``max_delay``) before retry ``k + 1``. ``sleep`` is injectable for tests."""
+    seconds (capped at ``max_delay``) before retry ``k + 1``. Each request is abandoned after ``timeout`` seconds
+    without progress (connecting, or waiting for the answer), which counts as a transient failure: a push to an
+    endpoint that never answers fails after at most ``max_attempts × (timeout + max_delay)`` seconds per request,
+    with nothing committed. ``sleep`` is injectable for tests."""
 
     max_attempts: int = 5
     initial_delay: float = 1.0
     multiplier: float = 2.0
     max_delay: float = 30.0
+    timeout: float = 60.0
     sleep: Callable[[float], None] = time.sleep
 
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ValueError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}.")
+        if not isinstance(self.timeout, (int, float)) or not 0 < self.timeout < float("inf"):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}.")
         for name in ("initial_delay", "max_delay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0:
@@ -138,6 +145,29 @@ def folder_files(folder: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
+@contextlib.contextmanager
+def bounded_requests(timeout: float) -> Iterator[None]:
+    """Every request ``huggingface_hub`` makes inside gives up after ``timeout`` seconds without progress (its own
+    client has no timeout at all); the client in use before is restored afterwards."""
+    from huggingface_hub import close_session, set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = _http._GLOBAL_CLIENT_FACTORY
+
+    def bounded_client() -> Any:
+        client = previous()
+        client.timeout = timeout
+        return client
+
+    set_client_factory(bounded_client)
+    close_session()  # the next request builds a client from the bounded factory
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
+        close_session()
+
+
 def push_folder(
     folder: str | os.PathLike,
     repo_id: str,
@@ -160,7 +190,7 @@ def push_folder(
     Example:
         >>> push_folder("out/merged", "me/bert-ties-merge", private=True)
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import validate_repo_id
 
     validate_repo_id(repo_id)
@@ -168,6 +198,16 @@ def push_folder(
     extras = dict(extra_files or {})
     retry = retry if retry is not None else RetryPolicy()
     api = HfApi(endpoint=endpoint, token=token)
+    with bounded_requests(retry.timeout):
+        return _push(api, folder, repo_id, files, extras, private, revision, commit_message, commit_description,
+                     create_pr, retry)
+
+
+def _push(api: Any, folder: str | os.PathLike, repo_id: str, files: Mapping[str, Path], extras: Mapping[str, bytes],
+          private: bool | None, revision: str | None, commit_message: str | None, commit_description: str | None,
+          create_pr: bool, retry: RetryPolicy) -> Any:
+    from huggingface_hub import CommitOperationAdd
+
     with_retries(
         lambda: api.create_repo(repo_id, private=private, exist_ok=True), what=f"Creating repo {repo_id}", retry=retry
     )

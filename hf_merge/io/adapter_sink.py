@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +22,12 @@ import torch
 from ..errors import MergeError
 from ..lowrank import LowRank, truncate
 from ..tensors import TensorMeta
-from .publish import publish_folder
+from .publish import check_output_dir, publish_folder
 from .sinks import Sink
 from .sources import TensorSource
 
 if TYPE_CHECKING:
+    from ..options import MergeOptions
     from ..params import ParamInfo
     from ..record import MergeRecord
 
@@ -58,18 +59,20 @@ class MergedAdapter:
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
         return LoraConfig(**{k: v for k, v in self.adapter_config.items() if k in fields and k != "peft_type"})
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> str:
         """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``merge_config.json`` and a model card
-        (atomically); ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` load the folder."""
+        (atomically; an existing folder as :mod:`hf_merge.io.publish` rules); ``PeftModel.from_pretrained`` and
+        transformers' ``load_adapter`` load the folder."""
         from safetensors.torch import save_file
 
         from ..record import MergeRecord
 
-        with publish_folder(save_directory) as tmp:
+        record = MergeRecord(self.merge_config, self.merge_inputs, artifact="adapter")
+        with publish_folder(save_directory, record.input_folders(), overwrite=overwrite) as tmp:
             (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2) + "\n", encoding="utf-8")
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            MergeRecord(self.merge_config, self.merge_inputs, artifact="adapter").write_to(tmp)
+            record.write_to(tmp)
         return str(save_directory)
 
     def push_to_hub(self, repo_id: str, **push_options: Any) -> Any:
@@ -103,10 +106,16 @@ class AdapterSink(Sink):
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
     takes_lowrank = True
 
-    def __init__(self, base: TensorSource, tasks: Mapping[str, TensorSource], *, rank: int | None = None,
-                 energy: float | None = None, output_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, base: TensorSource, tasks: Mapping[str, TensorSource], options: MergeOptions, *,
+                 rank: int | None = None, energy: float | None = None, output_dir: str | os.PathLike | None = None,
+                 inputs: Sequence[Path] = ()) -> None:
         from ..adapters import LoraSource
 
+        if output_dir is not None:
+            check_output_dir(output_dir, inputs, overwrite=options.overwrite)  # before any work
+        elif options.overwrite:
+            options.reject(("overwrite",), f"The output, {self.description} held in memory (no output_dir),")
+        self.overwrite = options.overwrite
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank must be a positive integer, got {rank!r}.")
         if energy is not None and not 0 < energy <= 1:
@@ -188,4 +197,6 @@ class AdapterSink(Sink):
         }
         adapter = MergedAdapter(adapter_config, tensors, record.config if record else None,
                                 dict(record.inputs) if record else {})
-        return adapter.save_pretrained(self.output_dir) if self.output_dir is not None else adapter
+        if self.output_dir is None:
+            return adapter
+        return adapter.save_pretrained(self.output_dir, overwrite=self.overwrite)

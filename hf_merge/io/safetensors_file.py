@@ -27,6 +27,18 @@ from ..tensors import SAFETENSORS_DTYPES, numpy_dtype
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _validate(path: Path) -> None:
+    """Let the ``safetensors`` library parse and validate the header (offsets in bounds, contiguous and not
+    overlapping, each matching its shape × dtype), as every loader of the file would; the data is then read here."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{path}: invalid safetensors file ({error}).") from None
+
+
 class SafetensorsFile:
     """Header of one safetensors file, and positioned reads of its tensors."""
 
@@ -43,6 +55,7 @@ class SafetensorsFile:
                 header = json.loads(fh.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise ValueError(f"{self.path}: corrupt safetensors header ({error}).") from None
+        _validate(self.path)
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         self._entries: dict[str, dict[str, Any]] = header
@@ -118,7 +131,7 @@ class SafetensorsFile:
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         if end == first:
             return np.empty(0, dtype=array_dtype), None, 0
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open()
         try:
             mapping = mmap.mmap(fd, offset - aligned + end - first, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
                                 offset=aligned)
@@ -128,12 +141,20 @@ class SafetensorsFile:
                               offset=offset - aligned)
         return array, mapping, offset - aligned
 
+    def _open(self) -> int:
+        """A descriptor of the file; a file removed since its header was read (sources read lazily) is named."""
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.path} was removed after it was opened (checkpoints and task banks are "
+                                    "read lazily, tensor by tensor: keep their files until the merge ends).") from None
+
     def _read_into(self, name: str, flat: torch.Tensor, start: int) -> torch.Tensor:
         if flat.numel() == 0:
             return flat
         buffer = flat.view(torch.uint8).numpy()
         offset = self._data_start + self._entries[name]["data_offsets"][0] + start * flat.element_size()
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open()
         try:
             view = memoryview(buffer)
             while view.nbytes:

@@ -15,7 +15,7 @@ import abc
 import contextlib
 import copy
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,7 +23,7 @@ import torch
 
 from ..errors import MergeError
 from ..tensors import Amendment, TensorMeta
-from .publish import publish_folder
+from .publish import check_output_dir, publish_folder
 from .sources import ModelSource, TensorSource
 from .writer import DEFAULT_MAX_SHARD_SIZE, OutputBuffers, ShardWriter, plan_shards
 
@@ -85,16 +85,19 @@ class FolderSink(Sink):
     unsupported_options = ("device_map", "max_memory", "offload_folder")
     amends_in_place = True
 
-    def __init__(self, output_dir: str | Path, base: TensorSource, max_shard_size: int | str | None = None) -> None:
-        self.output_dir = output_dir
+    def __init__(self, output_dir: str | Path, base: TensorSource, options: MergeOptions,
+                 inputs: Sequence[Path] = ()) -> None:
+        check_output_dir(output_dir, inputs, overwrite=options.overwrite)  # before any work
+        self.output_dir, self.inputs, self.overwrite = output_dir, list(inputs), options.overwrite
         self.base = base
-        self.max_shard_size = max_shard_size or DEFAULT_MAX_SHARD_SIZE
+        self.max_shard_size = options.max_shard_size or DEFAULT_MAX_SHARD_SIZE
         self._stack = contextlib.ExitStack()
 
     def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
         self.metas = metas
         self.plan = plan_shards(metas, max_shard_size=self.max_shard_size)
-        self.staging = self._stack.enter_context(publish_folder(self.output_dir))
+        self.staging = self._stack.enter_context(publish_folder(self.output_dir, self.inputs,
+                                                                overwrite=self.overwrite))
         self.writer = ShardWriter(self.staging, self.plan)
         # each tensor is written as soon as it is produced: a few reused buffers hold the outputs
         self.buffers = OutputBuffers(metas, count=read_ahead + 1)
@@ -130,7 +133,7 @@ class StateDictSink(Sink):
     """A ``{key: tensor}`` dict (tied aliases included under every name)."""
 
     description = "a state dict"
-    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "overwrite")
 
     def __init__(self, aliases: Mapping[str, str] | None = None) -> None:
         self.aliases = dict(aliases or {})
@@ -149,7 +152,7 @@ class ModelSink(Sink):
     """A model of the base's class (ties kept): each merged tensor copied into ``model`` under its in-memory name."""
 
     description = "an in-memory model"
-    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size")
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "overwrite")
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -185,7 +188,7 @@ class DispatchedSink(ModelSink):
     :meth:`begin` (a run refused during validation leaves no offload folder behind)."""
 
     description = "a model placed by Accelerate (device_map=...)"
-    unsupported_options = ("max_shard_size",)
+    unsupported_options = ("max_shard_size", "overwrite")
 
     def __init__(self, template: torch.nn.Module, options: MergeOptions, device_map: Any) -> None:
         self.template, self.options, self.device_map = template, options, device_map
@@ -215,7 +218,7 @@ class TensorsSink(Sink):
     """Live tensors updated in place (``{key: tensor}``, e.g. a model being trained), each cast to its own dtype."""
 
     description = "the live tensors of a model being trained"
-    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "dtype")
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "dtype", "overwrite")
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -228,16 +231,17 @@ class TensorsSink(Sink):
 
 
 def output_sink(base: TensorSource, options: MergeOptions, *, output_dir: str | Path | None = None,
-                into: torch.nn.Module | None = None, state_dict: bool = False) -> Sink:
+                into: torch.nn.Module | None = None, state_dict: bool = False, inputs: Sequence[Path] = ()) -> Sink:
     """The sink of a merge's weights: a folder with ``output_dir``; else ``into``; else a model of the base's class
-    (placed per ``device_map``, or the base's own Accelerate device map); else a state dict."""
+    (placed per ``device_map``, or the base's own Accelerate device map); else a state dict. ``inputs``: the folders
+    a folder output may not touch."""
     from ..models import load_model_from_folder
     from ..placement import is_dispatched
 
     if output_dir is not None:
         if into is not None:
             raise ValueError("Give output_dir= or an in-memory target (inplace=True), not both.")
-        return FolderSink(output_dir, base, options.max_shard_size)
+        return FolderSink(output_dir, base, options, inputs)
     if state_dict:
         return StateDictSink(base.aliases)
     device_map = options.device_map

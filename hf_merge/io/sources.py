@@ -11,7 +11,6 @@ first name in state-dict order — the name ``save_pretrained`` keeps — and th
 from __future__ import annotations
 
 import abc
-import json
 import math
 import os
 import warnings
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import load_json
 from ..tensors import SAFETENSORS_DTYPES, TensorMeta, numpy_view
 from .safetensors_file import SafetensorsFile
 
@@ -216,35 +216,56 @@ class FolderSource(TensorSource):
         self._handles: dict[Path, Any] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         self._config: dict[str, Any] | None = None
+        self._key_to_file: dict[str, Path] = {}
         if path.is_file():
             if path.suffix != ".safetensors":
                 raise ValueError(f"{self.label}: expected a folder or a .safetensors file.")
             self.folder = path.parent
-            self._files = {path: None}
+            self._index_shards({path: None})
         elif path.is_dir():
             self.folder = path
-            self._files = self._find_weight_files(path, allow_pickle)
+            self._find_weight_files(path, allow_pickle)
         else:
             raise FileNotFoundError(f"{label}: {path} does not exist (expected a checkpoint folder).")
-        self._key_to_file: dict[str, Path] = {}
-        for file in self._files:
-            for key in self._file_keys(file):
-                self._key_to_file.setdefault(key, file)
         config_path = self.folder / "config.json"
         if config_path.is_file() and path.is_dir():
-            self._config = json.loads(config_path.read_text(encoding="utf-8"))
+            self._config = load_json(config_path)
+            if not isinstance(self._config, dict):
+                raise ValueError(f"{config_path}: expected a JSON object.")
 
-    def _find_weight_files(self, folder: Path, allow_pickle: bool) -> dict[Path, None]:
+    def _index_shards(self, files: Mapping[Path, None], weight_map: Mapping[str, str] | None = None,
+                      index: Path | None = None) -> None:
+        """Key → file: every key of the files, or, with an index, each key from the shard the index names (a stale
+        copy of a tensor in another shard is not read). An index naming a key its shard lacks is refused."""
+        self._files = dict(files)
+        if weight_map is None:
+            for file in self._files:
+                for key in self._file_keys(file):
+                    self._key_to_file.setdefault(key, file)
+            return
+        shard_keys = {file: set(self._file_keys(file)) for file in self._files}
+        for key, name in weight_map.items():
+            file = self.folder / name
+            if key not in shard_keys[file]:
+                raise ValueError(f"{self.label}: {index.name} puts tensor {key!r} in {name}, which does not hold it "
+                                 "(the index contradicts the shards).")
+            self._key_to_file[key] = file
+
+    def _find_weight_files(self, folder: Path, allow_pickle: bool) -> None:
         index = folder / SAFE_WEIGHTS_INDEX_NAME
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        single = folder / SAFE_WEIGHTS_NAME
+        if index.is_file() and single.is_file():  # as transformers: the complete single file wins over an index
+            warnings.warn(f"{self.label}: both {SAFE_WEIGHTS_NAME} and {index.name} are present; reading "
+                          f"{SAFE_WEIGHTS_NAME} (the index is ignored, as transformers does).", stacklevel=4)
+        elif index.is_file():
+            weight_map = _weight_map(index)
             files = dict.fromkeys(folder / name for name in dict.fromkeys(weight_map.values()))
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"{self.label}: shard(s) listed in {index.name} are missing: {missing}.")
-            return files
-        if (folder / SAFE_WEIGHTS_NAME).is_file():
-            return {folder / SAFE_WEIGHTS_NAME: None}
+            return self._index_shards(files, weight_map, index)
+        if single.is_file():
+            return self._index_shards({single: None})
         pickled = [folder / name for name in PICKLE_WEIGHTS_NAMES if (folder / name).is_file()]
         if pickled:
             if not allow_pickle:
@@ -253,9 +274,10 @@ class FolderSource(TensorSource):
                     "arbitrary code; convert the checkpoint to safetensors or pass allow_pickle=True."
                 )
             if pickled[0].name.endswith(".json"):
-                weight_map = json.loads(pickled[0].read_text(encoding="utf-8"))["weight_map"]
-                return dict.fromkeys(folder / name for name in dict.fromkeys(weight_map.values()))
-            return {pickled[0]: None}
+                weight_map = _weight_map(pickled[0])
+                files = dict.fromkeys(folder / name for name in dict.fromkeys(weight_map.values()))
+                return self._index_shards(files, weight_map, pickled[0])
+            return self._index_shards({pickled[0]: None})
         raise FileNotFoundError(
             f"{self.label}: no weights found (looked for {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}"
             f"{', ' + ', '.join(PICKLE_WEIGHTS_NAMES)})."
@@ -264,7 +286,7 @@ class FolderSource(TensorSource):
     def _handle(self, file: Path) -> Any:
         if file.suffix == ".bin":
             if file not in self._pickled:
-                self._pickled[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                self._pickled[file] = _load_pickle(file)
             return self._pickled[file]
         if file not in self._handles:
             self._handles[file] = SafetensorsFile(file)
@@ -332,6 +354,38 @@ class FolderSource(TensorSource):
     @property
     def config(self) -> dict[str, Any] | None:
         return self._config
+
+    def file_metadata(self) -> dict[str, dict[str, str]]:
+        """``{file name: its safetensors header metadata}`` of every safetensors file read."""
+        return {file.name: handle.metadata for file in self._files
+                if isinstance(handle := self._handle(file), SafetensorsFile)}
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index, checked: ``{tensor name: shard file name}``."""
+    content = load_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in weight_map.items()):
+        raise ValueError(f"{index}: no valid 'weight_map' ({{tensor name: shard file}}) in the index.")
+    bad = [name for name in weight_map.values() if Path(name).name != name]
+    if bad:
+        raise ValueError(f"{index}: shard names must be file names in the folder, got {bad[0]!r}.")
+    return weight_map
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict, loaded with ``weights_only=True``: memory-mapped when it is a zip archive,
+    read whole when it is the legacy (pre-1.6) format, which cannot be mapped."""
+    import zipfile
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except Exception as error:  # torch raises several types for corrupt or unsafe pickles
+        raise ValueError(f"{file}: cannot be loaded as a weights-only PyTorch checkpoint ({error}).") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: not a state dict of tensors.")
+    return state
 
 
 def open_source(obj: Any, label: str = "input", *, allow_pickle: bool = False) -> TensorSource:

@@ -84,6 +84,7 @@ def plan_shards(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     filename_pattern: str = "model{suffix}.safetensors",
+    metadata: Mapping[str, str] | None = None,
 ) -> ShardPlan:
     """The shard grouping ``huggingface_hub.split_torch_state_dict_into_shards`` gives (its factory, sizing each
     tensor from its meta: nothing is materialised), with each shard's header. Inside a shard, tensors go by
@@ -98,7 +99,7 @@ def plan_shards(
     shards = []
     for filename, keys in split.filename_to_tensors.items():
         keys = sorted(keys, key=lambda k: (-metas[k].dtype.itemsize, k))
-        entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        entries: dict[str, dict] = {"__metadata__": {"format": "pt", **(metadata or {})}}
         position = 0
         for key in keys:
             meta = metas[key]
@@ -184,6 +185,7 @@ def write_safetensors_shards(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     filename_pattern: str = "model{suffix}.safetensors",
     plan: ShardPlan | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> ShardPlan:
     """Write the tensors named in ``metas``, produced by ``compute`` in :attr:`ShardPlan.order`, as sharded
     safetensors (plus the index when sharded); return the plan (``plan``: one :func:`plan_shards` made already).
@@ -191,7 +193,8 @@ def write_safetensors_shards(
     Each tensor's bytes go to its file as soon as ``compute`` returns it (``compute`` may reuse its buffers after
     that): peak memory is whatever ``compute`` holds for one tensor.
     """
-    plan = plan or plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern)
+    plan = plan or plan_shards(metas, max_shard_size=max_shard_size, filename_pattern=filename_pattern,
+                               metadata=metadata)
     writer = ShardWriter(folder, plan)
     try:
         for key in plan.order:

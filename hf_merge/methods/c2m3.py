@@ -22,7 +22,7 @@ from ..permutation.frank_wolfe import INITIALIZATIONS, frank_wolfe_sync
 from ..permutation.merging import merge_permuted
 from ..permutation.repair import default_repair_layers
 from ..permutation.repair import repair as repair_model
-from ..permutation.spec import Perms, PermutationSpec
+from ..permutation.spec import Perms, PermutationSpec, validate_spec
 from ..permutation.specs import default_spec
 from ..registry import register_method
 from .base import ModelMerger
@@ -131,6 +131,15 @@ class PermutationMerger(ModelMerger):
                 raise TypeError("REPAIR runs forward passes: give the first model as an nn.Module, not a state dict.")
             default_repair_layers(ctx.base.model)
         spec = self.config.spec or self._default_spec(ctx)
+        # A spec for a custom module (given, or the default chain/ResNet one) is checked to be a symmetry of it; the
+        # built-in transformers specs are per architecture and tested there.
+        if isinstance(ctx.base.model, torch.nn.Module) and ctx.base.config is None:
+            try:
+                validate_spec(ctx.base.model, spec)
+            except ValueError as error:
+                given = "The given spec" if self.config.spec is not None else "The default permutation spec"
+                raise ValueError(f"{given} does not describe {type(ctx.base.model).__name__}'s symmetries ({error}); "
+                                 "pass spec= a PermutationSpec built for this architecture.") from None
         states = [{key: self._load(ctx, name, key) for key in ctx.merge_keys} for name in ctx.task_names]
         self.permutations = self.find_permutations(states, spec)
         merged, aligned = merge_permuted(spec, states, self.permutations)

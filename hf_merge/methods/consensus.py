@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
@@ -183,6 +184,15 @@ class _MaskedMultiTask(Merger):
 
 class ConsensusMerger(_MaskedMultiTask):
     config: ConsensusConfig
+
+    def prepare(self, ctx: MergeContext) -> None:
+        super().prepare(ctx)
+        if self.config.k > len(self.task_names):
+            warnings.warn(
+                f"Consensus k={self.config.k} exceeds the number of tasks ({len(self.task_names)}): no weight can be "
+                "kept by k tasks, so the merge returns the base model unchanged. Use k ≤ T (the paper uses k = 2).",
+                stacklevel=2,
+            )
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         multitask = self.multitask_vector(key, base, deltas, info)

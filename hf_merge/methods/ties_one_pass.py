@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..kernels import fused_ties_one_pass
-from ..tensors import numpy_view, tensor_copy
+from ..tensors import check_output_finite, numpy_view, tensor_copy
 from ..tuning import TUNING
 from . import ties
 from .base import Amendment, OnePassMerge
@@ -209,7 +209,7 @@ class OnePassTies(OnePassMerge):
         merged = ties.disjoint_merge(trimmed, signs.add_(zero_sum), self.config.aggregate)
         result = base + merged.mul_(self.config.scaling)
         self.ctx.check_finite(result, self.sources, key, pieces)  # a merge overflowing float32 is an error
-        return result.to(self.ctx.output_dtypes[key])
+        return check_output_finite(key, result.to(self.ctx.output_dtypes[key]), result)
 
     def _thresholds(self, open_entries: OpenEntries) -> list[float] | None:
         """Each task's exact threshold from the counts at and above hi_t and the |τ_t| strictly inside its bracket

@@ -17,6 +17,8 @@ import torch
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..config import load_json
+
 ATM_STATE_NAME = "atm_state.json"
 TASK_HEADS_NAME = "task_heads.safetensors"
 OPTIMIZER_STATES_NAME = "atm_optimizer_states.pt"
@@ -94,8 +96,7 @@ class RoundCheckpoints:
                 f"{checkpoint!r} is not a complete ATM round checkpoint (no {ATM_STATE_NAME}); "
                 "resume from a folder written by ATMTrainer."
             )
-        with open(record_path, encoding="utf-8") as fh:
-            record = json.load(fh)
+        record = load_json(record_path)
         tasks = list(self.task_datasets)
         if record["tasks"] != tasks:
             raise ValueError(f"Checkpoint {checkpoint!r} was trained on tasks {record['tasks']}, this trainer has {tasks}.")
