@@ -24,7 +24,7 @@ import torch
 
 from .context import MergeContext
 from .errors import MergeError
-from .inputs import bind_deltas, classify_sources, validate_sources
+from .inputs import bind_deltas, classify_sources, reconcile_tied_embeddings, validate_sources
 from .io.deltas import DeltaSource, LowRankSource
 from .io.prefetch import Prefetcher
 from .io.sinks import Sink
@@ -82,6 +82,7 @@ def run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
 def _context(plan: Plan, options: MergeOptions) -> MergeContext:
     base, tasks = plan.base, plan.tasks
     bind_deltas(base, tasks)
+    reconcile_tied_embeddings(base, tasks)
     metas = validate_sources(base, tasks, dtype=options.dtype)
     if plan.merger.uses_param_info or plan.architecture is not None:
         infos = classify_sources(base, tasks, architecture=plan.architecture)
@@ -244,6 +245,7 @@ def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     """Merge models that share no base: the first model is the reference for keys, shapes and output layout."""
     merger, models = plan.merger, dict(plan.tasks)
     first, *_ = models.values()
+    reconcile_tied_embeddings(first, dict(list(models.items())[1:]))
     metas = validate_sources(first, dict(list(models.items())[1:]), dtype=options.dtype)
     infos = classify_sources(first, models, architecture=plan.architecture)
     ctx = MergeContext(first, models, infos, metas, device=options.device, progress=options.progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,6 +73,47 @@ def open_pair(base: Inputs, finetuned: Inputs, *, allow_pickle: bool = False
     base_source = open_source(base, "base", allow_pickle=allow_pickle)
     finetuned_source = open_source(finetuned, "finetuned", allow_pickle=allow_pickle)
     return base_source, finetuned_source, validate_sources(base_source, {"finetuned": finetuned_source})
+
+
+def tied_embedding_keys(sources: Sequence[TensorSource]) -> tuple[str, str] | None:
+    """``(output embedding key, input embedding key)`` of the architecture (e.g. ``lm_head.weight`` and
+    ``model.embed_tokens.weight``), from the first source that is, or whose folder describes, a transformers model."""
+    for source in sources:
+        model = source.model if isinstance(source, ModelSource) else meta_model(source.folder)
+        if model is None or not hasattr(model, "get_output_embeddings"):
+            continue
+        output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        if output is None or embedding is None:
+            return None
+        names = {id(module): name for name, module in model.named_modules()}
+        memory = {source.memory_names.get(k, k): k for k in source.keys()} if isinstance(source, ModelSource) else {}
+        keys = [f"{names[id(module)]}.weight" for module in (output, embedding)]
+        return memory.get(keys[0], keys[0]), memory.get(keys[1], keys[1])
+    return None
+
+
+def reconcile_tied_embeddings(base: TensorSource, tasks: Mapping[str, TensorSource]) -> None:
+    """Tie or untie every task's output embedding as the base does, as transformers does when it loads a checkpoint
+    into the base's architecture: a task storing the output embedding separately under a tied base is read through
+    its input embedding (its separate copy is ignored, with a warning), and a tied task under an untied base gives its
+    input embedding as its output embedding. Nothing is read; only sources whose keys differ from the base's are
+    looked at."""
+    differing = [task for task in tasks.values() if set(task.keys()) != set(base.keys())]
+    if not differing:
+        return
+    pair = tied_embedding_keys([base, *tasks.values()])
+    if pair is None:
+        return
+    output, embedding = pair
+    base_ties = base.resolve(output) == embedding or (not base.has(output) and base.has(embedding))
+    for task in differing:
+        if base_ties and output in task.keys():
+            warnings.warn(f"{task.label} stores {output!r} separately, but the base ties it to {embedding!r}: its "
+                          "separate copy is ignored, as transformers ignores it when loading into this architecture.",
+                          stacklevel=3)
+            task.tie(output, embedding)
+        elif not base_ties and not task.has(output) and task.has(embedding):
+            task.aliases[output] = embedding
 
 
 def bind_deltas(base: TensorSource, tasks: Mapping[str, TensorSource]) -> None:

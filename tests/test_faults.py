@@ -126,6 +126,12 @@ def _foreign_folder(tmp: Path, overwrite: bool) -> Callable[[], Any]:
     return _merge(tmp, overwrite=overwrite)
 
 
+def _corrupt_marker(tmp: Path) -> Callable[[], Any]:
+    _merge(tmp, scaling=0.1)()
+    (tmp / "out" / MARKER).write_text("{not json")
+    return _merge(tmp)
+
+
 def _check_foreign_kept(result: Any, tmp: Path) -> None:
     assert (tmp / "out" / "notes.txt").read_text() == "keep me"
     assert torch.equal(_merged_weight(tmp), torch.full((4, 3), 1.5))  # 0.5·(1 + 2)
@@ -379,6 +385,70 @@ def _check_fp8(result: Any, tmp: Path) -> None:
     assert merged.dtype == torch.float8_e4m3fn and torch.equal(merged.float(), torch.full((4, 3), 4.0))
 
 
+def _llama(tied: bool) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)).eval()
+
+
+def _untied_copy(model: torch.nn.Module, folder: Path) -> Path:
+    """``model`` fine-tuned and saved untied: ``lm_head.weight`` stored on its own, with values of its own."""
+    from transformers import LlamaForCausalLM
+
+    config = model.config.to_dict() | {"tie_word_embeddings": False}
+    untied = LlamaForCausalLM(type(model.config)(**config))
+    untied.load_state_dict({**finetuned_copy(model, 3).state_dict()}, strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(untied.model.embed_tokens.weight + 0.5)
+    untied.save_pretrained(folder)
+    return folder
+
+
+def _tie_mismatch(tmp: Path, base_ties: bool) -> Callable[[], Any]:
+    base = _llama(tied=base_ties)
+    base.save_pretrained(tmp / "base")
+    if base_ties:
+        other = _untied_copy(base, tmp / "ft")
+    else:
+        tied = _llama(tied=True)
+        tied.model.load_state_dict(finetuned_copy(base, 3).model.state_dict())
+        tied.save_pretrained(tmp / "ft")
+        other = tmp / "ft"
+
+    def run() -> Any:
+        import warnings
+
+        results = []
+        for base_input in (tmp / "base", base):  # a folder and a model: the same answer
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                merged = hf_merge.merge(base_input, [other], "task_arithmetic", scaling=1.0, progress=False)
+            results.append((merged.state_dict(), [str(w.message) for w in caught]))
+        return results
+
+    return run
+
+
+def _check_tied_base(result: Any, tmp: Path) -> None:
+    (from_folder, warned_folder), (from_model, warned_model) = result
+    assert all(torch.equal(from_folder[k], from_model[k]) for k in from_model)
+    assert torch.equal(from_model["lm_head.weight"], from_model["model.embed_tokens.weight"])  # tied, as the base
+    assert any("stores 'lm_head.weight' separately" in message for message in warned_folder + warned_model)
+
+
+def _check_untied_base(result: Any, tmp: Path) -> None:
+    (from_folder, _), (from_model, _) = result
+    assert all(torch.equal(from_folder[k], from_model[k]) for k in from_model)
+    from transformers import LlamaForCausalLM
+
+    tied = LlamaForCausalLM.from_pretrained(tmp / "ft")
+    base = LlamaForCausalLM.from_pretrained(tmp / "base")
+    expected = base.lm_head.weight + (tied.model.embed_tokens.weight - base.lm_head.weight)  # the task's lm_head is
+    torch.testing.assert_close(from_model["lm_head.weight"], expected)  # its input embedding, as transformers reads it
+
+
 # --------------------------------------------------------------------------------------------------------- task banks
 def _bank(tmp: Path) -> tuple[Path, Path]:
     base = tiny_bert()
@@ -501,6 +571,8 @@ FAULTS = [
     Fault("output_dir is an existing file", _existing_file, OutputFolderError, r"'.*out' is an existing file"),
     Fault("existing folder of the user's", lambda tmp: _foreign_folder(tmp, False), OutputFolderError,
           r"holds files hf_merge did not write \(model.safetensors, notes.txt\).*overwrite=True"),
+    Fault("a corrupt output marker makes the folder the user's", _corrupt_marker, OutputFolderError,
+          r"holds files hf_merge did not write"),
     Fault("existing folder of the user's with overwrite=True", lambda tmp: _foreign_folder(tmp, True),
           check=_check_foreign_kept),
     Fault("an earlier output, with a file the user added", _earlier_output, check=_check_rewritten),
@@ -549,6 +621,10 @@ FAULTS = [
     Fault("fp8 inputs", lambda tmp: _fp8(tmp, 2.0), check=_check_fp8),
     Fault("fp8 overflow after the cast", lambda tmp: _fp8(tmp, 400.0), MergeError,
           r"merged values overflow float8_e4m3fn"),
+    Fault("untied fine-tune (lm_head stored) of a tied base", lambda tmp: _tie_mismatch(tmp, True),
+          check=_check_tied_base, target=None),
+    Fault("tied fine-tune of an untied base", lambda tmp: _tie_mismatch(tmp, False), check=_check_untied_base,
+          target=None),
     # task banks
     Fault("bank whose base changed", _bank_base_changed, ValueError, r"base .* changed since the bank was written",
           target=None),
@@ -571,6 +647,13 @@ FAULTS = [
           r"unknown key\(s\) \['max_shardsize'\] \(did you mean 'max_shard_size'\?\)"),
     Fault("CLI: method name typo", lambda tmp: _cli(tmp, method="tie"), ValueError,
           r"Unknown merge method 'tie' \(did you mean 'ties'\?\)"),
+    Fault("overwrite that is not a bool", lambda tmp: _merge(tmp, overwrite="yes"), TypeError,
+          "overwrite must be a bool"),
+    Fault("memory_budget with bad units", lambda tmp: _merge(tmp, memory_budget="4 gigs"), ValueError,
+          r"Invalid memory size '4 gigs'"),
+    Fault("overwrite on an in-memory output", lambda tmp: lambda: hf_merge.merge(_state(0.0), [_state(1.0)],
+          "task_arithmetic", scaling=1.0, overwrite=True, progress=False), ValueError,
+          r"cannot honour the option\(s\) \['overwrite'\]", target=None),
     Fault("parameter name typo", _bad_config("ties", densty=0.3), ValueError,
           r"Unknown parameter\(s\) \['densty'\] for method 'ties' \(did you mean 'density'\?\)", target=None),
     # the cases of test_errors.py

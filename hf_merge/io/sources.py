@@ -75,6 +75,16 @@ class TensorSource(abc.ABC):
     def resolve(self, key: str) -> str:
         return self.aliases.get(key, key)
 
+    def tie(self, alias: str, canonical: str) -> None:
+        """Read ``alias`` as ``canonical`` from now on (a separately stored ``alias`` is no longer listed or read), as
+        transformers does when it loads weights into an architecture that ties them."""
+        self._drop(alias)
+        self.aliases[alias] = canonical
+        self.__dict__.pop("_cached_key_set", None)
+
+    def _drop(self, key: str) -> None:
+        """Stop listing ``key`` (see :meth:`tie`)."""
+
     def has(self, key: str) -> bool:
         return self.resolve(key) in self._key_set
 
@@ -144,6 +154,9 @@ class StateDictSource(TensorSource):
 
     def keys(self) -> list[str]:
         return list(self._tensors)
+
+    def _drop(self, key: str) -> None:
+        self._tensors.pop(key, None)
 
     def meta(self, key: str) -> TensorMeta:
         t = self._tensors[self.resolve(key)]
@@ -299,9 +312,12 @@ class FolderSource(TensorSource):
     def keys(self) -> list[str]:
         return list(self._key_to_file)
 
+    def _drop(self, key: str) -> None:
+        self._key_to_file.pop(key, None)
+
     def meta(self, key: str) -> TensorMeta:
-        file = self._key_to_file[self.resolve(key)]
-        handle = self._handle(file)
+        key = self.resolve(key)
+        handle = self._handle(self._key_to_file[key])
         if isinstance(handle, dict):
             t = handle[key]
             return TensorMeta(tuple(t.shape), t.dtype)

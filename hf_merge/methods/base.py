@@ -70,7 +70,7 @@ class Merger(abc.ABC):
 
         Optional: methods without a low-rank form are run densely and their merged update is factored by an SVD.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no low-rank form.")
+        raise TypeError(f"{type(self).__name__} has no low-rank form (has_lowrank_form is False): merge densely.")
 
     @abc.abstractmethod
     def merge_tensor(
