@@ -6,6 +6,10 @@ read each shard's header once and a tensor only when it is asked for (positioned
 
 Tied weights (``lm_head.weight`` sharing storage with ``embed_tokens.weight``) appear once in ``keys()``, under the
 first name in state-dict order — the name ``save_pretrained`` keeps — and the other names resolve to it as aliases.
+
+(About 430 lines: the three kinds of stored tensors — state dicts, in-memory models, checkpoint folders with their
+index and pickle rules — share one contract and one alias mechanism, which is clearest read in one place; sources
+that hold updates rather than tensors live in :mod:`hf_merge.io.deltas`.)
 """
 
 from __future__ import annotations
