@@ -128,8 +128,8 @@ def test_task_arithmetic_needs_an_explicit_scaling():
 
 
 def test_unknown_method_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"Unknown merge method 'slerp'.*'ties'"):
-        hf_merge.merge({"w": torch.zeros(1)}, [{"w": torch.zeros(1)}], "slerp")
+    with pytest.raises(ValueError, match=r"Unknown merge method 'frankenmerge'.*'ties'"):
+        hf_merge.merge({"w": torch.zeros(1)}, [{"w": torch.zeros(1)}], "frankenmerge")
 
 
 def test_average_weights_must_match_the_models():

@@ -116,6 +116,23 @@ def disjoint_merge(trimmed: torch.Tensor, signs: torch.Tensor, aggregate: str = 
     return total
 
 
+def elected_chunks(deltas: list[torch.Tensor]) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``(chunk, (T, n) task vectors, γ)`` over cache-sized chunks of the flattened tensors (TIES steps 2–3 for
+    methods that elect signs on already-sparsified task vectors): γ = sign(Σ_t τ_t), exact zeros taking the tensor's
+    majority sign, which is summed over every chunk first, so chunked results equal unchunked ones."""
+    flat = [delta.reshape(-1) for delta in deltas]
+    chunks = [slice(i, i + TUNING.ties_chunk) for i in range(0, flat[0].numel(), TUNING.ties_chunk)]
+
+    def stacked(chunk: slice) -> torch.Tensor:
+        return torch.stack([f[chunk] for f in flat])
+
+    mass = sum(float(torch.sign(stacked(chunk).sum(dim=0)).sum()) for chunk in chunks)
+    majority = float(torch.sign(torch.tensor(mass)))
+    for chunk in chunks:
+        part = stacked(chunk)
+        yield chunk, part, elect_signs(part, majority)
+
+
 class TiesMerger(Merger):
     uses_param_info = False
     config: TiesConfig

@@ -1,0 +1,124 @@
+"""SCE merging (Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models", arXiv 2408.07990): Select, Calculate,
+Erase — per tensor, on the task vectors ("fusion vectors") τ_t of T target models of one pivot θ₀.
+
+1. Select: the ⌊τ_sel · V⌋ positions with the largest variance of τ_t across the models (population variance), V the
+   number of positions whose variance is non-zero, τ_sel = ``select_topk`` (1 = every position, no selection). The
+   other positions are zeroed in every task vector (τ̂_t). Ties of variance go by position.
+2. Calculate: one weight per model and tensor from the selected entries, w_t = Σ τ̂_t² / Σ_s Σ τ̂_s² (the ratio of the
+   models' mean squared updates over the selected positions); all-zero task vectors give uniform weights 1/T.
+3. Erase: TIES' sign election by mass, γ = sign(Σ_t τ̂_t) (:func:`~hf_merge.methods.ties.elect_signs`; exact zeros
+   take the tensor's majority sign), and only entries with sign(τ̂_t) = γ are kept.
+
+The merged task vector is Σ_t w_t τ̂_t / Σ_t w_t over the kept entries (0 where no entry is kept): θ = θ₀ + that.
+
+Where this follows the paper and where the implementations depart:
+
+* mergekit's ``sce`` does the same three steps (V counts non-zero variances, the weights are Σ τ̂²/numel per model,
+  normalised). Its election gives +1 to exact zeros of Σ_t τ̂_t; here they take the tensor's majority sign (TIES).
+* The FuseChat authors' own mergekit fork uses the selection only to compute the weights and then erases and combines
+  the *unselected* task vectors τ_t at every position; mergekit and the paper's description (here) merge only the
+  selected positions, leaving the others at θ₀.
+
+Everything runs in chunks of the flattened tensor (bounded temporaries for embedding-sized tensors); the variance
+ranking and the weights need the whole tensor first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ..config import MergeConfig, MethodCard, check_fraction
+from ..params import ParamInfo
+from ..registry import register_method
+from ..tuning import TUNING
+from .base import Merger
+from .ties import elected_chunks
+
+
+@dataclasses.dataclass(kw_only=True)
+class SCEConfig(MergeConfig):
+    """``select_topk``: the fraction τ of positions (among those whose task vectors differ) kept by variance across
+    the models; 1.0 (the default) selects every position. FuseChat's recipe uses 0.1."""
+
+    method: str = dataclasses.field(default="sce", init=False)
+    select_topk: float = 1.0
+
+    card: ClassVar[MethodCard] = MethodCard(
+        title="SCE (Select, Calculate, Erase)",
+        summary=(
+            "SCE is the merging step of FuseChat. For every weight matrix it first selects the positions where the "
+            "models' updates differ most (highest variance across the task vectors), then calculates one merging "
+            "weight per model from the size of its selected updates (its share of the summed squared updates), and "
+            "finally erases the entries whose sign disagrees with the elected majority sign. The remaining updates are "
+            "combined as a weighted average and added to the pivot model, without any coefficient to tune."
+        ),
+        bibtex="""@article{wan2024fusechat,
+  title   = {{FuseChat}: Knowledge Fusion of Chat Models},
+  author  = {Wan, Fanqi and Zhong, Longguang and Yang, Ziyi and Chen, Ruijun and Quan, Xiaojun},
+  journal = {arXiv preprint arXiv:2408.07990},
+  year    = {2024}
+}""",
+        paper_url="https://arxiv.org/abs/2408.07990",
+    )
+
+    def __post_init__(self) -> None:
+        check_fraction("select_topk", self.select_topk, low_open=True)
+
+
+def _chunks(numel: int) -> list[slice]:
+    size = TUNING.ties_chunk
+    return [slice(i, i + size) for i in range(0, numel, size)]
+
+
+def sce_select(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor | None:
+    """SCE's Select step (Wan et al. 2024): a bool mask of the ⌊τ · V⌋ positions of largest variance of τ_t across
+    models (V = non-zero variances; ties by position), or ``None`` (every position) when τ ≥ 1."""
+    if select_topk >= 1:
+        return None
+    flat = [d.reshape(-1) for d in deltas]
+    variance = torch.empty_like(flat[0])
+    for chunk in _chunks(flat[0].numel()):
+        variance[chunk] = torch.stack([f[chunk] for f in flat]).var(dim=0, unbiased=False)
+    count = int(select_topk * int(torch.count_nonzero(variance)))
+    mask = torch.zeros(variance.shape, dtype=torch.bool, device=variance.device)
+    if count:
+        mask[torch.argsort(variance, descending=True, stable=True)[:count]] = True
+    return mask.view_as(deltas[0])
+
+
+def sce_weights(selected: list[torch.Tensor]) -> list[float]:
+    """SCE's Calculate step (Wan et al. 2024): w_t = Σ τ̂_t² / Σ_s Σ τ̂_s² over the selected task vectors τ̂_t
+    (uniform 1/T when they are all zero)."""
+    squares = [float(torch.dot(s.reshape(-1), s.reshape(-1))) for s in selected]
+    total = sum(squares)
+    if total == 0:
+        return [1.0 / len(selected)] * len(selected)
+    return [sq / total for sq in squares]
+
+
+def sce(deltas: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """Σ_t w_t τ̂_t / Σ_t w_t over the entries agreeing with γ = sign(Σ_t τ̂_t) (SCE's Erase step and weighted
+    combination, Wan et al. 2024); τ̂_t the selected task vectors, w_t from :func:`sce_weights`."""
+    mask = sce_select(deltas, select_topk)
+    selected = deltas if mask is None else [d * mask for d in deltas]
+    weights = torch.tensor(sce_weights(selected), dtype=deltas[0].dtype, device=deltas[0].device).unsqueeze(1)
+    out = torch.empty(deltas[0].numel(), dtype=deltas[0].dtype, device=deltas[0].device)
+    for chunk, part, signs in elected_chunks(selected):
+        kept = torch.sign((part * signs).clamp_(min=0)).mul_(weights)  # w_t on kept entries
+        divisor = kept.sum(dim=0)
+        out[chunk] = (part * kept).sum(dim=0) / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
+    return out.view_as(deltas[0])
+
+
+class SCEMerger(Merger):
+    uses_param_info = False
+    config: SCEConfig
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        return sce(deltas, self.config.select_topk)
+
+
+register_method(SCEConfig, SCEMerger)
