@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 CONFIG_NAME = "merge_config.json"
@@ -243,6 +243,39 @@ def _check_finite(name: str, value: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _check_finite(f"{name}[{index}]", item)
+
+
+#: A value given once for every task, or per task: a sequence in input order or a ``{task_name: value}`` mapping.
+PerTask = Any
+
+
+def per_task_items(name: str, value: PerTask) -> list[tuple[str, Any]]:
+    """``[(label, item)]`` of a per-task value (``[(name, value)]`` for a single value), for checking each item."""
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"{name} is an empty mapping; give one value per task (or a single value).")
+        if not all(isinstance(task, str) for task in value):
+            raise TypeError(f"{name}: a per-task mapping is keyed by task names (str), got {list(value)!r}.")
+        return [(f"{name}[{task!r}]", item) for task, item in value.items()]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{name} is an empty list; give one value per task (or a single value).")
+        return [(f"{name}[{index}]", item) for index, item in enumerate(value)]
+    return [(name, value)]
+
+
+def resolve_per_task(name: str, value: PerTask, task_names: Sequence[str]) -> list[Any]:
+    """One value per task, in the order of ``task_names``: a single value repeated, a sequence of exactly T values,
+    or a mapping with exactly the task names as keys."""
+    if isinstance(value, Mapping):
+        if set(value) != set(task_names):
+            raise ValueError(f"{name} gives values for the tasks {sorted(value)}, but the tasks are {list(task_names)}.")
+        return [value[task] for task in task_names]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(task_names):
+            raise ValueError(f"{name} has {len(value)} values for {len(task_names)} tasks {list(task_names)}.")
+        return list(value)
+    return [value] * len(task_names)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -24,17 +24,29 @@ Where this follows the paper and where mergekit (``breadcrumbs``/``breadcrumbs_t
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, check_number
+from ..config import (
+    MergeConfig,
+    MethodCard,
+    SearchSpace,
+    check_fraction,
+    check_number,
+    per_task_items,
+    resolve_per_task,
+)
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
 from .della import sign_elected_mean
 from .task_arithmetic import TASK_ARITHMETIC_GRID, task_arithmetic
 from .ties import TIES_GRID
+
+if TYPE_CHECKING:
+    from ..context import MergeContext
 
 BREADCRUMBS_BIBTEX = """@article{davari2023breadcrumbs,
   title   = {Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks},
@@ -50,7 +62,7 @@ class BreadcrumbsConfig(MergeConfig):
     outliers (density + gamma ≤ 1), ``scaling`` α, ``sign_election`` TIES' elect + disjoint mean (else the sum)."""
 
     method: str = dataclasses.field(default="breadcrumbs", init=False)
-    density: float
+    density: float | Sequence[float] | Mapping[str, float]
     gamma: float = 0.01
     scaling: float = 1.0
     sign_election: bool = False
@@ -69,11 +81,12 @@ class BreadcrumbsConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
-        check_fraction("density", self.density, low_open=True)
         check_fraction("gamma", self.gamma, high_open=True)
-        if self.density + self.gamma > 1 + 1e-12:  # (a tolerance for sums such as 0.7 + 0.3 in binary floats)
-            raise ValueError(f"gamma + density must be at most 1 (gamma drops the top, density keeps the band "
-                             f"below it), got gamma={self.gamma!r}, density={self.density!r}.")
+        for label, density in per_task_items("density", self.density):
+            check_fraction(label, density, low_open=True)
+            if density + self.gamma > 1 + 1e-12:  # (a tolerance for sums such as 0.7 + 0.3 in binary floats)
+                raise ValueError(f"gamma + density must be at most 1 (gamma drops the top, density keeps the band "
+                                 f"below it), got gamma={self.gamma!r}, {label}={density!r}.")
         check_number("scaling", self.scaling)
         if not isinstance(self.sign_election, bool):
             raise TypeError(f"sign_election must be a bool, got {self.sign_election!r}.")
@@ -123,10 +136,12 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     return mask.view_as(delta)
 
 
-def breadcrumbs(deltas: list[torch.Tensor], density: float, gamma: float, scaling: float,
+def breadcrumbs(deltas: list[torch.Tensor], density: float | Sequence[float], gamma: float, scaling: float,
                 sign_election: bool = False) -> torch.Tensor:
-    """α Σ_t m_t ⊙ τ_t (the paper's masked task arithmetic), or α · TIES elect + disjoint mean of the m_t ⊙ τ_t."""
-    masked = [d * breadcrumbs_mask(d, density, gamma) for d in deltas]
+    """α Σ_t m_t ⊙ τ_t (the paper's masked task arithmetic), or α · TIES elect + disjoint mean of the m_t ⊙ τ_t;
+    ``density`` one value or one per task."""
+    densities = density if isinstance(density, Sequence) else [density] * len(deltas)
+    masked = [d * breadcrumbs_mask(d, kept, gamma) for d, kept in zip(deltas, densities)]
     if sign_election:
         return sign_elected_mean(masked).mul_(scaling)
     return task_arithmetic(masked, scaling)
@@ -136,9 +151,12 @@ class BreadcrumbsMerger(Merger):
     uses_param_info = False
     config: BreadcrumbsConfig
 
+    def prepare(self, ctx: MergeContext) -> None:
+        self.densities = resolve_per_task("density", self.config.density, ctx.task_names)
+
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         cfg = self.config
-        return breadcrumbs(deltas, cfg.density, cfg.gamma, cfg.scaling, cfg.sign_election)
+        return breadcrumbs(deltas, self.densities, cfg.gamma, cfg.scaling, cfg.sign_election)
 
 
 class BreadcrumbsTiesMerger(BreadcrumbsMerger):

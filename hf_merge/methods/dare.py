@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction
+from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, per_task_items, resolve_per_task
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
@@ -26,11 +27,12 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass(kw_only=True)
 class DareConfig(MergeConfig):
-    """``drop_rate`` p ∈ [0, 1) (0.9 is the paper's headline for LLM deltas), ``rescale`` by 1/(1−p),
+    """``drop_rate`` p ∈ [0, 1) (0.9 is the paper's headline for LLM deltas; one value, or per task as a sequence in
+    input order or a ``{task_name: p}`` mapping), ``rescale`` by 1/(1−p),
     ``seed`` of the masks, ``then`` the merge applied to the dropped task vectors (Task Arithmetic or TIES)."""
 
     method: str = dataclasses.field(default="dare", init=False)
-    drop_rate: float
+    drop_rate: float | Sequence[float] | Mapping[str, float]
     then: TaskArithmeticConfig | TiesConfig
     rescale: bool = True
     seed: int = 0
@@ -53,7 +55,8 @@ class DareConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
-        check_fraction("drop_rate", self.drop_rate, high_open=True)
+        for label, rate in per_task_items("drop_rate", self.drop_rate):
+            check_fraction(label, rate, high_open=True)
         if not isinstance(self.then, (TaskArithmeticConfig, TiesConfig)):
             raise TypeError(
                 f"then must be a TaskArithmeticConfig or TiesConfig, got {type(self.then).__name__}."
@@ -103,10 +106,12 @@ class DareMerger(Merger):
 
     def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        return dare_drop(delta, cfg.drop_rate, mask_seed(cfg.seed, task, key), rescale=cfg.rescale)
+        return dare_drop(delta, self.drop_rates[task], mask_seed(cfg.seed, task, key), rescale=cfg.rescale)
 
     def prepare(self, ctx: MergeContext) -> None:
         self.task_names = ctx.task_names
+        self.drop_rates = dict(zip(ctx.task_names, resolve_per_task("drop_rate", self.config.drop_rate,
+                                                                    ctx.task_names)))
         self.inner.prepare(ctx.with_transform(self._drop))
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:

@@ -32,11 +32,20 @@ Where this follows the paper and where mergekit (``della``/``della_linear``) dep
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, check_number
+from ..config import (
+    MergeConfig,
+    MethodCard,
+    SearchSpace,
+    check_fraction,
+    check_number,
+    per_task_items,
+    resolve_per_task,
+)
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -63,7 +72,7 @@ class DellaConfig(MergeConfig):
     ``seed`` of the masks."""
 
     method: str = dataclasses.field(default="della", init=False)
-    density: float
+    density: float | Sequence[float] | Mapping[str, float]
     epsilon: float = 0.15
     scaling: float = 1.0
     sign_election: bool = True
@@ -83,11 +92,12 @@ class DellaConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
-        check_fraction("density", self.density, low_open=True, high_open=True)
         check_fraction("epsilon", self.epsilon, high_open=True)
-        if self.density - self.epsilon <= 0 or self.density + self.epsilon >= 1:
-            raise ValueError(f"epsilon must keep the keep probabilities density ± epsilon within (0, 1), got "
-                             f"density={self.density!r}, epsilon={self.epsilon!r}.")
+        for label, density in per_task_items("density", self.density):
+            check_fraction(label, density, low_open=True, high_open=True)
+            if density - self.epsilon <= 0 or density + self.epsilon >= 1:
+                raise ValueError(f"epsilon must keep the keep probabilities density ± epsilon within (0, 1), got "
+                                 f"{label}={density!r}, epsilon={self.epsilon!r}.")
         check_number("scaling", self.scaling)
         if not isinstance(self.sign_election, bool):
             raise TypeError(f"sign_election must be a bool, got {self.sign_election!r}.")
@@ -181,10 +191,11 @@ class DellaMerger(Merger):
 
     def prepare(self, ctx: MergeContext) -> None:
         self.task_names = ctx.task_names
+        self.densities = dict(zip(ctx.task_names, resolve_per_task("density", self.config.density, ctx.task_names)))
 
     def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        return magprune(delta, cfg.density, cfg.epsilon, mask_seed(cfg.seed, task, key))
+        return magprune(delta, self.densities[task], cfg.epsilon, mask_seed(cfg.seed, task, key))
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         dropped = [self._drop(task, key, delta) for task, delta in zip(self.task_names, deltas)]
