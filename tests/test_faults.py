@@ -199,6 +199,27 @@ def _locked(tmp: Path) -> Callable[[], Any]:
     return run
 
 
+def _read_only_parent(tmp: Path) -> Callable[[], Any]:
+    import builtins
+
+    (tmp / "out").mkdir()
+    _merge(tmp, scaling=0.1)()
+    action = _merge(tmp)
+    original = builtins.open
+
+    def refuse_the_parent(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(str(file)) == tmp / ".out.lock":
+            raise PermissionError(13, "Read-only file system", str(file))
+        return original(file, *args, **kwargs)
+
+    def run() -> Any:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(builtins, "open", refuse_the_parent)
+            return action()
+
+    return run
+
+
 def _stale_staging(tmp: Path) -> Callable[[], Any]:
     stale = tmp / ".out.tmp-999999999-dead"
     stale.mkdir()
@@ -579,6 +600,8 @@ FAULTS = [
     Fault("compress into its own base", _compress_onto_its_base, OutputFolderError, r"is the input '.*base'"),
     Fault("symlinked output folder", _symlinked_folder, check=_check_written_through, target="real"),
     Fault("output folder that cannot be renamed (mount point)", _mount_point, check=_check_published_inside),
+    Fault("output folder under a parent that cannot be written (a mounted volume)", _read_only_parent,
+          check=_check_published_inside),
     Fault("two runs into one output_dir", _locked, OutputFolderError, r"Another run is writing into '.*out'"),
     Fault("stale staging folder of a killed run", _stale_staging, check=lambda result, tmp: None),
     Fault("folders get the umask's permissions", _umask_permissions, check=_check_permissions),

@@ -109,7 +109,8 @@ def own_entries(folder: Path) -> set[str] | None:
 
 def _foreign_entries(folder: Path) -> set[str]:
     """Entries of ``folder`` this package did not write (all of them, without a marker)."""
-    present = {entry.name for entry in folder.iterdir() if not _INNER_STAGING.match(entry.name)}
+    present = {entry.name for entry in folder.iterdir()
+               if not _INNER_STAGING.match(entry.name) and entry.name != ".hf_merge.lock"}
     return present - (own_entries(folder) or set())
 
 
@@ -203,11 +204,18 @@ def _remove_stale_staging(target: Path) -> None:
 
 @contextlib.contextmanager
 def _lock(target: Path) -> Iterator[None]:
-    """An exclusive, non-blocking lock on ``.<name>.lock`` next to the target."""
+    """An exclusive, non-blocking lock on ``.<name>.lock`` next to the target (inside it, as ``.hf_merge.lock``, when
+    only the target is writable, e.g. a mounted volume under a read-only parent)."""
     import fcntl
 
     path = target.parent / f".{target.name}.lock"
-    handle = open(path, "a+")  # noqa: SIM115 (closed below)
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 (closed below)
+    except OSError:
+        if not target.is_dir():
+            raise
+        path = target / ".hf_merge.lock"
+        handle = open(path, "a+")  # noqa: SIM115 (closed below)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
