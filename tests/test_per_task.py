@@ -96,3 +96,41 @@ def test_per_task_values_must_match_the_tasks(value, message):
     base, tasks = _inputs()
     with pytest.raises(ValueError, match=message):
         hf_merge.merge(base, tasks, "task_arithmetic", scaling=1.0, weights=value, progress=False)
+
+
+def _ties_per_task_reference(base, fts, densities, scaling=1.0):
+    """The reference's whole-model TIES with task t trimmed to its own density."""
+    from hf_merge.methods.ties import disjoint_merge
+
+    keys = list(base)
+    flat = torch.stack([torch.cat([(ft[k] - base[k]).flatten() for k in keys]) for ft in fts])
+    d = flat.shape[1]
+    kth = torch.stack([flat[t].abs().kthvalue(d - int(d * density)).values if density < 1 else torch.tensor(0.0)
+                       for t, density in enumerate(densities)]).view(-1, 1)
+    trimmed = flat * (flat.abs() >= kth)
+    signs = torch.sign(trimmed.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    merged = disjoint_merge(trimmed, signs) * scaling
+    out, offset = {}, 0
+    for k in keys:
+        out[k] = base[k] + merged[offset:offset + base[k].numel()].view_as(base[k])
+        offset += base[k].numel()
+    return out
+
+
+@pytest.mark.parametrize("densities", [[0.1, 0.5, 0.9], [0.3, 1.0, 0.6]])
+def test_global_ties_density_per_task_is_the_exact_whole_model_trim(densities):
+    generator = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(30, 20, generator=generator), "b": torch.randn(50, generator=generator)}
+    fts = [{k: v + torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(3)]
+    merged = hf_merge.merge(base, fts, "ties", density=densities, progress=False)
+    expected = _ties_per_task_reference(base, fts, densities)
+    for key in base:
+        torch.testing.assert_close(merged[key], expected[key], rtol=1e-6, atol=1e-6)
+
+
+def test_ties_with_equal_per_task_densities_is_the_single_density_merge():
+    base, tasks = _inputs()
+    single = hf_merge.merge(base, tasks, "ties", density=0.3, progress=False)
+    listed = hf_merge.merge(base, tasks, "ties", density=[0.3, 0.3, 0.3], progress=False)
+    assert torch.equal(single["w"], listed["w"])

@@ -17,12 +17,21 @@ sign first (:func:`~hf_merge.methods.ties_statistics.global_statistics`: histogr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, SearchSpace, check_choice, check_fraction, check_number
+from ..config import (
+    MergeConfig,
+    MethodCard,
+    SearchSpace,
+    check_choice,
+    check_fraction,
+    check_number,
+    per_task_items,
+    resolve_per_task,
+)
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -49,7 +58,7 @@ class TiesConfig(MergeConfig):
     default; official grid 0.8–2.5), ``scope`` "global" (official) or "tensor", ``aggregate`` "mean" or "sum"."""
 
     method: str = dataclasses.field(default="ties", init=False)
-    density: float = 0.2
+    density: float | Sequence[float] | Mapping[str, float] = 0.2
     scaling: float = 1.0
     scope: str = "global"
     aggregate: str = "mean"
@@ -72,7 +81,8 @@ class TiesConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
-        check_fraction("density", self.density, low_open=True)
+        for label, density in per_task_items("density", self.density):
+            check_fraction(label, density, low_open=True)
         check_number("scaling", self.scaling)
         check_choice("scope", self.scope, ("global", "tensor"))
         check_choice("aggregate", self.aggregate, ("mean", "sum"))
@@ -141,17 +151,18 @@ class TiesMerger(Merger):
         self.thresholds: list[float] | None = None
         self.majority_sign: float | None = None
         self.one_pass = None
+        self.densities = [float(d) for d in resolve_per_task("density", self.config.density, ctx.task_names)]
         if self.config.scope == "global":
-            if ctx.can_merge_in_one_pass:
-                one_pass = OnePassTies(ctx, self.config, self._exact_outputs)
+            if ctx.can_merge_in_one_pass and len(set(self.densities)) == 1:  # one keep count: the one-pass route
+                one_pass = OnePassTies(ctx, self.config, self._exact_outputs, self.densities[0])
                 if one_pass.bracket():
                     self.one_pass = one_pass
                     return
-            self.thresholds, self.majority_sign = global_statistics(ctx, self.config.density)
+            self.thresholds, self.majority_sign = global_statistics(ctx, self.densities)
 
     def _exact_outputs(self, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         """Every output tensor from the exact streaming passes (the one pass's fallback)."""
-        self.thresholds, self.majority_sign = global_statistics(ctx, self.config.density)
+        self.thresholds, self.majority_sign = global_statistics(ctx, self.densities)
         for key, base, deltas in ctx.iter_deltas("merging (ties)"):
             merged = base + self.merge_tensor(key, base, deltas, ctx.infos[key])
             yield key, merged.to("cpu", ctx.output_dtypes[key])
@@ -160,7 +171,7 @@ class TiesMerger(Merger):
         if self.thresholds is not None:
             thresholds = self.thresholds
         else:
-            thresholds = [trim_threshold(d, self.config.density) for d in deltas]
+            thresholds = [trim_threshold(d, density) for d, density in zip(deltas, self.densities)]
         flat = [d.reshape(-1) for d in deltas]
         chunk_size = TUNING.ties_chunk
         chunks = [slice(i, i + chunk_size) for i in range(0, flat[0].numel(), chunk_size)]

@@ -53,12 +53,12 @@ class OnePassTies(OnePassMerge):
     writes each tensor's provisional output, :meth:`amendments` finishes the entries left open."""
 
     def __init__(self, ctx: MergeContext, config: TiesConfig,
-                 exact_outputs: Callable[[MergeContext], Iterator[tuple[str, torch.Tensor]]]) -> None:
+                 exact_outputs: Callable[[MergeContext], Iterator[tuple[str, torch.Tensor]]], density: float) -> None:
         self.ctx, self.config, self.exact_outputs = ctx, config, exact_outputs
         self.sources = [ctx.base, *ctx.tasks.values()]
         self.numel = {k: math.prod(ctx.metas[k].shape) for k in ctx.merge_keys}
         total = sum(self.numel.values())
-        self.rank = ties.threshold_rank(total, config.density)
+        self.rank = ties.threshold_rank(total, density)
         self.keep = total - self.rank + 1  # the threshold is the keep-th largest |τ_t|
         self.settled: bool | None = None  # after the amendments: whether the one pass settled every entry
 

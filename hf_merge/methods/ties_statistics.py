@@ -32,15 +32,16 @@ def bit_halves(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def global_statistics(ctx: MergeContext, density: float) -> tuple[list[float], float]:
-    """Exact whole-model thresholds and majority sign of the task vectors ``ctx.iter_deltas()``, streamed.
+def global_statistics(ctx: MergeContext, densities: list[float]) -> tuple[list[float], float]:
+    """Exact whole-model thresholds (task t keeps ``densities[t]`` of its entries) and majority sign of the task
+    vectors ``ctx.iter_deltas()``, streamed.
 
     Pass 1 histograms the high 16 bits of |τ_t|; pass 2 histograms the low 16 bits inside the bin holding each
     task's threshold, and sums the elected signs of the entries no threshold bin can change. When that partial
     sum outweighs the undecided entries the majority sign is settled; otherwise a third pass sums it exactly.
     """
     num_tasks = len(ctx.task_names)
-    if density >= 1.0:
+    if all(density >= 1.0 for density in densities):
         return [0.0] * num_tasks, majority_sign(ctx, [0.0] * num_tasks)
     coarse = torch.zeros(num_tasks, HIST_BINS, dtype=torch.int64)
     numel = 0
@@ -48,9 +49,13 @@ def global_statistics(ctx: MergeContext, density: float) -> tuple[list[float], f
         numel += deltas[0].numel()
         for t, delta in enumerate(deltas):
             coarse[t] += torch.bincount(bit_halves(delta)[0], minlength=HIST_BINS).cpu()
-    rank = ties.threshold_rank(numel, density)
     bins, ranks_in_bin = [], []
     for t in range(num_tasks):
+        rank = ties.threshold_rank(numel, densities[t])
+        if rank == 0:  # keeps everything: threshold 0, no bin to refine (-1: every |τ| is above it)
+            bins.append(-1)
+            ranks_in_bin.append(0)
+            continue
         cumulative = coarse[t].cumsum(0)
         b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
         bins.append(b)
@@ -71,6 +76,9 @@ def global_statistics(ctx: MergeContext, density: float) -> tuple[list[float], f
         decided_mass += int(torch.sign(kept_sum[~ambiguous]).sum())
     thresholds = []
     for t in range(num_tasks):
+        if bins[t] < 0:
+            thresholds.append(0.0)
+            continue
         low = int(torch.searchsorted(fine[t].cumsum(0), torch.tensor(ranks_in_bin[t])))
         bits = torch.tensor([(bins[t] << 16) | low], dtype=torch.int32)
         thresholds.append(float(bits.view(torch.float32)))
