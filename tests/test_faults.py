@@ -743,10 +743,20 @@ _CONFIGS = st.one_of(
     st.builds(lambda s: hf_merge.IsoCConfig(scaling=s), _FINITE),
     st.builds(lambda s, k: hf_merge.ConsensusConfig(scaling=s, k=k), _FINITE, st.integers(0, 3)),
     st.builds(lambda w: hf_merge.AverageConfig(weights=w), st.lists(st.floats(0.1, 5.0), min_size=2, max_size=2)),
+    st.builds(lambda w, flat: hf_merge.NuSlerpConfig(weights=w, flatten=flat),
+              st.lists(st.floats(0.1, 5.0), min_size=2, max_size=2), st.booleans()),
+    st.just(hf_merge.MultiSlerpConfig()),
+    st.just(hf_merge.KarcherConfig()),
+    st.builds(lambda f: hf_merge.ModelStockConfig(filter_wise=f), st.booleans()),
+    st.builds(lambda d, s: hf_merge.DellaConfig(density=d, scaling=s), st.floats(0.2, 0.8), _FINITE),
+    st.builds(lambda d, s, e: hf_merge.BreadcrumbsConfig(density=d, scaling=s, sign_election=e), st.floats(0.1, 0.9),
+              _FINITE, st.booleans()),
+    st.builds(lambda k: hf_merge.SCEConfig(select_topk=k), st.floats(0.1, 1.0)),
+    st.builds(lambda s: hf_merge.MagMaxConfig(scaling=s), _FINITE),
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(config=_CONFIGS, seed=st.integers(0, 2**16), magnitude=st.sampled_from([1e-3, 1.0, 1e3, 1e30]),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
 def test_random_valid_merges_never_return_a_non_finite_tensor(config, seed, magnitude, dtype) -> None:
