@@ -30,20 +30,16 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from ..config import (
-    MergeConfig,
     MethodCard,
-    SearchSpace,
     check_fraction,
-    check_number,
     per_task_items,
     resolve_per_task,
 )
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
-from .della import sign_elected_mean
-from .task_arithmetic import TASK_ARITHMETIC_GRID, task_arithmetic
-from .ties import TIES_GRID
+from .della import MaskedMergeConfig, sign_elected_mean
+from .task_arithmetic import task_arithmetic
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -57,14 +53,14 @@ BREADCRUMBS_BIBTEX = """@article{davari2023breadcrumbs,
 
 
 @dataclasses.dataclass(kw_only=True)
-class BreadcrumbsConfig(MergeConfig):
-    """``density`` is the kept fraction of each tensor, ``gamma`` the fraction of largest-magnitude entries dropped as
-    outliers (density + gamma ≤ 1), ``scaling`` α, ``sign_election`` TIES' elect + disjoint mean (else the sum)."""
+class BreadcrumbsConfig(MaskedMergeConfig):
+    """``density`` is the kept fraction of each tensor (one value, or per task), ``gamma`` the fraction of
+    largest-magnitude entries dropped as outliers (density + gamma ≤ 1); ``scaling`` α and ``sign_election``
+    (default off: the paper's sum) as in :class:`~hf_merge.methods.della.MaskedMergeConfig`."""
 
     method: str = dataclasses.field(default="breadcrumbs", init=False)
     density: float | Sequence[float] | Mapping[str, float]
     gamma: float = 0.01
-    scaling: float = 1.0
     sign_election: bool = False
 
     card: ClassVar[MethodCard] = MethodCard(
@@ -81,20 +77,13 @@ class BreadcrumbsConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fraction("gamma", self.gamma, high_open=True)
         for label, density in per_task_items("density", self.density):
             check_fraction(label, density, low_open=True)
             if density + self.gamma > 1 + 1e-12:  # (a tolerance for sums such as 0.7 + 0.3 in binary floats)
                 raise ValueError(f"gamma + density must be at most 1 (gamma drops the top, density keeps the band "
                                  f"below it), got gamma={self.gamma!r}, {label}={density!r}.")
-        check_number("scaling", self.scaling)
-        if not isinstance(self.sign_election, bool):
-            raise TypeError(f"sign_election must be a bool, got {self.sign_election!r}.")
-
-    def search_space(self) -> SearchSpace:
-        """α: the masks do not depend on it, so the merge is linear in α. Without sign election (the paper's sum)
-        Task Arithmetic's ``linspace(0, 1, 31)[1:]``, with it (a disjoint mean) TIES' grid 0.8–2.5."""
-        return SearchSpace("scaling", TIES_GRID if self.sign_election else TASK_ARITHMETIC_GRID, "linear")
 
 
 @dataclasses.dataclass(kw_only=True)

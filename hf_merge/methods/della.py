@@ -66,16 +66,34 @@ DELLA_BIBTEX = """@article{deep2024della,
 
 
 @dataclasses.dataclass(kw_only=True)
-class DellaConfig(MergeConfig):
-    """``density`` is the mean keep probability, ``epsilon`` ε the half-width of the keep-probability window
-    (density ± ε within (0, 1)), ``scaling`` λ, ``sign_election`` TIES' elect + disjoint mean (else the sum),
-    ``seed`` of the masks."""
+class MaskedMergeConfig(MergeConfig):
+    """Fields of the sparsify-then-merge methods (DELLA, Breadcrumbs): ``scaling`` λ of the merged task vector and
+    ``sign_election``, TIES' elect + disjoint mean of the masked task vectors (else their sum)."""
+
+    scaling: float = 1.0
+    sign_election: bool = True
+
+    def __post_init__(self) -> None:
+        check_number("scaling", self.scaling)
+        if not isinstance(self.sign_election, bool):
+            raise TypeError(f"sign_election must be a bool, got {self.sign_election!r}.")
+
+    def search_space(self) -> SearchSpace:
+        """λ: the masks do not depend on it, so the merge is linear in λ. With sign election (a disjoint mean) TIES'
+        grid 0.8–2.5, without it (a sum) Task Arithmetic's ``linspace(0, 1, 31)[1:]``; the papers tune λ on
+        validation data but these grids are this package's choice."""
+        return SearchSpace("scaling", TIES_GRID if self.sign_election else TASK_ARITHMETIC_GRID, "linear")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DellaConfig(MaskedMergeConfig):
+    """``density`` is the mean keep probability (one value, or per task), ``epsilon`` ε the half-width of the
+    keep-probability window (density ± ε within (0, 1)), ``seed`` of the masks; ``scaling`` and ``sign_election``
+    as in :class:`MaskedMergeConfig`."""
 
     method: str = dataclasses.field(default="della", init=False)
     density: float | Sequence[float] | Mapping[str, float]
     epsilon: float = 0.15
-    scaling: float = 1.0
-    sign_election: bool = True
     seed: int = 0
 
     card: ClassVar[MethodCard] = MethodCard(
@@ -92,23 +110,15 @@ class DellaConfig(MergeConfig):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_fraction("epsilon", self.epsilon, high_open=True)
         for label, density in per_task_items("density", self.density):
             check_fraction(label, density, low_open=True, high_open=True)
             if density - self.epsilon <= 0 or density + self.epsilon >= 1:
                 raise ValueError(f"epsilon must keep the keep probabilities density ± epsilon within (0, 1), got "
                                  f"{label}={density!r}, epsilon={self.epsilon!r}.")
-        check_number("scaling", self.scaling)
-        if not isinstance(self.sign_election, bool):
-            raise TypeError(f"sign_election must be a bool, got {self.sign_election!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
-
-    def search_space(self) -> SearchSpace:
-        """λ: the masks do not depend on it, so the merge is linear in λ. With sign election (a disjoint mean) TIES'
-        grid 0.8–2.5, without it (a sum) Task Arithmetic's ``linspace(0, 1, 31)[1:]``; the paper tunes λ on
-        validation data but these grids are this package's choice."""
-        return SearchSpace("scaling", TIES_GRID if self.sign_election else TASK_ARITHMETIC_GRID, "linear")
 
 
 @dataclasses.dataclass(kw_only=True)
