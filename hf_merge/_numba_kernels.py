@@ -209,10 +209,41 @@ def fused_multiply_add(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+def gram(first, others, partials):
+    """``partials[c]`` = the float64 Gram matrix of [x_0, τ_1, ..., τ_T] over chunk c, with τ_t = x_t − x_0 rounded
+    to float32 (every product is exact in float64; the chunks' sums are added by the caller)."""
+    n = first.shape[0]
+    size = len(others) + 1
+    for chunk in numba.prange(partials.shape[0]):
+        begin, end = chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)
+        vectors = np.empty((size, SEGMENT), np.float64)
+        sums = np.zeros((size, size), np.float64)
+        for start in range(begin, end, SEGMENT):
+            length = min(SEGMENT, end - start)
+            base = first[start : start + length]
+            for j in range(length):
+                vectors[0, j] = load(base, j)
+            for t in range(len(others)):
+                part = others[t][start : start + length]
+                for j in range(length):
+                    vectors[t + 1, j] = np.float32(load(part, j) - load(base, j))
+            for a in range(size):
+                for b in range(a, size):
+                    total = 0.0
+                    for j in range(length):
+                        total += vectors[a, j] * vectors[b, j]
+                    sums[a, b] += total
+        for a in range(size):
+            for b in range(a, size):
+                partials[chunk, a, b] = sums[a, b]
+                partials[chunk, b, a] = sums[a, b]
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def linear_combine(first, others, weights, out, limit, nonfinite):
-    """out = x_0 + Σ_t w_t·(x_t − x_0) in float32: the difference rounded to float32, then one fused multiply-add per
-    term, in input order (the torch route of ``MergeContext.combine``), cast to the output dtype;
+def linear_combine(first, others, scale, weights, out, limit, nonfinite):
+    """out = s·x_0 + Σ_t w_t·(x_t − x_0) in float32 (s = 1: x_0 itself): the difference rounded to float32, then one
+    fused multiply-add per term, in input order (the torch route of ``MergeContext.combine``), cast to the output dtype;
     ``nonfinite[c]`` counts chunk c's results that are not finite once cast (``|x| < limit`` is, see
     :func:`hf_merge.kernels.finite_limit`)."""
     n = first.shape[0]
@@ -224,7 +255,7 @@ def linear_combine(first, others, weights, out, limit, nonfinite):
             size = min(SEGMENT, end - start)
             base, out_part = first[start : start + size], out[start : start + size]
             for j in range(size):
-                accumulator[j] = load(base, j)
+                accumulator[j] = scale * load(base, j)
             for t in range(len(others)):
                 part, weight = others[t][start : start + size], weights[t]
                 for j in range(size):
@@ -234,3 +265,70 @@ def linear_combine(first, others, weights, out, limit, nonfinite):
                 bad += not (abs(accumulator[j]) < limit)
                 store(out_part, j, accumulator[j])
         nonfinite[chunk] = bad
+
+
+@numba.njit(inline="always")
+def _elected_segment(deltas, begin, size, thresholds, cuts, scales, values, elected):
+    """values[t, j] = w_t τ_t[begin + j] where task t keeps the entry (|τ| above its threshold, or at it up to
+    position ``cuts[t]``), else 0; elected[j] = Σ_t values[t, j] (in task order)."""
+    for j in range(size):
+        elected[j] = np.float32(0.0)
+    for t in range(len(deltas)):
+        part, threshold, cut, scale = deltas[t][begin : begin + size], thresholds[t], cuts[t] - begin, scales[t]
+        for j in range(size):
+            magnitude = abs(part[j])
+            keep = (magnitude > threshold) | ((magnitude == threshold) & (j <= cut))
+            values[t, j] = part[j] * scale if keep else np.float32(0.0)
+            elected[j] += values[t, j]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def elect_mass(deltas, thresholds, cuts, scales, mass):
+    """``mass[c]`` = Σ_j sign(Σ_t w_t τ̂_t[j]) over chunk c (the tensor's majority sign is the sign of the total)."""
+    n = deltas[0].shape[0]
+    for chunk in numba.prange(mass.shape[0]):
+        values = np.empty((len(deltas), SEGMENT), np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        total = 0
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            _elected_segment(deltas, begin, size, thresholds, cuts, scales, values, elected)
+            for j in range(size):
+                total += (elected[j] > 0) - (elected[j] < 0)
+        mass[chunk] = total
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def elect_merge(deltas, thresholds, cuts, scales, weights, weighted, majority, mean, out):
+    """TIES' elect and disjoint merge of trimmed, weighted task vectors v_t = w_t τ̂_t, fused: γ = sign(Σ_t v_t) (an
+    exact 0 takes ``majority``), out = Σ_{t∈A} v_t over A = {t : v_t γ > 0}, divided for ``mean`` by Σ_{t∈A} w_t
+    (``weighted``; 1 when 0) or by max(|A|, 1) — the float32 operations of ``ties.disjoint_merge`` in its order."""
+    n = out.shape[0]
+    for chunk in numba.prange(-(-n // KERNEL_CHUNK)):
+        values = np.empty((len(deltas), SEGMENT), np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        total = np.empty(SEGMENT, np.float32)
+        divisor = np.empty(SEGMENT, np.float32)
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            _elected_segment(deltas, begin, size, thresholds, cuts, scales, values, elected)
+            for j in range(size):
+                sign = np.float32((elected[j] > 0) - (elected[j] < 0))
+                elected[j] = sign if sign != 0 else majority
+                total[j] = np.float32(0.0)
+                divisor[j] = np.float32(0.0)
+            for t in range(len(deltas)):
+                weight = weights[t] if weighted else np.float32(1.0)
+                for j in range(size):
+                    agreeing = values[t, j] * elected[j]
+                    total[j] += agreeing if agreeing > 0 else np.float32(0.0)
+                    divisor[j] += weight if agreeing > 0 else np.float32(0.0)
+            part = out[begin : begin + size]
+            for j in range(size):
+                result = total[j] * elected[j]
+                if mean:
+                    if weighted:
+                        result = result / (divisor[j] if divisor[j] != 0 else np.float32(1.0))
+                    else:
+                        result = result / max(divisor[j], np.float32(1.0))
+                part[j] = result

@@ -14,12 +14,13 @@ import torch
 
 from .config import MergeConfig
 from .engine import Plan, check_plan, run
-from .inputs import Inputs, describe_inputs, open_base, open_tasks
+from .inputs import Inputs, describe_inputs, open_inputs
 from .io.sinks import Sink, output_sink
 from .io.sources import TensorSource
 from .options import MergeOptions, split_options
 from .record import MergeRecord
 from .registry import get_merger, make_config
+from .vocab import VOCABULARY_OPTIONS, reconcile_vocabularies
 
 OUTPUTS = ("model", "lora")
 
@@ -40,10 +41,11 @@ def merge(
 
     Args:
         base: the pre-trained model θ₀ — a ``PreTrainedModel`` (possibly dispatched by Accelerate with a device map,
-            offloaded weights included), a local checkpoint folder (single or sharded safetensors) or a state dict;
+            offloaded weights included), a local checkpoint folder (single or sharded safetensors), a Hub repo id
+            (``"org/name"``, ``"org/name@revision"``; downloaded, see :mod:`hf_merge.hub.resolve`) or a state dict;
             ``None`` for methods that merge whole models (C2M3, weight matching).
         finetuned: the fine-tuned models θ_t, a sequence or a ``{task_name: model}`` mapping; kinds may be mixed. A
-            PEFT adapter (folder or ``PeftModel``) counts as θ₀ + ΔW.
+            PEFT adapter (folder, Hub repo id or ``PeftModel``) counts as θ₀ + ΔW.
         config: a :class:`~hf_merge.MergeConfig`, or a method name (``"ties"``) with its parameters as keywords.
         output_dir: write a ``from_pretrained``-loadable checkpoint there (atomically) and return its path.
         output: ``"model"`` (merged weights) or ``"lora"`` (LoRA inputs only: a merged PEFT adapter,
@@ -55,8 +57,14 @@ def merge(
             ``memory_budget`` (bytes or ``"4GB"`` the merge's working set may hold; ``max_memory`` given as a size
             means the same), ``max_memory`` (as a dict, Accelerate's placement budget for ``device_map="auto"``),
             ``device_map`` (placement of the merged model; a dispatched base's ``hf_device_map`` is reused by
-            default), ``offload_folder`` (for ``"disk"`` entries), ``max_shard_size`` (default 5GB). An output that
-            cannot honour an option raises naming it. Every other keyword is a config field, e.g. ``scaling=0.3``.
+            default), ``offload_folder`` (for ``"disk"`` entries), ``max_shard_size`` (default 5GB), and for Hub
+            inputs ``revision`` (one, or ``{reference: revision}``), ``token`` and ``cache_dir``; for the model card
+            ``license`` (a Hub license id), ``tags`` (a list of strings) and ``base_model`` (``{input: hub_id}``, an
+            input named by path or task name: the Hub ids the card lists for local inputs). An output that cannot
+            honour an option raises naming it. Vocabularies (:mod:`hf_merge.vocab`, mergekit's semantics):
+            ``tokenizer_source`` (``"base"``, ``"union"`` or an input), ``tokenizer`` (tokenizers of in-memory
+            inputs), ``chat_template`` (a Jinja template, ``"auto"`` or an input) and ``pad_to_multiple_of``. Every
+            other keyword is a config field, e.g. ``scaling=0.3``.
 
     Returns:
         A new model of the base's class (the base is untouched) for a model base, the model described by the folder's
@@ -68,13 +76,15 @@ def merge(
     options = split_options(keywords)
     config = make_config(config, **keywords)
     merger = get_merger(config)
-    tasks = open_tasks(finetuned, allow_pickle=options.allow_pickle)
-    base_source = open_base(base, allow_pickle=options.allow_pickle) if base is not None else None
+    base_source, tasks = open_inputs(base, finetuned, options, base_required=False)
+    base_source, tasks = reconcile_vocabularies(base_source, tasks, options, references={
+        "base": base, **(finetuned if isinstance(finetuned, Mapping) else {f"task_{i}": m for i, m in enumerate(finetuned)})})
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {list(OUTPUTS)}, got {output!r}.")
     if output != "lora" and (rank is not None or energy is not None):
         raise ValueError("rank= and energy= apply to output='lora' only.")
-    record = MergeRecord(config, describe_inputs(base_source, tasks), artifact="adapter" if output == "lora" else "model")
+    record = MergeRecord(config, describe_inputs(base_source, tasks), artifact="adapter" if output == "lora" else "model",
+                         card=options.card)
     plan = Plan(base_source, tasks, merger, record)
     check_plan(plan)
     layout_source = base_source if base_source is not None else next(iter(tasks.values()))
@@ -122,6 +132,9 @@ def compress(
 
     options = split_options(keywords)
     config = make_config(config, **keywords)
+    if config.has_schedules():
+        raise ValueError(f"compress stores every task with one {config.method!r} config; a Schedule varies a value "
+                         "over the model, which only merge() resolves: give constant values.")
     compressor = get_merger(config)
     if not isinstance(compressor, TaskCompressor):
         raise TypeError(
@@ -129,10 +142,11 @@ def compress(
         )
     if getattr(config, "task", None) is not None:
         raise ValueError("config.task selects one task for merge(); compress stores every task, so leave it None.")
-    base_source = open_base(base, allow_pickle=options.allow_pickle)
-    tasks = open_tasks(finetuned, allow_pickle=options.allow_pickle)
-    inputs = MergeRecord(config, describe_inputs(base_source, tasks)).input_folders()
-    sink = BankSink(compressor, base_source, list(tasks), options, output_dir=output_dir, inputs=inputs)
+    options.reject(VOCABULARY_OPTIONS, "compress (a task bank keeps the base's vocabulary)")
+    base_source, tasks = open_inputs(base, finetuned, options)
+    record = MergeRecord(config, describe_inputs(base_source, tasks), artifact="task_bank", card=options.card)
+    sink = BankSink(compressor, base_source, list(tasks), options, output_dir=output_dir,
+                    inputs=record.input_folders(), card=record.card)
     return run(Plan(base_source, tasks, compressor), sink, options)
 
 
@@ -167,12 +181,14 @@ def merge_adapters(
     if len(adapter_names) < 1:
         raise ValueError("adapter_names is empty.")
     options = split_options(keywords, progress=False)
+    options.reject(("revision", "token", "cache_dir"), "merge_adapters (its adapters are already loaded)")
+    options.reject(VOCABULARY_OPTIONS, "merge_adapters (adapters keep their base's vocabulary)")
     config = make_config(config, **keywords)
     base = StateDictSource(peft_base_state_dict(model), "base (under the adapters)")
     tasks: dict[str, TensorSource] = {
         name: LoraSource(LoraAdapter.from_peft_model(model, name, f"adapter {name!r}")) for name in adapter_names
     }
-    record = MergeRecord(config, describe_inputs(base, tasks), artifact="adapter")
+    record = MergeRecord(config, describe_inputs(base, tasks), artifact="adapter", card=options.card)
     merged = run(Plan(base, tasks, get_merger(config), record), AdapterSink(base, tasks, options, rank=rank,
                                                                             energy=energy), options)
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,12 @@ Integrity: :meth:`TaskBank.from_pretrained` refuses a bank whose base changed si
 and the fingerprint of sampled bytes of every tensor), whose manifest lists the tasks in another order than its
 payload, and a payload value that is not finite when a task is rebuilt. It reads the payload lazily, tensor by
 tensor: keep the folder until the bank is no longer used (a removed file is named in the error).
+
+Publishing (:meth:`TaskBank.push_to_hub`): a bank whose base is not embedded is pushed with its base named by Hub id
+(``"base": {"path": null, "repo_id": "org/name[@commit]"}`` in the pushed manifest) — never by a local path. A base
+that came from the Hub is named by its repo id and commit; a local base folder needs ``base_model={"base":
+"org/name"}`` (or keyed by its path), else the push is refused. :meth:`TaskBank.from_pretrained` downloads such a
+base and checks it against the bank's fingerprint.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import load_json
-from .errors import MergeError
+from .errors import MergeError, warn
 from .io.deltas import DeltaSource
 from .io.publish import check_output_dir, publish_folder
 from .io.sinks import Sink
@@ -60,6 +65,7 @@ PAYLOAD_DIR = "payload"
 BASE_DIR = "base"
 _SEPARATOR = "::"
 _DTYPE_TO_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_BANK_FILES = (BANK_MANIFEST, f"{PAYLOAD_DIR}/*", f"{BASE_DIR}/*", "README.md")
 
 
 def _nbytes(meta: TensorMeta) -> int:
@@ -77,6 +83,10 @@ class TaskBank:
         >>> bank.save_pretrained("bank/")
         >>> sst2 = hf_merge.TaskBank.from_pretrained("bank/").load_task("sst2")
     """
+
+    #: The card metadata given to :func:`compress` (``license``, ``tags``, ``base_model``), role-keyed; ``None``
+    #: for a bank opened from disk.
+    card: Any = None
 
     def __init__(
         self,
@@ -176,39 +186,84 @@ class TaskBank:
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-                        overwrite: bool = False) -> str:
+                        overwrite: bool = False, license: str | None = None, tags: Any = None,
+                        base_model: Any = None) -> str:
         """Write the bank into ``save_directory`` atomically (see the module docstring for the layout, and
-        :mod:`hf_merge.io.publish` for the rules of an existing folder and ``overwrite``)."""
+        :mod:`hf_merge.io.publish` for the rules of an existing folder and ``overwrite``). ``license``, ``tags`` and
+        ``base_model`` (``{input: hub_id}``) set the card's metadata, added to what :func:`compress` was given."""
+        card = self._card_record(license, tags, base_model).card  # checked before anything is written
         target = Path(save_directory).absolute()
         with publish_folder(target, self.folders(), overwrite=overwrite) as tmp:
             (tmp / PAYLOAD_DIR).mkdir()
             write_safetensors_shards(tmp / PAYLOAD_DIR, self.layout, self.payload.get, max_shard_size=max_shard_size,
                                      metadata=_tasks_metadata(self._tasks))
             _finish_bank(tmp, self.config, self._tasks, self.base, self.metas, embed_base=self._base_embedded,
-                         max_shard_size=max_shard_size)
+                         max_shard_size=max_shard_size, card=card)
         return str(target)
 
-    def push_to_hub(self, repo_id: str, **push_options: Any) -> Any:
+    def _card_record(self, license: str | None = None, tags: Any = None, base_model: Any = None) -> MergeRecord:
+        record = MergeRecord(self.config, _bank_inputs(self.base, self._tasks), artifact="task_bank",
+                             **({"card": self.card} if self.card is not None else {}))
+        return record.with_card(license=license, tags=tags, base_model=base_model)
+
+    def published_base(self, base_model: Any = None) -> str | None:
+        """How the pushed manifest names a base that is not embedded: a Hub base by ``"repo_id@commit"``, a local
+        base folder by the Hub id ``base_model`` maps it to (``None`` for an embedded base). Raises ``ValueError``
+        naming the base's path when it has no Hub id: pushing would publish that local path."""
+        if self._base_embedded:
+            return None
+        from .hub.resolve import cached_repo
+
+        mapped = self._card_record(base_model=base_model).card.base_model.get("base")
+        if mapped is not None:
+            return mapped
+        repo = cached_repo(self.base.folder)
+        if repo is not None:
+            return f"{repo[0]}@{repo[1]}"
+        path = str(self.base.folder.absolute())
+        raise ValueError(
+            f"This task bank stores its base by the local path {path}: pushing it would publish that path in "
+            f"task_bank.json (and in no way the base itself), so the bank would not load from the Hub. Pass "
+            f"base_model={{{path!r}: 'org/name'}} (or {{'base': 'org/name'}}) with the base's Hub id — it is checked "
+            "against the bank's fingerprint when the bank is loaded — or compress from the base's Hub id, or from a "
+            "model in memory (the base is then embedded in the bank)."
+        )
+
+    def push_to_hub(self, repo_id: str, *, license: str | None = None, tags: Any = None, base_model: Any = None,
+                    **push_options: Any) -> Any:
         """Save the bank to a temporary folder and upload it in one commit (see :func:`hf_merge.hub.push_folder`).
 
-        A bank whose base is stored as a local path (not embedded) is not self-contained on the Hub: compress from
-        an in-memory base, or push the base too.
+        ``license``, ``tags`` and ``base_model`` set the card's metadata. A base that is not embedded is published
+        by its Hub id (see :meth:`published_base`, which refuses a local base folder without one), never by a local
+        path; nothing is uploaded when a check fails.
         """
         import tempfile
 
         from .hub import push_folder
+        from .hub.cards import check_publishable
 
+        self._card_record(license, tags, base_model)  # bad card metadata fails before anything is written
+        hub_base = self.published_base(base_model)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "bank"
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, license=license, tags=tags, base_model=base_model)
+            if hub_base is not None:
+                manifest = load_json(folder / BANK_MANIFEST)
+                manifest["base"] = {**manifest["base"], "path": None, "repo_id": hub_base}
+                (folder / BANK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+            check_publishable(folder, _bank_inputs(self.base, self._tasks))
             return push_folder(folder, repo_id, **push_options)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> TaskBank:
-        """Open a bank written by :meth:`save_pretrained` or ``compress(..., output_dir=...)`` (tensors read lazily)."""
+    def from_pretrained(cls, directory: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> TaskBank:
+        """Open a bank written by :meth:`save_pretrained` or ``compress(..., output_dir=...)`` (tensors read lazily):
+        a local folder, or a Hub repo id (``"org/name"``, ``"org/name@revision"``; downloaded into ``cache_dir``). A
+        base stored by path that is a Hub snapshot missing here is downloaded at its recorded commit."""
         from .config import MergeConfig
+        from .hub.resolve import cached_repo, resolve_folder, resolve_model
 
-        folder = Path(directory)
+        folder = resolve_folder(directory, _BANK_FILES, revision=revision, token=token, cache_dir=cache_dir).folder
         manifest_path = folder / BANK_MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"No {BANK_MANIFEST} in {folder}: not a task bank folder.")
@@ -222,10 +277,16 @@ class TaskBank:
             config = MergeConfig.from_dict(manifest["config"])
             tasks, base_entry = list(manifest["tasks"]), manifest["base"]
             embedded = bool(base_entry["embedded"])
-            base_path = folder / BASE_DIR if embedded else Path(base_entry["path"])
+            hub_base = None if embedded or base_entry.get("path") else base_entry.get("repo_id")  # a pushed bank
+            base_path = folder / BASE_DIR if embedded else Path(base_entry["path"]) if hub_base is None else None
             tensors = dict(base_entry["tensors"])
         except (KeyError, TypeError) as error:
             raise ValueError(f"{manifest_path}: a malformed task-bank manifest ({type(error).__name__}: {error}).") from None
+        if hub_base is not None:
+            base_path = resolve_model(hub_base, token=token, cache_dir=cache_dir).folder
+        repo = cached_repo(base_path)
+        if not base_path.exists() and repo is not None:
+            base_path = resolve_model(repo[0], revision=repo[1], token=token, cache_dir=cache_dir).folder
         if not base_path.exists():
             raise FileNotFoundError(
                 f"The bank's base checkpoint {base_path} does not exist (the bank stores only its path)."
@@ -242,8 +303,8 @@ class TaskBank:
                 )
         payload = FolderSource(folder / PAYLOAD_DIR, "task bank payload")
         if manifest["version"] == 1:
-            warnings.warn(f"{manifest_path}: a version-1 task bank carries no integrity data (base fingerprint, task "
-                          "names with the payload); save it again to add them.", stacklevel=2)
+            warn(f"{manifest_path}: a version-1 task bank carries no integrity data (base fingerprint, task "
+                          "names with the payload); save it again to add them.")
         else:
             if base_fingerprint(base) != base_entry.get("fingerprint"):
                 raise ValueError(f"The bank's base {base_path} changed since the bank was written (its data no longer "
@@ -276,8 +337,10 @@ def _finish_bank(
     *,
     embed_base: bool,
     max_shard_size: int | str,
+    card: Any = None,
 ) -> None:
-    """Everything of a bank folder but its payload: the embedded base (or its path), the manifest and the card."""
+    """Everything of a bank folder but its payload: the embedded base (or its path), the manifest and the card
+    (``card``: the user's :class:`~hf_merge.hub.provenance.CardMetadata`)."""
     if embed_base:
         (folder / BASE_DIR).mkdir()
         write_safetensors_shards(folder / BASE_DIR, metas, base.get, max_shard_size=max_shard_size)
@@ -304,7 +367,13 @@ def _finish_bank(
         },
     }
     (folder / BANK_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    MergeRecord(config, {"base": base.origin, "models": dict.fromkeys(tasks)}, artifact="task_bank").write_to(folder)
+    MergeRecord(config, _bank_inputs(base, tasks), artifact="task_bank",
+                **({"card": card} if card is not None else {})).write_to(folder)
+
+
+def _bank_inputs(base: TensorSource, tasks: Sequence[str]) -> dict[str, Any]:
+    """What a bank's card knows of its inputs: the base's origin and the task names."""
+    return {"base": base.origin, "models": dict.fromkeys(tasks)}
 
 
 def base_fingerprint(base: TensorSource) -> str:
@@ -349,8 +418,9 @@ class BankSink(Sink):
     takes_encoded = True
 
     def __init__(self, compressor: TaskCompressor, base: TensorSource, tasks: Sequence[str], options: MergeOptions, *,
-                 output_dir: str | os.PathLike | None = None, inputs: Sequence[Path] = ()) -> None:
+                 output_dir: str | os.PathLike | None = None, inputs: Sequence[Path] = (), card: Any = None) -> None:
         self.compressor, self.base, self.tasks = compressor, base, list(tasks)
+        self.card = card  # the card metadata given to compress (role-keyed)
         self.output_dir = Path(output_dir).absolute() if output_dir is not None else None
         if self.output_dir is not None:
             check_output_dir(self.output_dir, inputs, overwrite=options.overwrite)  # before any work
@@ -389,13 +459,16 @@ class BankSink(Sink):
     def finish(self, record: MergeRecord | None) -> TaskBank:
         config = self.compressor.config
         if self.output_dir is None:
-            return TaskBank(config, self.tasks, self.base, StateDictSource(self.pending, "task bank payload"),
+            bank = TaskBank(config, self.tasks, self.base, StateDictSource(self.pending, "task bank payload"),
                             base_embedded=self.embed_base)
-        self.writer.close()
-        _finish_bank(self.staging, config, self.tasks, self.base, self.metas, embed_base=self.embed_base,
-                     max_shard_size=self.max_shard_size)
-        self._stack.close()
-        return TaskBank.from_pretrained(self.output_dir)
+        else:
+            self.writer.close()
+            _finish_bank(self.staging, config, self.tasks, self.base, self.metas, embed_base=self.embed_base,
+                         max_shard_size=self.max_shard_size, card=self.card)
+            self._stack.close()
+            bank = TaskBank.from_pretrained(self.output_dir)
+        bank.card = self.card
+        return bank
 
     def abort(self, error: BaseException) -> None:
         if hasattr(self, "writer"):

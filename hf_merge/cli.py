@@ -1,26 +1,32 @@
 """``hf-merge`` command line.
 
-    hf-merge merge CONFIG.yaml [--quiet]     run the merge a YAML file describes
+    hf-merge merge RECIPE.yaml [OUT_DIR] [--quiet] [--overwrite] [--dry-run]   run the merge a YAML recipe describes
+    hf-merge check RECIPE.yaml [OUT_DIR] [--json]   check a recipe before merging: inputs, method, memory (exit 1:
+                                            the merge would be refused)
     hf-merge methods                        list the methods and their default parameters
     hf-merge push DIR REPO_ID [--private] [--revision REV]   upload a merge folder to the Hub in one commit
 
-The YAML keys are ``method``, ``base``, ``models`` (a list or a ``{task: path}`` mapping), ``parameters``,
-``output``, and optionally any field of :class:`~hf_merge.options.MergeOptions` (``dtype``, ``device``,
-``memory_budget``, ``max_shard_size``, ``allow_pickle``, ...). Relative paths are resolved against the YAML file's
-folder.
+A recipe is hf_merge's own YAML or a mergekit configuration, told apart by its keys (``method`` or
+``merge_method``). hf_merge's keys are ``method``, ``base``, ``models`` (a list or a ``{task: path}`` mapping),
+``parameters``, ``output``, and optionally any field of :class:`~hf_merge.options.MergeOptions` (``dtype``, ``device``,
+``memory_budget``, ``max_shard_size``, ``allow_pickle``, ...). mergekit's are read by :mod:`hf_merge.mergekit`. Relative
+paths in a recipe are resolved against the YAML file's folder; ``OUT_DIR`` (relative to the working directory)
+overrides ``output`` and is required for mergekit recipes, which have no output key.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 _RECIPE_KEYS = {"method", "base", "models", "parameters", "output"}
-_PATH_OPTIONS = ("offload_folder",)
+_PATH_OPTIONS = ("offload_folder", "cache_dir")
+_REFERENCE_OPTIONS = ("tokenizer", "tokenizer_source", "chat_template")
 
 
 def _yaml_keys() -> set[str]:
@@ -29,20 +35,16 @@ def _yaml_keys() -> set[str]:
     return _RECIPE_KEYS | set(MergeOptions.field_names()) - {"progress"}
 
 
-def load_merge_spec(path: str | Path) -> dict[str, Any]:
-    """Read and check a merge YAML file; paths in it are resolved relative to the file."""
-    import yaml
+def load_merge_spec(path: str | Path, output: str | Path | None = None) -> dict[str, Any]:
+    """Read and check an hf_merge merge YAML file; paths in it are resolved relative to the file. ``output`` (relative
+    to the working directory) overrides the file's ``output`` key, which is then optional."""
+    from .mergekit import load_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Merge config {path} does not exist.")
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ValueError(f"{path}: not valid YAML{at}: {problem}.") from None
+    return _check_merge_spec(path, load_yaml(path), output)
+
+
+def _check_merge_spec(path: Path, spec: Any, output: str | Path | None) -> dict[str, Any]:
     valid = _yaml_keys()
     if not isinstance(spec, Mapping):
         raise ValueError(f"{path}: expected a mapping with keys {sorted(valid)}.")
@@ -53,8 +55,9 @@ def load_merge_spec(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: unknown key(s) {unknown}{did_you_mean(unknown, valid)}; valid keys are "
                          f"{sorted(valid)}.")
     for key in ("method", "models", "output"):
-        if key not in spec:
-            raise ValueError(f"{path}: missing required key {key!r}.")
+        if key not in spec and not (key == "output" and output is not None):
+            raise ValueError(f"{path}: missing required key {key!r}" + (
+                " (or give the output folder: hf-merge merge RECIPE OUT_DIR)." if key == "output" else "."))
     root = path.parent
 
     def resolve(value: Any, what: str) -> str:
@@ -62,11 +65,19 @@ def load_merge_spec(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"{path}: {what} must be a path string, got {value!r}.")
         return str((root / value).resolve()) if not Path(value).is_absolute() else value
 
+    def reference(value: Any, what: str) -> str:
+        """A model: a folder relative to the recipe, or (when no such path exists) a Hub repo id as written."""
+        resolved = resolve(value, what)
+        try:
+            return resolved if os.path.exists(resolved) else value
+        except (OSError, ValueError):  # not a path at all (e.g. a Jinja template's text)
+            return value
+
     models = spec["models"]
     if isinstance(models, Mapping):
-        models = {str(name): resolve(p, f"models.{name}") for name, p in models.items()}
+        models = {str(name): reference(p, f"models.{name}") for name, p in models.items()}
     elif isinstance(models, Sequence) and not isinstance(models, str):
-        models = [resolve(p, f"models[{i}]") for i, p in enumerate(models)]
+        models = [reference(p, f"models[{i}]") for i, p in enumerate(models)]
     else:
         raise ValueError(f"{path}: models must be a list or a mapping of paths.")
     parameters = spec.get("parameters") or {}
@@ -76,27 +87,142 @@ def load_merge_spec(path: str | Path) -> dict[str, Any]:
     for key in _PATH_OPTIONS:
         if options.get(key) is not None:
             options[key] = resolve(options[key], key)
+    for key in _REFERENCE_OPTIONS:  # an input or a folder relative to the recipe, else as written (a name, "union")
+        if isinstance(options.get(key), str):
+            options[key] = reference(options[key], key)
     return {
         "method": spec["method"],
-        "base": resolve(spec["base"], "base") if spec.get("base") is not None else None,
+        "base": reference(spec["base"], "base") if spec.get("base") is not None else None,
         "models": models,
         "parameters": dict(parameters),
-        "output": resolve(spec["output"], "output"),
+        "output": str(Path(output).resolve()) if output is not None else resolve(spec["output"], "output"),
         "options": options,
     }
 
 
+def _read_recipe(path: Path) -> tuple[Any, bool]:
+    """``(parsed recipe, whether it is mergekit's)``; a recipe of neither schema raises."""
+    from .mergekit import is_mergekit_recipe, load_yaml
+
+    data = load_yaml(path)
+    if isinstance(data, Mapping) and "merge_method" in data and "method" in data:
+        raise ValueError(f"{path}: has both 'method' (hf_merge's recipe) and 'merge_method' (mergekit's); give one.")
+    if isinstance(data, Mapping) and "merge_method" not in data and "method" not in data and not is_mergekit_recipe(data):
+        raise ValueError(f"{path}: missing the method: 'method' (hf_merge's recipe) or 'merge_method' (mergekit's).")
+    return data, is_mergekit_recipe(data)
+
+
 def _merge_command(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        report = _check_recipe(Path(args.config), args.out_dir, overwrite=args.overwrite, require_output=True)
+        print(report)
+        return 0 if report.ok else 1
+    path = Path(args.config)
+    data, mergekit = _read_recipe(path)
+    if mergekit:
+        return _merge_mergekit(path, data, args)
     from .api import merge
     from .config import MergeConfig
 
-    spec = load_merge_spec(args.config)
+    spec = _check_merge_spec(path, data, args.out_dir)
     config = MergeConfig.from_dict({"method": spec["method"], **spec["parameters"]})
     options = {**spec["options"], **({"overwrite": True} if args.overwrite else {})}
     output = merge(spec["base"], spec["models"], config, output_dir=spec["output"], progress=not args.quiet, **options)
     if not args.quiet:
         print(f"Merged {len(spec['models'])} model(s) with {config.method} into {output}")
     return 0
+
+
+def _merge_mergekit(path: Path, data: Mapping[str, Any], args: argparse.Namespace) -> int:
+    """Run a mergekit recipe (see :mod:`hf_merge.mergekit`) into ``OUT_DIR``."""
+    from .mergekit import recipe_from_dict
+
+    if args.out_dir is None:
+        raise ValueError(f"{path}: a mergekit recipe has no output key: give the output folder, "
+                         f"hf-merge merge {args.config} OUT_DIR.")
+    recipe = recipe_from_dict(data, root=path.parent, where=str(path), output=args.out_dir)
+    output = recipe.merge(progress=not args.quiet, **({"overwrite": True} if args.overwrite else {}))
+    if not args.quiet:
+        print(f"Merged {len(recipe.models)} model(s) with mergekit's {recipe.merge_method} (hf_merge "
+              f"{recipe.config.method}) into {output}")
+    return 0
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    import json
+
+    report = _check_recipe(Path(args.config), args.out_dir, overwrite=args.overwrite, require_output=False)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.ok else 1
+
+
+def _check_recipe(path: Path, out_dir: str | None, *, overwrite: bool, require_output: bool) -> Any:
+    """The :class:`~hf_merge.check.CheckReport` of a recipe (either schema). A recipe that cannot be read as one
+    raises (a usage error, exit 2); what the merge would refuse is in the report. ``require_output``: the output
+    folder is required as ``hf-merge merge`` requires it."""
+    from .check import check
+
+    data, mergekit = _read_recipe(path)
+    flags = {"overwrite": True} if overwrite else {}
+    if mergekit:
+        if out_dir is None and require_output:
+            raise ValueError(f"{path}: a mergekit recipe has no output key: give the output folder, "
+                             f"hf-merge merge {path} OUT_DIR.")
+        return _check_mergekit(path, data, out_dir, flags)
+    if out_dir is None and not require_output and isinstance(data, Mapping) and data.get("output") is None:
+        spec = {**_check_merge_spec(path, {**data, "output": "."}, None), "output": None}  # no output: not checked
+    else:
+        spec = _check_merge_spec(path, data, out_dir)
+    config = {"method": spec["method"], **spec["parameters"]}
+    return check(spec["base"], spec["models"], config, output_dir=spec["output"], **{**spec["options"], **flags})
+
+
+def _check_mergekit(path: Path, data: Mapping[str, Any], out_dir: str | None, flags: dict[str, Any]) -> Any:
+    """Check a mergekit recipe: a recipe hf_merge refuses (an unsupported key or method, a bad parameter, a missing
+    model folder) is reported as a blocking problem, with its inputs still checked where they can be read."""
+    from .check import check
+    from .mergekit import recipe_from_dict
+
+    try:
+        recipe = recipe_from_dict(data, root=path.parent, where=str(path), output=out_dir)
+    except ValueError as error:
+        recipe_error = error
+    else:
+        return check(recipe.base, recipe.models, recipe.config, output_dir=recipe.output,
+                     tokenizer_source=recipe.vocabulary.get("tokenizer_source", data.get("tokenizer_source")),
+                     **{**recipe.options, **flags})
+    # Refused: check what can be read. Without the vocabulary keys hf_merge refuses, the recipe may read in full
+    # (the check then reports tokenizer_source itself).
+    vocabulary_keys = ("tokenizer_source", "tokenizer", "chat_template")
+    try:
+        recipe = recipe_from_dict({k: v for k, v in data.items() if k not in vocabulary_keys}, root=path.parent,
+                                  where=str(path), output=out_dir)
+    except ValueError:
+        base, models = _mergekit_references(path, data)
+        report = check(base, models, None, output_dir=out_dir, **flags)
+    else:
+        report = check(recipe.base, recipe.models, recipe.config, output_dir=recipe.output,
+                       tokenizer_source=data.get("tokenizer_source"), **{**recipe.options, **flags})
+        if not any(data.get(key) is not None for key in ("tokenizer", "chat_template")):
+            return report  # the refusal was tokenizer_source's, which the report names
+    report.error("recipe", recipe_error)
+    report.problems.insert(0, report.problems.pop())  # the recipe's problem first
+    return report
+
+
+def _mergekit_references(path: Path, data: Any) -> tuple[str | None, dict[str, str]]:
+    """``(base, {reference: folder})`` of a mergekit recipe that did not read, as far as its references are strings
+    (relative to the recipe's folder)."""
+    def resolve(ref: str) -> str:
+        local = (path.parent / Path(ref).expanduser()).resolve()
+        return str(local) if local.exists() else ref  # else a Hub repo id, as written
+
+    data = data if isinstance(data, Mapping) else {}
+    base = data.get("base_model")
+    entries = data.get("models") if isinstance(data.get("models"), Sequence) else []
+    models = {entry["model"]: resolve(entry["model"]) for entry in entries
+              if isinstance(entry, Mapping) and isinstance(entry.get("model"), str) and entry["model"] != base}
+    return (resolve(base) if isinstance(base, str) else None), models
 
 
 def _methods_command(args: argparse.Namespace) -> int:
@@ -121,12 +247,28 @@ def _methods_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-merge", description="Merge Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
-    merge_parser = commands.add_parser("merge", help="run the merge described by a YAML file")
-    merge_parser.add_argument("config", help="YAML file with method, base, models, parameters, output")
+    merge_parser = commands.add_parser("merge", help="run the merge a YAML recipe describes (hf_merge's or mergekit's)")
+    merge_parser.add_argument("config", help="YAML recipe: hf_merge's (method, base, models, parameters, output) or "
+                                             "mergekit's (merge_method, base_model, models, parameters, ...)")
+    merge_parser.add_argument("out_dir", nargs="?", default=None,
+                              help="output folder (overrides the recipe's output; required for mergekit recipes)")
     merge_parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     merge_parser.add_argument("--overwrite", action="store_true",
                               help="write into an existing folder hf-merge did not write (your files are kept)")
+    merge_parser.add_argument("--dry-run", action="store_true",
+                              help="check the recipe (as hf-merge check) and write nothing; exit 1 if the merge would "
+                                   "be refused")
     merge_parser.set_defaults(func=_merge_command)
+    check_parser = commands.add_parser(
+        "check", help="check a recipe before merging: inputs, differences, vocabulary, method, memory and time (reads "
+                      "headers only, writes nothing; exit 1 if the merge would be refused)")
+    check_parser.add_argument("config", help="YAML recipe, hf_merge's or mergekit's (as for hf-merge merge)")
+    check_parser.add_argument("out_dir", nargs="?", default=None,
+                              help="output folder to check (overrides the recipe's output; optional)")
+    check_parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    check_parser.add_argument("--overwrite", action="store_true",
+                              help="check the output folder as hf-merge merge --overwrite would use it")
+    check_parser.set_defaults(func=_check_command)
     methods_parser = commands.add_parser("methods", help="list merge methods and their defaults")
     methods_parser.set_defaults(func=_methods_command)
     from .hub.cli_push import add_push_parser

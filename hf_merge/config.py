@@ -9,14 +9,25 @@ model-card metadata (:attr:`MergeConfig.card`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .params import ParamInfo
 
 CONFIG_NAME = "merge_config.json"
+#: The ``merge_config.json`` entry in which a merge records its Hub inputs (:mod:`hf_merge.record`); not a config field.
+INPUTS_KEY = "inputs"
+#: Where ``merge_config.json`` keeps the merge's one-screen summary (route, sizes, time), next to the config.
+SUMMARY_KEY = "summary"
+#: What ``merge_config.json`` holds besides the config (skipped when a config is read back).
+RECORD_KEYS = (INPUTS_KEY, SUMMARY_KEY)
 #: How a merged model depends on a searched coefficient c: ``"linear"`` θ(c) = θ₀ + c·Δ (one merge for a whole grid),
 #: ``"affine"`` θ(c) = θ(0) + c·(θ(1) − θ(0)) (two merges), ``"per_task"`` chosen per task on that task's model, or
 #: ``"rerun"`` (one merge per grid value).
@@ -51,7 +62,19 @@ class _BuiltOnce(type):
     immutable."""
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        instance = super().__call__(*args, **kwargs)
+        from .schedules import contains_schedule, probes
+
+        if not any(contains_schedule(value) for value in (*args, *kwargs.values())):
+            instance = super().__call__(*args, **kwargs)
+        else:  # validated at every point of every schedule; the instance then holds the schedules themselves
+            values = dict(inspect.signature(cls.__init__).bind(None, *args, **kwargs).arguments)
+            values.pop(next(iter(values)))  # self
+            scheduled = {name: value for name, value in values.items() if contains_schedule(value)}
+            for probe in probes(values):
+                instance = super().__call__(**probe)
+            instance = copy.copy(instance)
+            for name, value in scheduled.items():
+                object.__setattr__(instance, name, value)
         object.__setattr__(instance, "_built", True)
         return instance
 
@@ -101,9 +124,13 @@ class SerializableConfig(metaclass=_BuiltOnce):
         return write_json(save_directory, self.config_file_name, self.to_dict())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> Any:
-        """Read the config file from a folder (or the file itself)."""
-        return cls.from_dict(read_json(directory, cls.config_file_name))
+    def from_pretrained(cls, directory: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> Any:
+        """Read the config file from a folder (or the file itself), or from a Hub repo id (``"org/name"``,
+        ``"org/name@revision"``; only that file is downloaded, into ``cache_dir``). A merge's record of its inputs
+        in the file, and its summary, are skipped."""
+        data = read_json(directory, cls.config_file_name, revision=revision, token=token, cache_dir=cache_dir)
+        return cls.from_dict({k: v for k, v in data.items() if k not in RECORD_KEYS})
 
     def replace(self, **overrides: Any) -> Any:
         """A copy with some fields changed (validated again)."""
@@ -136,7 +163,7 @@ class MergeConfig(SerializableConfig):
         """Build the config named by ``data["method"]`` (nested configs are built recursively)."""
         from .registry import config_class
 
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k not in RECORD_KEYS}  # a merge_config.json's record of the run
         method = data.pop("method", None)
         if method is None:
             if cls is MergeConfig:
@@ -152,6 +179,41 @@ class MergeConfig(SerializableConfig):
     @classmethod
     def method_name(cls) -> str:
         return next(f.default for f in dataclasses.fields(cls) if f.name == "method")
+
+    @classmethod
+    def from_mergekit(cls, recipe: str | os.PathLike | Mapping[str, Any]) -> MergeConfig:
+        """The config of a mergekit recipe (a YAML path or its dict); :func:`hf_merge.read_recipe` gives the models,
+        the base and the options too."""
+        from .mergekit import read_recipe
+
+        return read_recipe(recipe).config
+
+    def has_schedules(self) -> bool:
+        """Whether a field (or a nested config's field) holds a :class:`~hf_merge.Schedule`."""
+        from .schedules import contains_schedule
+
+        return any(value.has_schedules() if isinstance(value, MergeConfig) else contains_schedule(value)
+                   for value in (getattr(self, f.name) for f in dataclasses.fields(self) if f.init))
+
+    def resolved(self, info: ParamInfo) -> MergeConfig:
+        """The plain config of one tensor: every schedule replaced by its value for ``info`` (itself when it has no
+        schedules). A value out of range for this tensor raises, naming the tensor."""
+        from .schedules import contains_schedule, position, resolve
+
+        changes = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MergeConfig):
+                if value.has_schedules():
+                    changes[f.name] = value.resolved(info)
+            elif f.init and contains_schedule(value):
+                changes[f.name] = resolve(value, info.name, position(info))
+        if not changes:
+            return self
+        try:
+            return self.replace(**changes)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"tensor {info.name!r}: {error}") from None
 
 
 def did_you_mean(unknown: list[str] | str, known: Iterable[str]) -> str:
@@ -174,13 +236,19 @@ def write_json(directory: str | os.PathLike, filename: str, data: Mapping[str, A
     return path
 
 
-def read_json(directory: str | os.PathLike, filename: str) -> dict[str, Any]:
-    """Read ``directory/filename`` (or ``directory`` itself when it is the file)."""
-    path = os.fspath(directory)
-    if os.path.isdir(path):
+def read_json(directory: str | os.PathLike, filename: str, *, revision: str | None = None,
+              token: str | bool | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read ``directory/filename`` (or ``directory`` itself when it is the file); a ``directory`` that is no local
+    path but a Hub repo id is downloaded (see :func:`hf_merge.hub.resolve.resolve_folder`)."""
+    from .hub.resolve import resolve_folder
+
+    resolved = resolve_folder(directory, [filename], revision=revision, token=token, cache_dir=cache_dir)
+    path = os.fspath(resolved.folder)
+    if os.path.isdir(path) or resolved.repo_id is not None:
         path = os.path.join(path, filename)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {filename} found at {path!r}.")
+        where = f"the Hub repo {resolved.repo_id} (commit {resolved.commit})" if resolved.repo_id else repr(path)
+        raise FileNotFoundError(f"No {filename} found at {where}.")
     data = load_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}.")
@@ -200,8 +268,12 @@ def load_json(path: str | os.PathLike) -> Any:
 
 
 def _to_plain(value: Any) -> Any:
+    from .schedules import Schedule
+
     if isinstance(value, MergeConfig):
         return value.to_dict()
+    if isinstance(value, Schedule):
+        return value.to_plain()
     if isinstance(value, Mapping):
         return {str(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -210,8 +282,18 @@ def _to_plain(value: Any) -> Any:
 
 
 def _from_plain(value: Any) -> Any:
-    if isinstance(value, Mapping) and "method" in value:
-        return MergeConfig.from_dict(value)
+    """Nested configs (a mapping with ``method``) and schedules (``{"schedule": [rules]}``) rebuilt, at any depth."""
+    from .schedules import Schedule
+
+    if isinstance(value, Mapping):
+        if "method" in value:
+            return MergeConfig.from_dict(value)
+        rules = value.get("schedule")
+        if len(value) == 1 and isinstance(rules, list) and rules and all(isinstance(r, Mapping) for r in rules):
+            return Schedule(rules)
+        return {k: _from_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_plain(v) for v in value]
     return value
 
 

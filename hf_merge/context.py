@@ -15,8 +15,9 @@ from .errors import MergeError
 from .io.deltas import DeltaSource
 from .io.prefetch import Prefetcher
 from .io.sources import TensorSource
-from .kernels import fused_linear_combine
+from .kernels import fused_gram, fused_linear_combine
 from .params import ParamInfo
+from .progress import Progress
 from .tensors import TensorMeta, check_output_finite, numpy_view
 from .tuning import TUNING
 
@@ -37,6 +38,8 @@ class MergeContext:
         prefetch_depth: int = 1,
         output_dtypes: Mapping[str, torch.dtype] | None = None,
         bounded_memory: bool = False,
+        merge_keys: Sequence[str] | None = None,
+        tracker: Progress | None = None,
     ) -> None:
         self.base = base
         self.tasks = dict(tasks)
@@ -45,9 +48,12 @@ class MergeContext:
         self.metas = metas
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.progress = progress
+        #: The merge's one progress bar, shared by every pass (and every view of this context).
+        self.tracker = tracker if tracker is not None else Progress(progress)
         self._transforms = transforms
         self.prefetch_depth = prefetch_depth
-        self.merge_keys = [k for k, m in metas.items() if m.dtype.is_floating_point]
+        self.merge_keys = (list(merge_keys) if merge_keys is not None
+                           else [k for k, m in metas.items() if m.dtype.is_floating_point])
         self.output_dtypes = output_dtypes
         self.bounded_memory = bounded_memory
 
@@ -70,10 +76,14 @@ class MergeContext:
         its wrapper, so it never merges in one pass of its own (:attr:`can_merge_in_one_pass` is false)."""
         return self._view(output_dtypes=None)
 
+    def restricted(self, keys: Sequence[str]) -> MergeContext:
+        """A :meth:`nested` view whose statistics passes (:meth:`iter_deltas`) cover ``keys`` only."""
+        return self._view(output_dtypes=None, merge_keys=keys)
+
     def _view(self, **changes: Any) -> MergeContext:
         settings = dict(device=self.device, progress=self.progress, transforms=self._transforms,
                         prefetch_depth=self.prefetch_depth, output_dtypes=self.output_dtypes,
-                        bounded_memory=self.bounded_memory)
+                        bounded_memory=self.bounded_memory, merge_keys=self.merge_keys, tracker=self.tracker)
         return MergeContext(self.base, self.tasks, self.infos, self.metas, **{**settings, **changes})
 
     def _load(self, source: TensorSource, key: str) -> torch.Tensor:
@@ -107,10 +117,25 @@ class MergeContext:
         base = self.base_tensor(key)
         return base, self.deltas(key, base)
 
+    def gram(self, key: str) -> torch.Tensor:
+        """The float64 Gram matrix of [θ₀, τ_1, ..., τ_T] of ``key`` (τ_t = θ_t − θ₀ rounded to float32), in one read of
+        each input: the compiled kernel (:func:`hf_merge.kernels.fused_gram`) on the CPU, else chunk by chunk."""
+        sources = [self.base, *self.tasks.values()]
+        fused = fused_gram([s.meta(key).dtype for s in sources]) if self.device.type == "cpu" else None
+        if fused is not None:
+            return torch.from_numpy(fused([source.flat_array(key) for source in sources]))
+        total = torch.zeros(len(sources), len(sources), dtype=torch.float64, device=self.device)
+        for pieces in zip(*(source.iter_chunks(key, TUNING.combine_chunk) for source in sources)):
+            base = pieces[0].to(self.device, torch.float32)
+            rows = torch.stack([base, *(piece.to(self.device, torch.float32) - base for piece in pieces[1:])])
+            rows = rows.double()
+            total += rows @ rows.T
+        return total.cpu()
+
     def combine(self, key: str, coefficients: Sequence[float], dtype: torch.dtype,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """θ₀ + Σ_t c_t (θ_t − θ₀) of ``key`` in ``dtype``, on the CPU (into ``out`` if given): each difference rounded
-        to float32, then one fused multiply-add per task, in input order.
+                out: torch.Tensor | None = None, base_scale: float = 1.0) -> torch.Tensor:
+        """s·θ₀ + Σ_t c_t (θ_t − θ₀) of ``key`` in ``dtype`` (s = 1 by default), on the CPU (into ``out`` if given): each
+        difference rounded to float32, then one fused multiply-add per task, in input order.
 
         On a CPU compute device the inputs stream in pieces of :attr:`~hf_merge.tuning.Tuning.combine_chunk` elements
         through one float32 accumulator that stays in cache, so each input is read once and the output written once
@@ -120,7 +145,7 @@ class MergeContext:
         sources = [self.base, *self.tasks.values()]
         if self.device.type != "cpu":
             base = sources[0].get(key).to(self.device, torch.float32)
-            total = base.clone()
+            total = base * base_scale
             for source, weight in zip(sources[1:], coefficients):
                 total.add_(source.get(key).to(self.device, torch.float32) - base, alpha=weight)
             self.check_finite(total, sources, key)
@@ -133,7 +158,7 @@ class MergeContext:
         if fused is not None:
             # one fused compiled loop, reading checkpoint tensors through a mapping: the same bits as below
             arrays = [source.flat_array(key) for source in sources]
-            if fused(arrays, list(coefficients), numpy_view(flat_out)):
+            if fused(arrays, list(coefficients), numpy_view(flat_out), base_scale):
                 return out
             # a non-finite result: the torch route below names the input holding NaN/Inf, or the overflow
         size = min(flat_out.numel(), TUNING.combine_chunk)
@@ -144,6 +169,8 @@ class MergeContext:
             acc, base, difference = accumulator[:n], base_buffer[:n], difference_buffer[:n]
             base.copy_(pieces[0])
             acc.copy_(base)
+            if base_scale != 1.0:
+                acc.mul_(base_scale)
             for piece, weight in zip(pieces[1:], coefficients):
                 acc.add_(torch.sub(difference.copy_(piece), base, out=difference), alpha=weight)
             self.check_finite(acc, sources, key, pieces)
@@ -172,9 +199,7 @@ class MergeContext:
 
     def iter_deltas(self, desc: str = "statistics") -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
         """Stream ``(key, base, deltas)`` over every floating-point tensor (for statistics passes)."""
-        from tqdm.auto import tqdm
-
         with self.prefetcher(self.merge_keys) as prefetcher:
-            for key in tqdm(self.merge_keys, desc=desc, unit="tensor", disable=not self.progress, leave=False):
+            for key in self.tracker.track(self.merge_keys, desc):
                 base, deltas = prefetcher.get(key)
                 yield key, base, deltas

@@ -9,6 +9,7 @@ stream every output tensor from the sources through the method into a sink.
 - *one pass*: a merge that reads every input once (:attr:`Merger.one_pass`), amended at the end;
 - *low rank*: a method's low-rank form on factored updates, for a LoRA output;
 - *linear*: θ₀ + Σ_t c_t τ_t in one fused accumulation, for methods linear in the task vectors;
+- *Gram*: the method run on each tensor's Gram coordinates, then one fused combination (SLERP family, Model Stock);
 - *per tensor*: ``merge_tensor`` on the float32 base and task vectors.
 """
 
@@ -29,12 +30,15 @@ from .io.deltas import DeltaSource, LowRankSource
 from .io.prefetch import Prefetcher
 from .io.sinks import Sink
 from .io.sources import TensorSource
+from .linalg import gram_coordinates
 from .lowrank import LowRank
 from .methods.base import Merger, ModelMerger, TaskCompressor
 from .options import MergeOptions
 from .params import classify_parameters
 from .placement import release_freed_memory
+from .progress import Progress
 from .record import MergeRecord
+from .summary import MergeSummary
 from .tensors import Amendment, TensorMeta, check_output_finite
 from .tuning import TUNING
 
@@ -70,12 +74,23 @@ def run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     if isinstance(plan.merger, ModelMerger):
         return _run_whole_models(plan, sink, options)
     ctx = _context(plan, options)
+    summary = MergeSummary.of(plan.merger.config.method, len(plan.tasks) + 1, ctx.metas,
+                              _output_metas(ctx.metas, options.dtype))
     try:
-        plan.merger.prepare(ctx)
-        _stream(plan, ctx, sink, options)
+        with ctx.tracker:
+            plan.merger.prepare(ctx)
+            summary.finish(_stream(plan, ctx, sink))
     except BaseException as error:
         sink.abort(error)
         raise
+    return _finish(plan, sink, summary, options)
+
+
+def _finish(plan: Plan, sink: Sink, summary: MergeSummary, options: MergeOptions) -> Any:
+    """Report the summary, store it with the record, and let the sink finish (publish)."""
+    summary.report(options.progress)
+    if plan.record is not None:
+        plan.record.summary.update(summary.to_dict())
     return sink.finish(plan.record)
 
 
@@ -113,18 +128,25 @@ def read_ahead_depth(metas: Mapping[str, TensorMeta], num_inputs: int, options: 
     budget = options.memory_budget
     if budget is None:
         return 1
-    floats = {k: m for k, m in metas.items() if m.dtype.is_floating_point}
-    if not floats:
+    largest_key, working = working_set(metas, num_inputs)
+    if largest_key is None:
         return 0
-    largest_key = max(floats, key=lambda k: math.prod(floats[k].shape))
-    largest = math.prod(floats[largest_key].shape)
-    working = (num_inputs + 3) * largest * 4
     if working > budget:
         raise MergeError(
             f"max_memory={budget} bytes is below the ~{working} bytes needed to merge the largest tensor "
-            f"{largest_key!r} {floats[largest_key].shape} across {num_inputs} inputs in float32."
+            f"{largest_key!r} {metas[largest_key].shape} across {num_inputs} inputs in float32."
         )
     return 1 if 2 * working <= budget // 2 else 0
+
+
+def working_set(metas: Mapping[str, TensorMeta], num_inputs: int) -> tuple[str | None, int]:
+    """``(largest floating-point tensor, bytes)`` of the working set of merging one tensor: about (inputs + 3)
+    float32 copies of the largest one (base, task vectors, temporaries, the output); ``(None, 0)`` without any."""
+    floats = {k: m for k, m in metas.items() if m.dtype.is_floating_point}
+    if not floats:
+        return None, 0
+    largest_key = max(floats, key=lambda k: math.prod(floats[k].shape))
+    return largest_key, (num_inputs + 3) * math.prod(floats[largest_key].shape) * 4
 
 
 class _MemoryRelease:
@@ -141,8 +163,8 @@ class _MemoryRelease:
             self.since = 0
 
 
-def _stream(plan: Plan, ctx: MergeContext, sink: Sink, options: MergeOptions) -> None:
-    """Put every output tensor the sink wants, through the route the method and the sink allow."""
+def _stream(plan: Plan, ctx: MergeContext, sink: Sink) -> str:
+    """Put every output tensor the sink wants, through the route the method and the sink allow; return the route."""
     merger, base, metas, infos = plan.merger, ctx.base, ctx.metas, ctx.infos
     out_metas = {k: TensorMeta(m.shape, ctx.output_dtypes[k]) for k, m in metas.items()}
     order = sink.begin(out_metas, infos, ctx.prefetch_depth)
@@ -159,21 +181,21 @@ def _stream(plan: Plan, ctx: MergeContext, sink: Sink, options: MergeOptions) ->
             def produce(key: str) -> Any:
                 theta0, deltas = inputs.get(key)
                 return merger.encode_tensor(key, theta0, deltas, infos[key])
+            route = "encoded"
         elif merger.one_pass is not None:
-            produce = _one_pass_route(merger, ctx, sink, stack, floating)
+            route, produce = "one pass", _one_pass_route(merger, ctx, sink, stack, floating)
         else:
-            produce = _tensor_route(merger, ctx, sink, stack, floating, out_metas)
+            route, produce = _tensor_route(merger, ctx, sink, stack, floating, out_metas)
 
-        _put_all(sink, order, metas, base, produce, release, options, f"merging ({method})")
+        _put_all(sink, order, metas, base, produce, release, ctx.tracker, f"merging ({method})")
         if merger.one_pass is not None and sink.amends_in_place:
             sink.amend(_checked(merger.one_pass.amendments()))
+    return route
 
 
 def _put_all(sink: Sink, order: list[str], metas: Mapping[str, TensorMeta], base: TensorSource,
-             produce: Callable[[str], Any], release: _MemoryRelease, options: MergeOptions, desc: str) -> None:
-    from tqdm.auto import tqdm
-
-    for key in tqdm(order, desc=desc, unit="tensor", disable=not options.progress):
+             produce: Callable[[str], Any], release: _MemoryRelease, tracker: Progress, desc: str) -> None:
+    for key in tracker.track(order, desc):
         if not metas[key].dtype.is_floating_point:
             sink.put(key, base.get(key))
             continue
@@ -195,10 +217,7 @@ def _one_pass_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contex
 
     if sink.amends_in_place:
         return stack.enter_context(Prefetcher(merge_one, floating, depth=ctx.prefetch_depth)).get
-    from tqdm.auto import tqdm
-
-    held = {key: merge_one(key) for key in tqdm(floating, desc=f"merging ({merger.config.method})", unit="tensor",
-                                                  leave=False, disable=not ctx.progress)}
+    held = {key: merge_one(key) for key in ctx.tracker.track(floating, f"merging ({merger.config.method})")}
     for key, index, values in _checked(one_pass.amendments()):
         held[key].view(-1)[slice(None) if index is None else index] = values.view(-1)
     return held.pop
@@ -211,7 +230,7 @@ def _checked(amendments: Iterable[Amendment]) -> Iterator[Amendment]:
 
 
 def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextlib.ExitStack, floating: list[str],
-                  out_metas: Mapping[str, TensorMeta]) -> Callable[[str], Any]:
+                  out_metas: Mapping[str, TensorMeta]) -> tuple[str, Callable[[str], Any]]:
     """Per tensor: the low-rank form, the fused linear combination, or ``merge_tensor`` on float32 task vectors."""
     tasks = list(ctx.tasks.values())
     if sink.takes_lowrank and merger.has_lowrank_form and all(isinstance(t, LowRankSource) for t in tasks):
@@ -224,13 +243,30 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
             parts = [(p if p is not None else LowRank.zero(rows, cols)).to(ctx.device) for p in parts]
             return merger.merge_lowrank(key, parts, ctx.infos[key])
 
-        return lowrank
-    coefficients = merger.linear_coefficients(ctx.task_names)
-    if coefficients is not None and not any(isinstance(t, DeltaSource) for t in tasks):
+        return "low rank", lowrank
+    coefficients_of = merger.coefficients_of(ctx.task_names)
+    if coefficients_of is not None and not any(isinstance(t, DeltaSource) for t in tasks):
         # Linear in the task vectors (Task Arithmetic, averaging): one fused accumulation per tensor.
-        prefetcher = stack.enter_context(ctx.prefetcher(
-            floating, load=lambda key: ctx.combine(key, coefficients, out_metas[key].dtype, out=sink.buffer(key))))
-        return prefetcher.get
+        prefetcher = stack.enter_context(ctx.prefetcher(floating, load=lambda key: ctx.combine(
+            key, coefficients_of(key), out_metas[key].dtype, out=sink.buffer(key))))
+        return "linear", prefetcher.get
+    if merger.gram_determined and not any(isinstance(t, DeltaSource) for t in tasks):
+        # Determined by inner products (SLERP family, Model Stock): merged in Gram coordinates, then combined.
+        def combined(key: str) -> torch.Tensor:
+            gram = ctx.gram(key)
+            if not torch.isfinite(gram).all():
+                ctx.load(key)  # raises naming the input that holds NaN or Inf
+                raise MergeError(f"tensor {key!r}: the inputs are finite but their inner products overflow.")
+            coordinates, back = gram_coordinates(gram)
+            if coordinates.shape[0] == 0:  # θ₀ and every τ_t are zero
+                scale, weights = 1.0, [0.0] * len(tasks)
+            else:
+                base, *deltas = coordinates.T
+                merged = base + merger.merge_tensor(key, base, list(deltas), ctx.infos[key])
+                scale, *weights = (back @ merged).tolist()
+            return ctx.combine(key, weights, out_metas[key].dtype, out=sink.buffer(key), base_scale=scale)
+
+        return "Gram", stack.enter_context(ctx.prefetcher(floating, load=combined)).get
     prefetcher = stack.enter_context(ctx.prefetcher(floating))
 
     def merge_one(key: str) -> torch.Tensor:
@@ -238,7 +274,7 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
         merged = theta0 + merger.merge_tensor(key, theta0, deltas, ctx.infos[key])
         return check_output_finite(key, merged.to("cpu", out_metas[key].dtype), merged)
 
-    return merge_one
+    return "per tensor", merge_one
 
 
 def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
@@ -250,13 +286,16 @@ def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     infos = classify_sources(first, models, architecture=plan.architecture)
     ctx = MergeContext(first, models, infos, metas, device=options.device, progress=options.progress)
     out_metas = _output_metas(metas, options.dtype)
+    summary = MergeSummary.of(merger.config.method, len(models), metas, out_metas)
     try:
-        merged = merger.merge_models(ctx)
-        order = sink.begin(out_metas, infos, 0)
-        _put_all(sink, order, metas, first,
-                 lambda key: check_output_finite(key, merged[key].to("cpu", out_metas[key].dtype), merged[key]),
-                 _MemoryRelease(metas, len(models)), options, f"merging ({merger.config.method})")
+        with ctx.tracker:
+            merged = merger.merge_models(ctx)
+            order = sink.begin(out_metas, infos, 0)
+            _put_all(sink, order, metas, first,
+                     lambda key: check_output_finite(key, merged[key].to("cpu", out_metas[key].dtype), merged[key]),
+                     _MemoryRelease(metas, len(models)), ctx.tracker, f"merging ({merger.config.method})")
+        summary.finish("whole models")
     except BaseException as error:
         sink.abort(error)
         raise
-    return sink.finish(plan.record)
+    return _finish(plan, sink, summary, options)

@@ -1,10 +1,14 @@
 """Inputs of a merge: open them as tensor sources, bind updates to the base, validate, classify.
 
-- :func:`open_base` / :func:`open_tasks`: models, checkpoint folders, state dicts and PEFT adapters as sources.
+- :func:`open_inputs` (:func:`open_base` / :func:`open_tasks`): models, checkpoint folders, Hub repo ids, state dicts,
+  PEFT adapters and Sentence-Transformers models (:mod:`hf_merge.sentence_transformers`) as sources. A string that
+  is not an existing local path but a repo id (``org/name``, ``org/name@revision``) is downloaded first
+  (:mod:`hf_merge.hub.resolve`, with the options' ``revision``, ``token`` and ``cache_dir``).
 - :func:`bind_deltas`: tasks given as updates of a base (LoRA adapters, task vectors, task-bank tasks) are bound to
   the run's base: an explicit step, before validation.
 - :func:`validate_sources`: pure checks (architecture, keys, ties, shapes, dtypes) naming the offending input.
 - :func:`classify_sources`: the kind and block of every tensor (:mod:`hf_merge.params`).
+- :func:`describe_inputs`: where each input came from (Hub inputs by repo id and commit), for the record and card.
 """
 
 from __future__ import annotations
@@ -19,25 +23,97 @@ import torch
 
 from .adapters import is_adapter_folder, is_peft_model, open_lora
 from .errors import MergeError
+from .hub.resolve import cached_repo, resolve_model, split_revision
 from .io.deltas import DeltaSource
 from .io.sources import ModelSource, TensorMeta, TensorSource, open_source
 from .models import meta_model
+from .options import MergeOptions
 from .params import ParamInfo, classify_parameters
+from .sentence_transformers import match_pipelines, open_sentence_transformer
 
-Inputs = Any  # a PreTrainedModel, a checkpoint path or a state dict
+Inputs = Any  # a PreTrainedModel, a checkpoint path, a Hub repo id or a state dict
 _ARCH_KEYS = ("model_type", "vocab_size")
 
 
-def open_base(base: Inputs, *, allow_pickle: bool = False) -> TensorSource:
-    return open_source(base, "base", allow_pickle=allow_pickle)
+class _Resolver:
+    """Resolves string references with the options' Hub settings, and remembers which ``{reference: revision}``
+    entries were used (an unused one is a typo: :meth:`check_revisions`)."""
+
+    def __init__(self, options: MergeOptions) -> None:
+        self.options = options
+        self.used: set[str] = set()
+
+    def __call__(self, value: Any, label: str) -> tuple[Any, str]:
+        """``(what to open, label)``: the input itself, or the local folder of a Hub repo id."""
+        if not isinstance(value, str) or os.path.exists(value):
+            return value, label
+        options = self.options
+        try:
+            resolved = resolve_model(value, revision=self._revision(value), token=options.token,
+                                     cache_dir=options.cache_dir, allow_pickle=options.allow_pickle)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"{label}: {error}") from error.__cause__
+        return resolved.folder, f"{label} from {resolved.repo_id}"
+
+    def _revision(self, reference: str) -> str | None:
+        revision = self.options.revision
+        if not isinstance(revision, Mapping):
+            return None if split_revision(reference)[1] is not None else revision
+        key = next((k for k in (reference, split_revision(reference)[0]) if k in revision), None)
+        if key is None:
+            return None
+        self.used.add(key)
+        return revision[key]
+
+    def check_revisions(self) -> None:
+        revision = self.options.revision
+        unused = sorted(set(revision) - self.used) if isinstance(revision, Mapping) else []
+        if unused:
+            raise ValueError(f"revision= names {unused}, which are not Hub repo ids among this merge's inputs.")
 
 
-def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pickle: bool = False) -> dict[str, TensorSource]:
+def open_inputs(base: Inputs | None, finetuned: Sequence[Inputs] | Mapping[str, Inputs],
+                options: MergeOptions | None = None, *, base_required: bool = True
+                ) -> tuple[TensorSource | None, dict[str, TensorSource]]:
+    """``(base source, {task_name: source})`` (see :func:`open_base`, :func:`open_tasks`); ``base`` may be ``None``
+    unless ``base_required``. A ``{reference: revision}`` entry of ``options.revision`` naming no Hub input raises.
+    Sentence-Transformers tasks are matched to the base (:func:`~hf_merge.sentence_transformers.match_pipelines`:
+    same module list, or a plain transformers model on either side)."""
+    resolver = _Resolver(options or MergeOptions())
+    base_source = _open_base(base, resolver) if base is not None or base_required else None
+    tasks = match_pipelines(base_source, _open_tasks(finetuned, resolver))
+    resolver.check_revisions()
+    return base_source, tasks
+
+
+def open_base(base: Inputs, options: MergeOptions | None = None) -> TensorSource:
+    return _open_base(base, _Resolver(options or MergeOptions()))
+
+
+def _open_base(base: Inputs, resolve: _Resolver) -> TensorSource:
+    value, label = resolve(base, "base")
+    return _open_one(value, label, allow_pickle=resolve.options.allow_pickle)
+
+
+def _open_one(value: Any, label: str, *, allow_pickle: bool) -> TensorSource:
+    """One model as a source: a Sentence-Transformers model or folder (:mod:`hf_merge.sentence_transformers`), else
+    a model, checkpoint folder or state dict (:func:`~hf_merge.io.sources.open_source`)."""
+    source = open_sentence_transformer(value, label, allow_pickle=allow_pickle)
+    return source if source is not None else open_source(value, label, allow_pickle=allow_pickle)
+
+
+def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], options: MergeOptions | None = None
+               ) -> dict[str, TensorSource]:
     """``{task_name: source}`` from a sequence (names ``task_0``, ...) or a mapping of inputs.
 
-    A PEFT adapter folder or a ``PeftModel`` counts as a fine-tuned model (base + ΔW); a ``PeftModel`` with several
-    adapters contributes one task per adapter (named after the adapter, or ``"<task>.<adapter>"`` in a mapping).
+    A PEFT adapter (folder, Hub repo or ``PeftModel``) counts as a fine-tuned model (base + ΔW); a ``PeftModel`` with
+    several adapters contributes one task per adapter (named after the adapter, or ``"<task>.<adapter>"`` in a
+    mapping).
     """
+    return _open_tasks(finetuned, _Resolver(options or MergeOptions()))
+
+
+def _open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], resolve: _Resolver) -> dict[str, TensorSource]:
     if isinstance(finetuned, Mapping):
         items = [(str(name), value) for name, value in finetuned.items()]
         named = True
@@ -48,12 +124,13 @@ def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pick
         named = False
     if not items:
         raise ValueError("finetuned is empty: give at least one fine-tuned model.")
+    allow_pickle = resolve.options.allow_pickle
     tasks: dict[str, TensorSource] = {}
-    for name, value in items:
-        label = f"task {name!r}"
+    for name, given in items:
+        value, label = resolve(given, f"task {name!r}")
         lora = is_peft_model(value) or (isinstance(value, (str, os.PathLike)) and is_adapter_folder(value))
         if not lora:
-            tasks[name] = open_source(value, label, allow_pickle=allow_pickle)
+            tasks[name] = _open_one(value, label, allow_pickle=allow_pickle)
             continue
         adapters = open_lora(value, label, allow_pickle=allow_pickle)
         for adapter_name, source in adapters:
@@ -70,9 +147,11 @@ def open_tasks(finetuned: Sequence[Inputs] | Mapping[str, Inputs], *, allow_pick
 def open_pair(base: Inputs, finetuned: Inputs, *, allow_pickle: bool = False
               ) -> tuple[TensorSource, TensorSource, dict[str, TensorMeta]]:
     """``(base, finetuned, base metas)``: one fine-tuned model opened and validated against its base."""
-    base_source = open_source(base, "base", allow_pickle=allow_pickle)
-    finetuned_source = open_source(finetuned, "finetuned", allow_pickle=allow_pickle)
-    return base_source, finetuned_source, validate_sources(base_source, {"finetuned": finetuned_source})
+    resolve = _Resolver(MergeOptions(allow_pickle=allow_pickle))
+    base_source = _open_base(base, resolve)
+    value, label = resolve(finetuned, "finetuned")
+    tasks = match_pipelines(base_source, {"finetuned": _open_one(value, label, allow_pickle=allow_pickle)})
+    return base_source, tasks["finetuned"], validate_sources(base_source, tasks)
 
 
 def tied_embedding_keys(sources: Sequence[TensorSource]) -> tuple[str, str] | None:
@@ -82,7 +161,10 @@ def tied_embedding_keys(sources: Sequence[TensorSource]) -> tuple[str, str] | No
         model = source.model if isinstance(source, ModelSource) else meta_model(source.folder)
         if model is None or not hasattr(model, "get_output_embeddings"):
             continue
-        output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        try:
+            output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        except NotImplementedError:  # a composite model (e.g. CLIP) that does not name one vocabulary's embeddings
+            return None
         if output is None or embedding is None:
             return None
         names = {id(module): name for name, module in model.named_modules()}
@@ -202,9 +284,21 @@ def classify_sources(
     }
 
 
+def _origin(source: TensorSource | None) -> tuple[str | None, dict[str, str] | None]:
+    """``(origin, Hub entry)``: a Hub input (a folder of the Hugging Face cache) by repo id, with its commit."""
+    origin = source.origin if source is not None else None
+    repo = cached_repo(origin)
+    return (origin, None) if repo is None else (repo[0], {"repo_id": repo[0], "commit": repo[1]})
+
+
 def describe_inputs(base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> dict[str, Any]:
-    """Where each input came from, for ``merge_config`` records and model cards."""
-    return {
-        "base": base.origin if base is not None else None,
-        "models": {name: source.origin for name, source in tasks.items()},
-    }
+    """Where each input came from, for ``merge_config`` records and model cards: ``{"base": origin, "models":
+    {task: origin}}`` (an origin is a Hub repo id, a local path, or ``None`` in memory) and, when some came from the
+    Hub, ``"hub": {"base": {"repo_id", "commit"}, "models": {task: {"repo_id", "commit"}}}`` for those."""
+    base_origin, base_hub = _origin(base)
+    models = {name: _origin(source) for name, source in tasks.items()}
+    described: dict[str, Any] = {"base": base_origin, "models": {name: origin for name, (origin, _) in models.items()}}
+    hub_models = {name: entry for name, (_, entry) in models.items() if entry is not None}
+    if base_hub is not None or hub_models:
+        described["hub"] = {**({"base": base_hub} if base_hub is not None else {}), "models": hub_models}
+    return described

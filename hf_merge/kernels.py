@@ -1,5 +1,6 @@
 """The seam of the fast routes: compiled CPU kernels (numba, the optional ``fast`` extra) for the elementwise hot
-loops torch cannot fuse — one-pass global TIES and the linear combination of Task Arithmetic / averaging.
+loops torch cannot fuse — one-pass global TIES, the linear combination of Task Arithmetic / averaging, and the Gram
+matrix of a tensor's inputs (for merges determined by it, e.g. SLERP).
 
 Callers ask :func:`fused_linear_combine` or :func:`fused_ties_one_pass` for a kernel and get ``None`` when the torch
 route runs; they never test availability or dtypes themselves.
@@ -15,18 +16,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
 #: One parallel kernel at a time: numba's fallback threading layer (workqueue) is not thread-safe.
 _LAUNCH_LOCK = threading.Lock()
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
-#: ``(flat input arrays [base, tasks...], one weight per task, flat output array) -> whether every result is finite``.
-LinearCombine = Callable[[Sequence[np.ndarray], Sequence[float], np.ndarray], bool]
+#: ``(flat input arrays [base, tasks...], one weight per task, flat output array, base scale) -> whether every result
+#: is finite``.
+LinearCombine = Callable[[Sequence[np.ndarray], Sequence[float], np.ndarray, float], bool]
 
 
 def kernels_enabled() -> bool:
@@ -43,6 +48,27 @@ def _numba_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _kernel(name: str) -> Any:
+    """The compiled kernel ``name`` of :mod:`hf_merge._numba_kernels`; the first one this machine has never compiled
+    is announced (numba compiles on first use, then loads from its on-disk cache)."""
+    from . import _numba_kernels
+
+    kernel = getattr(_numba_kernels, name)
+    if not kernel.signatures and not _cached_on_disk(kernel):
+        _announce_compile()
+    return kernel
+
+
+def _cached_on_disk(kernel: Any) -> bool:
+    index = getattr(getattr(getattr(kernel, "_cache", None), "_cache_file", None), "_index_path", None)
+    return index is None or os.path.exists(index)
+
+
+@functools.cache
+def _announce_compile() -> None:
+    logger.warning("compiling merge kernels (once per machine)…")
 
 
 def _takes(input_dtypes: Sequence[torch.dtype], output_dtype: torch.dtype) -> bool:
@@ -67,19 +93,82 @@ def fused_ties_one_pass(num_tasks: int, low: Sequence[float], high: Sequence[flo
     return TiesOnePassKernel(num_tasks, low, high, scaling, mean, block)
 
 
-def _linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray) -> bool:
-    """out = x_0 + Σ_t w_t·(x_t − x_0) over flat kernel arrays (x_0 any kernel dtype, the others one dtype; one weight
-    per x_t), accumulated in float32 in input order, the difference rounded to float32 and then one fused
+def _linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out: np.ndarray,
+                    base_scale: float = 1.0) -> bool:
+    """out = s·x_0 + Σ_t w_t·(x_t − x_0) over flat kernel arrays (x_0 any kernel dtype, the others one dtype; one
+    weight per x_t), accumulated in float32 in input order, the difference rounded to float32 and then one fused
     multiply-add per term: the bits of torch's ``acc.add_(x_t − x_0, alpha=w_t)``. Returns whether every result is
     finite."""
     from ._numba_kernels import KERNEL_CHUNK
-    from ._numba_kernels import linear_combine as kernel
+
+    kernel = _kernel("linear_combine")
 
     nonfinite = np.zeros(-(-out.shape[0] // KERNEL_CHUNK), dtype=np.int64)
     with _LAUNCH_LOCK:
-        kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.asarray(weights, dtype=np.float32),
-               out, finite_limit(out), nonfinite)
+        kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.float32(base_scale),
+               np.asarray(weights, dtype=np.float32), out, finite_limit(out), nonfinite)
     return not nonfinite.any()
+
+
+def fused_elect_merge(deltas: Sequence[torch.Tensor]) -> ElectMerge | None:
+    """The compiled TIES elect-and-merge of float32 CPU task vectors (:class:`ElectMerge`), or ``None`` when the torch
+    route runs."""
+    if not kernels_enabled() or not all(d.dtype == torch.float32 and d.device.type == "cpu" for d in deltas):
+        return None
+    return ElectMerge()
+
+
+class ElectMerge:
+    """Fused TIES steps on flat float32 task vectors: trim (|τ_t| above its threshold, or at it up to a position),
+    weight, elect the sign and take the disjoint mean or sum in one pass (``_numba_kernels.elect_merge``), and the
+    tensor's majority sign in another (``_numba_kernels.elect_mass``)."""
+
+    def majority(self, deltas: Sequence[torch.Tensor], thresholds: Sequence[float], cuts: Sequence[int],
+                 scales: Sequence[float]) -> float:
+        """sign(Σ_j sign(Σ_t w_t τ̂_t[j])) over the tensor."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        elect_mass = _kernel("elect_mass")
+        arrays = tuple(_read_only(d.numpy()) for d in deltas)
+        mass = np.zeros(max(1, -(-arrays[0].shape[0] // KERNEL_CHUNK)), dtype=np.int64)
+        with _LAUNCH_LOCK:
+            elect_mass(arrays, *_trim_arrays(thresholds, cuts, scales), mass)
+        return float(np.sign(mass.sum()))
+
+    def __call__(self, deltas: Sequence[torch.Tensor], thresholds: Sequence[float], cuts: Sequence[int],
+                 scales: Sequence[float], weights: Sequence[float] | None, majority: float, mean: bool) -> torch.Tensor:
+        elect_merge = _kernel("elect_merge")
+        arrays = tuple(_read_only(d.numpy()) for d in deltas)
+        out = np.empty(arrays[0].shape[0], dtype=np.float32)
+        weight_array = np.asarray(weights if weights is not None else [1.0] * len(deltas), dtype=np.float32)
+        with _LAUNCH_LOCK:
+            elect_merge(arrays, *_trim_arrays(thresholds, cuts, scales), weight_array, weights is not None,
+                        np.float32(majority), mean, out)
+        return torch.from_numpy(out)
+
+
+def _trim_arrays(thresholds: Sequence[float], cuts: Sequence[int],
+                 scales: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.asarray(thresholds, dtype=np.float32), np.asarray(cuts, dtype=np.int64),
+            np.asarray(scales, dtype=np.float32))
+
+
+def fused_gram(input_dtypes: Sequence[torch.dtype]) -> Callable[[Sequence[np.ndarray]], np.ndarray] | None:
+    """The compiled Gram matrix of [x_0, τ_1, ..., τ_T] (float64, τ_t = x_t − x_0 in float32) for inputs of
+    ``input_dtypes`` (base first), or ``None`` when the torch route runs."""
+    return _gram if kernels_enabled() and _takes(input_dtypes, torch.float32) else None
+
+
+def _gram(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    from ._numba_kernels import KERNEL_CHUNK
+
+    kernel = _kernel("gram")
+
+    size = len(arrays)
+    partials = np.zeros((max(1, -(-arrays[0].shape[0] // KERNEL_CHUNK)), size, size), dtype=np.float64)
+    with _LAUNCH_LOCK:
+        kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), partials)
+    return partials.sum(axis=0)
 
 
 def finite_limit(out: np.ndarray) -> np.float32:
@@ -146,7 +235,9 @@ class TiesOnePassKernel:
                  offset: int = 0) -> TiesBlock | None:
         """Merge one block (``len(base) ≤ block``) into ``out``; reported indices are ``offset`` + positions in the
         block. ``None`` if an input holds NaN or Inf, or the merge overflows float32."""
-        from ._numba_kernels import KERNEL_CHUNK, gather_regions, ties_one_pass
+        from ._numba_kernels import KERNEL_CHUNK, gather_regions
+
+        ties_one_pass = _kernel("ties_one_pass")
 
         counts = self.counts[: -(-base.shape[0] // KERNEL_CHUNK)]
         if out.dtype not in self.zero_negative:

@@ -185,3 +185,17 @@ def _eigh(gram: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
         return torch.from_numpy(w), torch.from_numpy(q)
     w, q = torch.linalg.eigh(gram)
     return (w[n - top :], q[:, n - top :]) if some else (w, q)
+
+
+def gram_coordinates(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates of n vectors in an orthonormal basis of their span, from their float64 Gram matrix G = XᵀX alone.
+
+    With G = V Λ Vᵀ (numerically zero eigenvalues, λ ≤ 1e-14 λ_max, dropped): the coordinates are C = Λ^{1/2} Vᵀ
+    (column i is vector i, CᵀC = G) and ``back`` = V Λ^{-1/2} turns the coordinates y of a vector of the span into
+    coefficients c with y = C c, i.e. the vector is Σ_i c_i x_i. Returns ``(C, back)``; r = 0 for all-zero vectors.
+    """
+    values, vectors = torch.linalg.eigh(gram.double())
+    keep = values > values[-1].clamp_min(0.0) * 1e-14
+    values, vectors = values[keep], vectors[:, keep]
+    root = values.sqrt()
+    return root[:, None] * vectors.T, vectors / root

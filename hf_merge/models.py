@@ -61,28 +61,52 @@ def load_model_from_folder(folder: Path | None, *, meta: bool = False) -> torch.
 
 
 def copy_side_files(base: TensorSource, destination: Path, dtype: torch.dtype | None = None) -> None:
-    """Config (architecture and dtype updated), generation config and tokenizer files of the base; no weights."""
+    """Config (architecture and dtype updated), generation config and tokenizer files of the base; no weights. A
+    Sentence-Transformers base also gives its ``modules.json``, model config and every module's folder (configs,
+    tokenizer; see :func:`hf_merge.sentence_transformers.write_pipeline_files`). The merge's vocabulary plan
+    (:func:`hf_merge.vocab.reconcile_vocabularies`) replaces the tokenizer files and sets ``vocab_size``; an in-memory
+    base gets its tokenizer (``tokenizer=``, or its ``name_or_path`` folder's) this way."""
+    from .sentence_transformers import SentenceTransformerSource, write_pipeline_files
+    from .vocab import vocabulary_of
+
     model = base.model
-    if model is not None and hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]
-        if dtype is not None:
-            config.dtype = dtype
-        config.save_pretrained(destination)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None and getattr(model, "can_generate", lambda: False)():
-            generation_config.save_pretrained(destination)
+    if isinstance(base, SentenceTransformerSource):
+        write_pipeline_files(base, destination, dtype)
+    elif model is not None and hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        save_model_config(model, destination, dtype)
     elif base.folder is not None:
-        for item in base.folder.iterdir():
-            if item.is_file() and item.name not in _SKIPPED_FILES and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):
-                shutil.copy2(item, destination / item.name)
-        config_file = destination / "config.json"
-        if dtype is not None and config_file.is_file():
-            config = load_json(config_file)
-            for key in ("dtype", "torch_dtype"):
-                if key in config:
-                    config[key] = str(dtype).removeprefix("torch.")
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        copy_folder_files(base.folder, destination, dtype)
+    plan = vocabulary_of(base)
+    if plan is not None:
+        plan.write(destination)
+
+
+def save_model_config(model: Any, destination: Path, dtype: torch.dtype | None = None) -> None:
+    """A transformers model's config (its class as ``architectures``, ``dtype`` recorded) and generation config."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(destination)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(destination)
+
+
+def copy_folder_files(folder: Path, destination: Path, dtype: torch.dtype | None = None) -> None:
+    """The files of ``folder`` that are not weights, indexes, merge records or cards (sub-folders are not copied),
+    with ``dtype`` recorded in its ``config.json``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for item in folder.iterdir():
+        if item.is_file() and item.name not in _SKIPPED_FILES and not item.name.endswith(_WEIGHT_FILE_SUFFIXES):
+            shutil.copy2(item, destination / item.name)
+    config_file = destination / "config.json"
+    if dtype is not None and config_file.is_file():
+        config = load_json(config_file)
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def memory_to_key(base: TensorSource) -> dict[str, str]:

@@ -54,6 +54,22 @@ class MergeOptions:
         max_shard_size: shard size of a written checkpoint (``None``: 5GB, the Hub's default).
         overwrite: write into an existing folder this package did not write (the user's files in it are kept;
             see :mod:`hf_merge.io.publish`).
+        revision: the Hub revision (branch, tag or commit) of inputs given as repo ids: one for all (an input's own
+            ``"org/name@rev"`` wins), or ``{reference: revision}`` (see :mod:`hf_merge.hub.resolve`).
+        token: the Hub token for downloading inputs (``None``: the stored login, if any).
+        cache_dir: the Hugging Face cache inputs are downloaded to (``None``: the default cache).
+        license: the model card's license, a Hub license id (``None``: inherited from the inputs when they agree).
+        tags: more Hub tags for the model card (a list of strings).
+        base_model: ``{input: hub_id}``: the Hub ids the card lists for local or in-memory inputs (named by path,
+            task name or ``"base"``); see :class:`~hf_merge.hub.provenance.CardMetadata`.
+        tokenizer_source: the output's vocabulary (mergekit's): ``"base"``, ``"union"`` or an input (task name, or
+            the path / Hub id it was given as); ``None``: the base's, inputs matched by token only where their
+            embedding rows differ. See :mod:`hf_merge.vocab`.
+        tokenizer: tokenizers of in-memory inputs (a tokenizer or a folder path for the base, or ``{input: ...}``).
+        chat_template: the output tokenizer's chat template: a Jinja template, ``"auto"`` or an input whose
+            template to take; ``None``: the tokenizer source's.
+        pad_to_multiple_of: pad the output's embedding rows to a multiple of this (mergekit's
+            ``tokenizer.pad_to_multiple_of``).
     """
 
     device: torch.device | None = None
@@ -66,6 +82,23 @@ class MergeOptions:
     offload_folder: str | os.PathLike | None = None
     max_shard_size: int | str | None = None
     overwrite: bool = False
+    revision: str | Mapping[str, str] | None = None
+    token: str | bool | None = dataclasses.field(default=None, repr=False)
+    cache_dir: str | os.PathLike | None = None
+    license: str | None = None
+    tags: tuple[str, ...] = ()
+    base_model: Mapping[str, str] | None = None
+    tokenizer_source: str | None = None
+    tokenizer: Any = dataclasses.field(default=None, repr=False)
+    chat_template: str | None = None
+    pad_to_multiple_of: int | None = None
+
+    @property
+    def card(self) -> Any:
+        """The card metadata of these options (a :class:`~hf_merge.hub.provenance.CardMetadata`)."""
+        from .hub.provenance import CardMetadata
+
+        return CardMetadata(license=self.license, tags=self.tags, base_model=self.base_model)
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than their default, by name."""
@@ -96,6 +129,16 @@ def make_options(
     offload_folder: str | os.PathLike | None = None,
     max_shard_size: int | str | None = None,
     overwrite: bool = False,
+    revision: str | Mapping[str, str] | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    license: str | None = None,
+    tags: Any = None,
+    base_model: Mapping[str, str] | None = None,
+    tokenizer_source: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+    chat_template: str | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> MergeOptions:
     """The one way to build :class:`MergeOptions` from user keywords.
 
@@ -125,6 +168,25 @@ def make_options(
             raise TypeError(f"{name} must be a bool, got {flag!r}.")
     if max_shard_size is not None:
         parse_size(max_shard_size)
+    revisions = revision.values() if isinstance(revision, Mapping) else [] if revision is None else [revision]
+    if not all(isinstance(value, str) and value for value in revisions) or (
+            isinstance(revision, Mapping) and not all(isinstance(key, str) and key for key in revision)):
+        raise TypeError(f"revision must be a string or a {{reference: revision}} mapping of strings, got {revision!r}.")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise TypeError(f"token must be a string or a bool, got {type(token).__name__}.")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir must be a path, got {cache_dir!r}.")
+    from .hub.provenance import CardMetadata
+
+    card = CardMetadata(license=license, tags=tags, base_model=base_model)  # checked before any work
+    if tokenizer_source is not None and not isinstance(tokenizer_source, (str, os.PathLike)):
+        raise TypeError(f"tokenizer_source must be 'base', 'union' or an input (a name or path), got "
+                        f"{tokenizer_source!r}.")
+    if chat_template is not None and not (isinstance(chat_template, str) and chat_template):
+        raise TypeError(f"chat_template must be a Jinja template, 'auto' or an input's name, got {chat_template!r}.")
+    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(
+            pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}.")
     return MergeOptions(
         device=torch.device(device) if device is not None else None,
         dtype=parse_dtype(dtype),
@@ -136,12 +198,24 @@ def make_options(
         offload_folder=offload_folder,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        revision=dict(revision) if isinstance(revision, Mapping) else revision,
+        token=token,
+        cache_dir=cache_dir,
+        license=card.license,
+        tags=card.tags,
+        base_model=dict(card.base_model) or None,
+        tokenizer_source=os.fspath(tokenizer_source) if tokenizer_source is not None else None,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        pad_to_multiple_of=pad_to_multiple_of,
     )
 
 
 #: The keywords :func:`make_options` takes (every front door accepts these).
 OPTION_KEYWORDS = ("device", "compute_device", "dtype", "progress", "allow_pickle", "memory_budget", "device_map",
-                   "max_memory", "offload_folder", "max_shard_size", "overwrite")
+                   "max_memory", "offload_folder", "max_shard_size", "overwrite", "revision", "token", "cache_dir",
+                   "license", "tags", "base_model", "tokenizer_source", "tokenizer", "chat_template",
+                   "pad_to_multiple_of")
 
 
 def split_options(keywords: dict[str, Any], **defaults: Any) -> MergeOptions:

@@ -59,4 +59,9 @@ def get_merger(config: MergeConfig | str, **overrides: Any) -> Merger:
     """The :class:`~hf_merge.methods.base.Merger` that carries out ``config``."""
     config = make_config(config, **overrides)
     _load_builtin_methods()
-    return MERGE_METHODS[config.method][1](config)
+    merger_class = MERGE_METHODS[config.method][1]
+    if config.has_schedules():  # resolved per tensor by the engine; the method sees plain configs only
+        from .methods.base import ScheduledMerger
+
+        return ScheduledMerger(config, merger_class)
+    return merger_class(config)

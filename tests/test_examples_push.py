@@ -31,7 +31,7 @@ def test_example_runs_offline_with_no_arguments(tmp_path) -> None:
 
     data = ModelCard.load(folder / "README.md").data
     assert data.license == "apache-2.0"  # inherited from the three inputs
-    assert data.base_model == ["tiny-bert-base", "tiny-bert-sst2", "tiny-bert-mnli"]
+    assert data.base_model is None  # local inputs: no Hub ids (base_model={...} names them)
     assert {r.dataset_name for r in data.eval_results} == {"sst2-random-tokens", "mnli-random-tokens"}
     assert all(0.0 <= r.metric_value <= 1.0 for r in data.eval_results)
 

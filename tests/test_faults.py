@@ -270,6 +270,12 @@ def _overflow(tmp: Path, dtype: torch.dtype, method: str) -> Callable[[], Any]:
     return lambda: hf_merge.merge(base, [ft], method, output_dir=tmp / "out", progress=False, **params)
 
 
+def _scheduled_global_ties(tmp: Path) -> Callable[[], Any]:
+    base, fts = _checkpoints(tmp)
+    density = hf_merge.Schedule({"w": 0.5}, default=0.2)  # two densities: two sets of "global" statistics
+    return lambda: hf_merge.merge(base, fts, "ties", density=density, output_dir=tmp / "out", progress=False)
+
+
 def _bad_config(method: str, **params: Any) -> Callable[[Path], Callable[[], Any]]:
     return lambda tmp: lambda: hf_merge.get_merger(method, **params)
 
@@ -704,6 +710,15 @@ FAULTS = [
           target=None),
     Fault("DARE then of the wrong type", _bad_config("dare", drop_rate=0.5, then="ties"), TypeError, "then must be",
           target=None),
+    # schedules
+    Fault("schedule point out of range", _bad_config("slerp", t=hf_merge.Schedule([0.0, 1.5])), ValueError,
+          r"t must be in \[0, 1\], got 1.5", target=None),
+    Fault("schedule without a catch-all", lambda tmp: lambda: hf_merge.Schedule({"self_attn": 0.3}), ValueError,
+          "give default=", target=None),
+    Fault("schedule rule after the catch-all", lambda tmp: lambda: hf_merge.Schedule([{"value": 1}, {"filter": "mlp",
+          "value": 2}]), ValueError, "can never apply", target=None),
+    Fault("schedule with NaN", lambda tmp: lambda: hf_merge.Schedule([0.1, NAN]), ValueError, "finite", target=None),
+    Fault("schedule splitting global TIES statistics", _scheduled_global_ties, ValueError, "scope='tensor'"),
 ]
 
 

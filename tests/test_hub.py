@@ -112,7 +112,7 @@ def test_card_front_matter_declares_a_merge_of_its_inputs(input_folders, tmp_pat
     from huggingface_hub import ModelCard
 
     data = ModelCard.load(tmp_path / "README.md").data.to_dict()
-    assert data["base_model"] == ["google-bert/bert-base-uncased", "bert-sst2"]  # Hub id, local name; no in-memory
+    assert data["base_model"] == "google-bert/bert-base-uncased"  # Hub ids only: a local folder name is not one
     assert data["base_model_relation"] == "merge"
     assert data["tags"][:3] == ["merge", "hf-merge", "ties"]
     assert data["library_name"] == "transformers"
@@ -267,7 +267,7 @@ def test_merged_model_save_pretrained_writes_weights_config_and_card(merged, tmp
     assert {"config.json", "model.safetensors", "merge_config.json", "README.md"} <= names
     assert hf_merge.MergeConfig.from_pretrained(folder) == merged.merge_config
     data = card_metadata((folder / "README.md").read_text())
-    assert data["base_model"] == ["bert-base", "bert-sst2", "bert-mnli"]
+    assert "base_model" not in data  # every input is a local folder: no Hub id to name
     assert data["license"] == "mit"
     assert data["pipeline_tag"] == "text-classification"
     reloaded = type(merged).from_pretrained(folder)

@@ -165,3 +165,54 @@ def test_compiled_linear_merges_equal_the_torch_route(tmp_path, monkeypatch, dty
         torch_route = torch_route if isinstance(torch_route, dict) else torch_route.state_dict()
         for key in shapes:
             assert compiled[key].dtype == dtype and torch.equal(compiled[key], torch_route[key]), key
+
+
+# ----------------------------------------------------------------------------------------- selection without sorting
+@pytest.mark.parametrize("seed", range(6))
+def test_selection_and_stable_rank_bands_equal_the_sorted_reference(seed):
+    from hf_merge.tensors import kth_smallest, stable_rank_band
+
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 400, (1,), generator=generator))
+    values = torch.randint(0, 7, (n,), generator=generator).float()  # many equal values: ties by position matter
+    order = torch.argsort(values, stable=True)
+    for k in (1, n, max(1, n // 3)):
+        assert kth_smallest(values, k) == values.kthvalue(k).values.item()
+    for start, stop in [(0, n), (n // 4, n // 2), (n // 3, n // 3 + 1), (n // 2, n // 2), (0, 0)]:
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[start:stop]] = True
+        assert torch.equal(stable_rank_band(values, start, stop), expected), (start, stop)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("majority", [None, 1.0])
+def test_the_fused_elect_merge_equals_the_torch_route(monkeypatch, aggregate, weighted, majority):
+    from hf_merge.methods.ties import sign_elected_merge, trim_rule
+
+    generator = torch.Generator().manual_seed(7)
+    # integer-valued task vectors: many equal magnitudes at the thresholds and many exactly cancelling sums
+    flat = [torch.randint(-3, 4, (5000,), generator=generator).float() for _ in range(3)]
+    rules = [trim_rule(f, density, trim) for f, density, trim in zip(flat, (0.3, 0.5, 1.0), ("topk", "threshold",
+                                                                                            "topk"))]
+    weights = [0.5, 2.0, 1.0] if weighted else None
+    scales = [0.25, 2.0, 1.0] if weighted else None
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("HF_MERGE_KERNELS", kernels)
+        results.append(sign_elected_merge(flat, rules, scales, weights, majority, aggregate))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=0)
+
+
+def test_the_first_compile_on_a_machine_is_announced_once(monkeypatch, caplog):
+    from hf_merge import kernels
+
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    monkeypatch.setattr(kernels, "_cached_on_disk", lambda kernel: False)
+    kernels._announce_compile.cache_clear()
+    monkeypatch.setattr(type(kernels._kernel("gram")), "signatures", property(lambda self: []))
+    with caplog.at_level("WARNING", logger="hf_merge.kernels"):
+        kernels._kernel("gram")
+        kernels._kernel("linear_combine")
+    assert [r.getMessage() for r in caplog.records] == ["compiling merge kernels (once per machine)…"]
+    kernels._announce_compile.cache_clear()

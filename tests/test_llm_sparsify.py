@@ -13,7 +13,6 @@ from hf_merge.config import MergeConfig
 from hf_merge.methods.breadcrumbs import (
     BreadcrumbsConfig,
     BreadcrumbsTiesConfig,
-    breadcrumbs,
     breadcrumbs_counts,
     breadcrumbs_mask,
 )
@@ -23,7 +22,7 @@ from hf_merge.methods.della import (
     DellaLinearConfig,
     magprune,
     magprune_keep_probabilities,
-    sign_elected_mean,
+    masked_merge,
 )
 from hf_merge.methods.magmax import MagMaxConfig, magmax
 from hf_merge.methods.model_stock import ModelStockConfig, mean_pairwise_cosine, model_stock, model_stock_ratio
@@ -177,14 +176,16 @@ def test_della_linear_differs_from_della_only_by_sign_election():
     elected = merge_dicts(base, fts, "della", density=0.6, epsilon=0.1, seed=1, scaling=0.7)["w"]
     dropped = [magprune(fts[n]["w"], 0.6, 0.1, mask_seed(1, n, "w")) for n in fts]
     torch.testing.assert_close(linear, 0.7 * (dropped[0] + dropped[1]))
-    torch.testing.assert_close(elected, 0.7 * sign_elected_mean(dropped))
+    torch.testing.assert_close(elected, masked_merge(dropped, None, DellaConfig(density=0.6, scaling=0.7)))
+    stack = torch.stack(dropped)
+    torch.testing.assert_close(elected, 0.7 * disjoint_merge(stack, elect_signs(stack)))
     assert not torch.allclose(linear, elected)
     unelected = merge_dicts(base, fts, "della", density=0.6, epsilon=0.1, seed=1, scaling=0.7, sign_election=False)
     assert torch.equal(unelected["w"], linear)
     assert DellaLinearConfig(density=0.5).sign_election is False and DellaConfig(density=0.5).sign_election is True
 
 
-def test_sign_elected_mean_in_chunks_equals_the_ties_functions(monkeypatch):
+def test_masked_merge_in_chunks_equals_the_ties_functions(monkeypatch):
     deltas = random_tasks((37, 11), count=3, seed=4)
     deltas[0][0, :5] = 0.0
     deltas[1][0, :5] = 0.0
@@ -192,7 +193,7 @@ def test_sign_elected_mean_in_chunks_equals_the_ties_functions(monkeypatch):
     stack = torch.stack(deltas)
     expected = disjoint_merge(stack, elect_signs(stack))
     monkeypatch.setattr(TUNING, "ties_chunk", 13)
-    torch.testing.assert_close(sign_elected_mean(deltas), expected)
+    torch.testing.assert_close(masked_merge(deltas, None, DellaConfig(density=0.5)), expected)
     p = magprune_keep_probabilities(deltas[0], 0.5, 0.1)
     monkeypatch.setattr(TUNING, "ties_chunk", 1 << 22)
     assert torch.equal(p, magprune_keep_probabilities(deltas[0], 0.5, 0.1))
@@ -225,7 +226,7 @@ def test_breadcrumbs_is_masked_task_arithmetic_and_breadcrumbs_ties_adds_sign_el
     ties = merge_dicts(base, fts, "breadcrumbs_ties", density=0.4, gamma=0.05, scaling=0.5)["w"]
     torch.testing.assert_close(ties, base["w"] + 0.5 * disjoint_merge(stack, elect_signs(stack)), rtol=1e-6,
                                atol=1e-6)
-    torch.testing.assert_close(breadcrumbs(deltas, 0.4, 0.05, 0.5, sign_election=True),
+    torch.testing.assert_close(masked_merge(masked, None, BreadcrumbsTiesConfig(density=0.4, scaling=0.5)),
                                0.5 * disjoint_merge(stack, elect_signs(stack)))
     assert BreadcrumbsTiesConfig(density=0.4).sign_election is True
     assert BreadcrumbsConfig(density=0.4).sign_election is False

@@ -30,9 +30,9 @@ def engine_runs(monkeypatch):
     runs: list[str] = []
     original = engine._stream
 
-    def spy(plan, ctx, sink, options):
+    def spy(plan, ctx, sink):
         runs.append(type(sink).__name__)
-        return original(plan, ctx, sink, options)
+        return original(plan, ctx, sink)
 
     monkeypatch.setattr(engine, "_stream", spy)
     return runs
@@ -138,6 +138,63 @@ def test_the_engine_returns_freed_memory_between_tensors(monkeypatch):
 def test_task_vectors_and_mergers_say_what_they_are(folders):
     vector = 0.5 * hf_merge.TaskVector(folders / "base", folders / "ft1")
     assert repr(vector).startswith("TaskVector(") and "0.5" in repr(vector)
-    assert repr(hf_merge.get_merger(hf_merge.TiesConfig(density=0.3))) == (
-        "TiesMerger(TiesConfig(method='ties', density=0.3, scaling=1.0, scope='global', aggregate='mean'))"
-    )
+    config = hf_merge.TiesConfig(density=0.3)
+    assert repr(hf_merge.get_merger(config)) == f"TiesMerger({config!r})"
+    assert repr(config).startswith("TiesConfig(method='ties', density=0.3, scaling=1.0, scope='global'")
+
+
+def test_a_warning_points_at_the_users_line():
+    import warnings
+
+    base = {"w": torch.zeros(3, 2)}
+    models = [{"w": torch.ones(3, 2)}, {"w": -torch.ones(3, 2)}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_merge.merge(base, models, "consensus", k=3, progress=False)  # k > T: a warning
+    (warning,) = [w for w in caught if "exceeds the number of tasks" in str(w.message)]
+    assert warning.filename == __file__
+
+
+@pytest.mark.parametrize("method, options", [("ties", {"memory_budget": "1GB"}), ("ties", {}), ("tsv_m", {})])
+def test_a_merge_shows_one_progress_bar_and_none_without_progress(monkeypatch, method, options):
+    import tqdm.auto
+
+    bars = []
+    original = tqdm.auto.tqdm
+
+    def counted(*args, **kwargs):
+        bar = original(*args, **kwargs, disable=True)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", counted)
+    generator = torch.Generator().manual_seed(0)
+    base = {f"layer{i}.w": torch.randn(6, 5, generator=generator) for i in range(3)}
+    models = [{k: v + torch.randn(v.shape, generator=generator) for k, v in base.items()} for _ in range(2)]
+    hf_merge.merge(base, models, method, progress=True, **options)  # statistics passes + the merge itself
+    assert len(bars) == 1 and bars[0].total >= len(base)
+    bars.clear()
+    hf_merge.merge(base, models, method, progress=False, **options)
+    assert bars == []
+
+
+@pytest.mark.parametrize("method, route", [("task_arithmetic", "linear"), ("slerp", "Gram"), ("ties", "one pass"),
+                                           ("magmax", "per tensor")])
+def test_every_merge_logs_a_one_line_summary_with_its_route(folders, caplog, method, route):
+    models = [folders / "ft1"] if method == "slerp" else [folders / "ft1", folders / "ft2"]
+    with caplog.at_level("INFO", logger="hf_merge"):
+        parameters = {"slerp": {"t": 0.5}, "task_arithmetic": {"scaling": 0.3}}.get(method, {})
+        hf_merge.merge(folders / "base", models, method, progress=False, **parameters)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hf_merge: merged")]
+    assert f"merged {len(models) + 1} inputs with {method} ({route} route)" in line and "GB read" in line
+
+
+def test_the_summary_is_stored_in_merge_config_json_and_skipped_when_loading(folders, tmp_path):
+    import json
+
+    out = hf_merge.merge(folders / "base", [folders / "ft1", folders / "ft2"], "task_arithmetic", scaling=0.3,
+                         output_dir=tmp_path / "out", progress=False)
+    summary = json.loads((tmp_path / "out" / "merge_config.json").read_text())["summary"]
+    assert summary["method"] == "task_arithmetic" and summary["route"] == "linear" and summary["inputs"] == 3
+    assert summary["tensors"] > 0 and summary["output_bytes"] > 0 and summary["seconds"] >= 0
+    assert hf_merge.MergeConfig.from_pretrained(out) == hf_merge.TaskArithmeticConfig(scaling=0.3)

@@ -4,6 +4,11 @@ The engine records ``model.merge_config`` (a :class:`~hf_merge.MergeConfig`) and
 (``{"base": origin or None, "models": {task: origin or None}}``) on the model that :func:`hf_merge.merge` returns,
 and :func:`attach_publishing` gives that one model instance a ``save_pretrained`` which also writes
 ``merge_config.json`` and ``README.md``, and a ``push_to_hub`` that publishes all of it in one commit.
+
+Card metadata given to :func:`hf_merge.merge` (``license``, ``tags``, ``base_model``) is kept on the model
+(``model.merge_card``); ``save_pretrained``/``push_to_hub`` take the same keywords (``license`` replaces, ``tags`` and
+``base_model`` entries are added). A push refuses, before anything is uploaded, a card that would publish a local
+path (:func:`~hf_merge.hub.cards.check_publishable`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Any
 
 from .push import RetryPolicy, push_folder
 
-_CARD_OPTIONS = ("license", "pipeline_tag", "eval_results", "model_name", "overwrite")
+_CARD_OPTIONS = ("license", "tags", "base_model", "pipeline_tag", "eval_results", "model_name", "overwrite")
 
 
 def _merge_record(model: Any) -> tuple[Any, Any]:
@@ -29,11 +34,24 @@ def _merge_record(model: Any) -> tuple[Any, Any]:
     return merge_config, getattr(model, "merge_inputs", None) or {}
 
 
+def _record_of(model: Any, license: str | None, tags: Any, base_model: Any) -> Any:
+    """The model's :class:`~hf_merge.record.MergeRecord` with the card metadata given now (checked here, before
+    anything is written)."""
+    from ..record import MergeRecord
+
+    merge_config, merge_inputs = _merge_record(model)
+    card = getattr(model, "merge_card", None)
+    record = MergeRecord(merge_config, merge_inputs, **({"card": card} if card is not None else {}))
+    return record.with_card(license=license, tags=tags, base_model=base_model)
+
+
 def save_merged_model(
     model: Any,
     save_directory: str | os.PathLike,
     *,
     license: str | None = None,
+    tags: Any = None,
+    base_model: Any = None,
     pipeline_tag: str | None = None,
     eval_results: Any = None,
     model_name: str | None = None,
@@ -45,18 +63,17 @@ def save_merged_model(
     folder (:func:`hf_merge.io.publish.publish_folder`, whose rules ``overwrite`` follows); return the folder.
 
     ``save_kwargs`` go to transformers' ``save_pretrained`` (e.g. ``max_shard_size``, ``safe_serialization``); the
-    card options are those of :func:`hf_merge.hub.cards.build_model_card`.
+    card options are those of :func:`hf_merge.hub.cards.build_model_card` (``license``, ``tags`` and ``base_model``
+    add to what was given to :func:`hf_merge.merge`).
     """
     from ..io.publish import publish_folder
-    from ..record import MergeRecord
 
-    merge_config, merge_inputs = _merge_record(model)
+    record = _record_of(model, license, tags, base_model)
     folder = Path(save_directory)
-    record = MergeRecord(merge_config, merge_inputs)
     with publish_folder(folder, record.input_folders(), overwrite=overwrite) as staging:
         type(model).save_pretrained(model, staging, **save_kwargs)
         record.write_to(
-            staging, library_name="transformers", model_class=type(model).__name__, license=license,
+            staging, library_name="transformers", model_class=type(model).__name__,
             pipeline_tag=pipeline_tag, eval_results=eval_results, model_name=model_name, repo_id=repo_id,
         )
     return folder
@@ -74,6 +91,8 @@ def push_merged_model(
     endpoint: str | None = None,
     retry: RetryPolicy | None = None,
     license: str | None = None,
+    tags: Any = None,
+    base_model: Any = None,
     pipeline_tag: str | None = None,
     eval_results: Any = None,
     model_name: str | None = None,
@@ -81,15 +100,21 @@ def push_merged_model(
 ) -> Any:
     """Save the merged model, its config and card to a temporary folder and push them in one commit.
 
-    Returns the ``huggingface_hub.CommitInfo``; raises :class:`~hf_merge.hub.push.HubPushError` when nothing could
-    be committed.
+    ``license`` (a Hub license id), ``tags`` (a list of strings) and ``base_model`` (``{input: hub_id}``) set the
+    card's metadata (see :func:`save_merged_model`); they are checked, and the card is refused if it would publish a
+    local path, before anything is uploaded. Returns the ``huggingface_hub.CommitInfo``; raises
+    :class:`~hf_merge.hub.push.HubPushError` when nothing could be committed.
     """
-    merge_config, _ = _merge_record(model)
+    from .cards import check_publishable
+
+    merge_config, merge_inputs = _merge_record(model)
+    _record_of(model, license, tags, base_model)  # bad card metadata fails before the model is written
     with tempfile.TemporaryDirectory(prefix="hf_merge_push_") as tmp:
         save_merged_model(
-            model, tmp, license=license, pipeline_tag=pipeline_tag, eval_results=eval_results,
-            model_name=model_name, repo_id=repo_id, max_shard_size=max_shard_size,
+            model, tmp, license=license, tags=tags, base_model=base_model, pipeline_tag=pipeline_tag,
+            eval_results=eval_results, model_name=model_name, repo_id=repo_id, max_shard_size=max_shard_size,
         )
+        check_publishable(tmp, merge_inputs)
         return push_folder(
             tmp, repo_id, private=private, token=token, revision=revision,
             commit_message=commit_message or f"Upload {merge_config.method} merge made with hf-merge",
@@ -110,6 +135,9 @@ def _bound_save_pretrained(self: Any, save_directory: str | os.PathLike, **kwarg
     card_options = {k: kwargs.pop(k) for k in _CARD_OPTIONS if k in kwargs}
     folder = save_merged_model(self, save_directory, repo_id=repo_id, **card_options, **kwargs)
     if push:
+        from .cards import check_publishable
+
+        check_publishable(folder, _merge_record(self)[1])
         push_folder(folder, repo_id, **push_options)
     return folder
 

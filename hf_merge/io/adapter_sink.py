@@ -42,12 +42,36 @@ class MergedAdapter:
 
     Every module has its own rank (``rank_pattern``) and ``alpha == rank`` (``alpha_pattern``), so its scaling is 1
     and ΔW = B A exactly as merged.
+
+    ``adapter_config["base_model_name_or_path"]`` names the base the adapters were merged onto: its Hub id when known
+    (a Hub input, or ``base_model={"base": ...}``), else its local folder, or — for a base in memory — what the
+    adapters declared (:meth:`~hf_merge.record.MergeRecord.adapter_base`). ``card`` holds the card metadata given to
+    the merge (``license``, ``tags``, ``base_model``); the card lists the base as ``base_model`` with
+    ``base_model_relation: adapter``.
     """
 
     adapter_config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
     merge_config: Any
     merge_inputs: dict[str, Any]
+    card: Any = None  # hf_merge.hub.provenance.CardMetadata
+
+    def _record(self, license: str | None = None, tags: Any = None, base_model: Any = None) -> MergeRecord:
+        """The merge record with the card metadata given now (checked against the inputs; nothing written yet)."""
+        from ..record import MergeRecord
+
+        record = MergeRecord(self.merge_config, self.merge_inputs, artifact="adapter",
+                             **({"card": self.card} if self.card is not None else {}))
+        record = record.with_card(license=license, tags=tags, base_model=base_model)
+        if "base" not in record.card.base_model:  # an in-memory base: the Hub id the adapters declare, if one
+            declared = record.adapter_base(self.adapter_config.get("base_model_name_or_path"))
+            if declared and self.merge_inputs.get("base") is None and _is_hub_id(declared):
+                record = record.with_card(base_model={"base": declared})
+        return record
+
+    def _config_for(self, record: MergeRecord) -> dict[str, Any]:
+        return {**self.adapter_config,
+                "base_model_name_or_path": record.adapter_base(self.adapter_config.get("base_model_name_or_path"))}
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -59,31 +83,42 @@ class MergedAdapter:
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
         return LoraConfig(**{k: v for k, v in self.adapter_config.items() if k in fields and k != "peft_type"})
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> str:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False,
+                        license: str | None = None, tags: Any = None, base_model: Any = None,
+                        repo_id: str | None = None) -> str:
         """Write ``adapter_config.json``, ``adapter_model.safetensors``, ``merge_config.json`` and a model card
         (atomically; an existing folder as :mod:`hf_merge.io.publish` rules); ``PeftModel.from_pretrained`` and
-        transformers' ``load_adapter`` load the folder."""
+        transformers' ``load_adapter`` load the folder. ``license``, ``tags`` and ``base_model`` add to the card
+        metadata given to the merge (``base_model={"base": "org/name"}`` also names the base in
+        ``adapter_config.json``)."""
         from safetensors.torch import save_file
 
-        from ..record import MergeRecord
-
-        record = MergeRecord(self.merge_config, self.merge_inputs, artifact="adapter")
+        record = self._record(license, tags, base_model)
         with publish_folder(save_directory, record.input_folders(), overwrite=overwrite) as tmp:
-            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2) + "\n", encoding="utf-8")
+            (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(self._config_for(record), indent=2) + "\n",
+                                                   encoding="utf-8")
             tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
             save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-            record.write_to(tmp)
+            record.write_to(tmp, repo_id=repo_id)
         return str(save_directory)
 
-    def push_to_hub(self, repo_id: str, **push_options: Any) -> Any:
-        """Save to a temporary folder and upload it in one commit (see :func:`hf_merge.hub.push_folder`)."""
+    def push_to_hub(self, repo_id: str, *, license: str | None = None, tags: Any = None, base_model: Any = None,
+                    **push_options: Any) -> Any:
+        """Save to a temporary folder and upload it in one commit (see :func:`hf_merge.hub.push_folder`).
+
+        Refused before anything is uploaded when the adapter's base has no Hub id (a local base folder): the pushed
+        ``adapter_config.json`` would name a local path that the card's loading code cannot find; pass
+        ``base_model={"base": "org/name"}`` (or keyed by the base's path)."""
         import tempfile
 
         from ..hub import push_folder
+        from ..hub.cards import check_publishable
 
+        self._record(license, tags, base_model)  # bad card metadata fails before anything is written
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "adapter"
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, license=license, tags=tags, base_model=base_model, repo_id=repo_id)
+            check_publishable(folder, self.merge_inputs)
             return push_folder(folder, repo_id, **push_options)
 
     def to_peft_model(self, model: torch.nn.Module, adapter_name: str = "default") -> Any:
@@ -96,6 +131,12 @@ class MergedAdapter:
         if unexpected:
             raise RuntimeError(f"PEFT did not accept the merged adapter tensors {unexpected[:5]}.")
         return peft_model
+
+
+def _is_hub_id(reference: str) -> bool:
+    from ..hub.provenance import hub_id_problem
+
+    return hub_id_problem(reference) is None and not os.path.exists(reference)
 
 
 class AdapterSink(Sink):
@@ -177,11 +218,13 @@ class AdapterSink(Sink):
         if not ranks and not modules_to_save:
             raise MergeError("The merged adapter is empty: every merged update is zero.")
         first = next(iter(self.tasks.values())).adapter.config
+        declared = next((t.adapter.config.get("base_model_name_or_path") for t in self.tasks.values()
+                         if t.adapter.config.get("base_model_name_or_path")), None)
         top_rank = max(ranks.values(), default=1)
         adapter_config = {
             "peft_type": "LORA",
             "task_type": first.get("task_type"),
-            "base_model_name_or_path": first.get("base_model_name_or_path"),
+            "base_model_name_or_path": record.adapter_base(declared) if record is not None else declared,
             "r": top_rank,
             "lora_alpha": top_rank,
             "rank_pattern": {re.escape(m): r for m, r in ranks.items()},
@@ -196,7 +239,7 @@ class AdapterSink(Sink):
             "inference_mode": True,
         }
         adapter = MergedAdapter(adapter_config, tensors, record.config if record else None,
-                                dict(record.inputs) if record else {})
+                                dict(record.inputs) if record else {}, card=record.card if record else None)
         if self.output_dir is None:
             return adapter
         return adapter.save_pretrained(self.output_dir, overwrite=self.overwrite)

@@ -133,7 +133,8 @@ class StateDictSink(Sink):
     """A ``{key: tensor}`` dict (tied aliases included under every name)."""
 
     description = "a state dict"
-    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "overwrite")
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "overwrite",
+                           "license", "tags", "base_model")  # no card to carry them
 
     def __init__(self, aliases: Mapping[str, str] | None = None) -> None:
         self.aliases = dict(aliases or {})
@@ -149,15 +150,19 @@ class StateDictSink(Sink):
 
 
 class ModelSink(Sink):
-    """A model of the base's class (ties kept): each merged tensor copied into ``model`` under its in-memory name."""
+    """A model of the base's class (ties kept): each merged tensor copied into ``model`` under its in-memory name
+    (``memory_names``: key → that name where they differ; by default those of ``ModelSource(model)``)."""
 
     description = "an in-memory model"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "overwrite")
+    #: The merge's :class:`~hf_merge.vocab.VocabularyPlan`: an output tokenizer it builds is attached to the model as
+    #: ``hf_merge_tokenizer``.
+    vocabulary: Any = None
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, memory_names: Mapping[str, str] | None = None) -> None:
         self.model = model
         self.params = model.state_dict(keep_vars=True)
-        self.memory_names = ModelSource(model).memory_names
+        self.memory_names = dict(memory_names) if memory_names is not None else ModelSource(model).memory_names
 
     def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
         unmapped = [k for k in metas if self.memory_names.get(k, k) not in self.params]
@@ -179,6 +184,8 @@ class ModelSink(Sink):
                 destination.copy_(value)
 
     def finish(self, record: MergeRecord | None) -> torch.nn.Module:
+        if self.vocabulary is not None and self.vocabulary.tokenizer is not None:
+            self.model.hf_merge_tokenizer = self.vocabulary.tokenizer
         return record.attach_to(self.model) if record is not None else self.model
 
 
@@ -218,7 +225,8 @@ class TensorsSink(Sink):
     """Live tensors updated in place (``{key: tensor}``, e.g. a model being trained), each cast to its own dtype."""
 
     description = "the live tensors of a model being trained"
-    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "dtype", "overwrite")
+    unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "dtype", "overwrite",
+                           "license", "tags", "base_model")  # no card to carry them
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -234,22 +242,34 @@ def output_sink(base: TensorSource, options: MergeOptions, *, output_dir: str | 
                 into: torch.nn.Module | None = None, state_dict: bool = False, inputs: Sequence[Path] = ()) -> Sink:
     """The sink of a merge's weights: a folder with ``output_dir``; else ``into``; else a model of the base's class
     (placed per ``device_map``, or the base's own Accelerate device map); else a state dict. ``inputs``: the folders
-    a folder output may not touch."""
+    a folder output may not touch. A Sentence-Transformers base gives a folder in its layout, or a model of its
+    class (:mod:`hf_merge.sentence_transformers`)."""
     from ..models import load_model_from_folder
     from ..placement import is_dispatched
+    from ..sentence_transformers import SentenceTransformerFolderSink, SentenceTransformerSource, model_sink
+    from ..vocab import vocabulary_of
 
+    pipeline = isinstance(base, SentenceTransformerSource)
     if output_dir is not None:
         if into is not None:
             raise ValueError("Give output_dir= or an in-memory target (inplace=True), not both.")
-        return FolderSink(output_dir, base, options, inputs)
+        return (SentenceTransformerFolderSink if pipeline else FolderSink)(output_dir, base, options, inputs)
     if state_dict:
         return StateDictSink(base.aliases)
+    if pipeline:
+        return model_sink(base, options, into)
     device_map = options.device_map
     if device_map is None and into is None and base.model is not None and is_dispatched(base.model):
         device_map = base.model.hf_device_map
+    plan = vocabulary_of(base)
+    rows = plan.rows if plan is not None else None
     if device_map is not None:
         if into is not None:
             raise ValueError("device_map= places a new model; it cannot update a model in place (inplace=True).")
+        if rows is not None:
+            raise ValueError(f"device_map= with a vocabulary of another size ({rows} embedding rows, tokenizer_source "
+                             f"{plan.source!r}) is not supported yet: write a checkpoint (output_dir=) and load it "
+                             "with device_map.")
         template = base.model if base.model is not None else load_model_from_folder(base.folder, meta=True)
         if template is None:
             raise ValueError("device_map= needs a model base or a checkpoint folder with a config.json.")
@@ -261,4 +281,17 @@ def output_sink(base: TensorSource, options: MergeOptions, *, output_dir: str | 
         target = load_model_from_folder(base.folder)
     if target is None:
         return StateDictSink(base.aliases)
-    return ModelSink(target)
+    if rows is not None:
+        _resize_vocabulary(target, rows)
+    sink = ModelSink(target)
+    sink.vocabulary = plan
+    return sink
+
+
+def _resize_vocabulary(model: torch.nn.Module, rows: int) -> None:
+    """Give an in-memory output the merge's number of embedding rows (their values are all overwritten)."""
+    resize = getattr(model, "resize_token_embeddings", None)
+    if resize is None:
+        raise ValueError(f"The merge's vocabulary has {rows} embedding rows; a {type(model).__name__} cannot be "
+                         "resized to it: write a checkpoint (output_dir=) instead.")
+    resize(rows, mean_resizing=False)

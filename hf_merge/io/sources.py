@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..config import load_json
+from ..errors import warn
 from ..tensors import SAFETENSORS_DTYPES, TensorMeta, numpy_view
 from .safetensors_file import SafetensorsFile
 
@@ -272,8 +273,8 @@ class FolderSource(TensorSource):
         index = folder / SAFE_WEIGHTS_INDEX_NAME
         single = folder / SAFE_WEIGHTS_NAME
         if index.is_file() and single.is_file():  # as transformers: the complete single file wins over an index
-            warnings.warn(f"{self.label}: both {SAFE_WEIGHTS_NAME} and {index.name} are present; reading "
-                          f"{SAFE_WEIGHTS_NAME} (the index is ignored, as transformers does).", stacklevel=4)
+            warn(f"{self.label}: both {SAFE_WEIGHTS_NAME} and {index.name} are present; reading "
+                          f"{SAFE_WEIGHTS_NAME} (the index is ignored, as transformers does).")
         elif index.is_file():
             weight_map = _weight_map(index)
             files = dict.fromkeys(folder / name for name in dict.fromkeys(weight_map.values()))

@@ -17,6 +17,7 @@ metadata (:class:`MethodCard`).
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +61,26 @@ class Merger(abc.ABC):
         """
         return None
 
+    def coefficients_of(self, task_names: Sequence[str]) -> Callable[[str], list[float]] | None:
+        """``key → [c_t]`` when the merge is linear in the task vectors of every tensor (after ``prepare``), else
+        ``None``: :meth:`linear_coefficients` for every tensor unless the coefficients vary over the model."""
+        coefficients = self.linear_coefficients(task_names)
+        return None if coefficients is None else (lambda key: coefficients)
+
+    @property
+    def gram_determined(self) -> bool:
+        """Whether ``merge_tensor`` returns a combination of θ₀ and the τ_t whose coefficients depend only on their
+        inner products (rotation-equivariant, e.g. SLERP, Model Stock). The engine then runs ``merge_tensor`` on each
+        tensor's (T + 1)-dimensional Gram coordinates and streams the combination from the stored inputs (one fused
+        read for the Gram matrix, one for the combination), never materialising float32 copies."""
+        return False
+
+    @property
+    def whole_model_statistics(self) -> bool:
+        """Whether ``prepare`` takes statistics over every tensor of the model (e.g. TIES' global threshold): such a
+        method cannot give different tensors different configs (a schedule)."""
+        return False
+
     @property
     def has_lowrank_form(self) -> bool:
         """Whether :meth:`merge_lowrank` is defined (merges of LoRA inputs into a LoRA output stay in factors)."""
@@ -79,6 +100,59 @@ class Merger(abc.ABC):
         """The merged task vector of one tensor (float32), given the float32 base and the T task vectors τ_t."""
 
 
+
+
+class ScheduledMerger(Merger):
+    """Carries out a config holding :class:`~hf_merge.Schedule` values: each tensor is merged by the method's own
+    merger built on that tensor's plain config (:meth:`~hf_merge.MergeConfig.resolved`), one per distinct config,
+    each prepared on the tensors it merges. The method itself never sees a schedule."""
+
+    def __init__(self, config: MergeConfig, merger_class: type[Merger]) -> None:
+        if issubclass(merger_class, ModelMerger):
+            raise ValueError(f"Method {config.method!r} merges whole models; schedules apply to methods that merge "
+                             "tensor by tensor from a base.")
+        self.config = config
+        self.merger_class = merger_class
+        self.uses_param_info = merger_class.uses_param_info  # type: ignore[misc]
+        self.by_key: dict[str, Merger] = {}
+
+    def prepare(self, ctx: MergeContext) -> None:
+        groups: dict[str, tuple[Merger, list[str]]] = {}
+        for key in ctx.merge_keys:
+            config = self.config.resolved(ctx.infos[key])
+            signature = json.dumps(config.to_dict(), sort_keys=True, default=repr)
+            if signature not in groups:
+                groups[signature] = (self.merger_class(config), [])
+            groups[signature][1].append(key)
+        mergers = [merger for merger, _ in groups.values()]
+        if len(mergers) > 1 and any(merger.whole_model_statistics for merger in mergers):
+            raise ValueError(
+                f"Method {self.config.method!r} with these parameters takes statistics over the whole model (e.g. TIES "
+                f"scope='global'), but the schedule gives its tensors {len(mergers)} different configs; use per-tensor "
+                "statistics (TIES scope='tensor', as mergekit does) or constant values.")
+        for merger, keys in groups.values():
+            merger.prepare(ctx.restricted(keys))
+            self.by_key.update(dict.fromkeys(keys, merger))
+
+    def coefficients_of(self, task_names: Sequence[str]) -> Callable[[str], list[float]] | None:
+        per_merger = {id(m): m.coefficients_of(task_names) for m in self.by_key.values()}
+        if any(of is None for of in per_merger.values()):
+            return None
+        return lambda key: per_merger[id(self.by_key[key])](key)
+
+    @property
+    def has_lowrank_form(self) -> bool:
+        return self.merger_class.merge_lowrank is not Merger.merge_lowrank
+
+    @property
+    def gram_determined(self) -> bool:
+        return bool(self.by_key) and all(merger.gram_determined for merger in self.by_key.values())
+
+    def merge_lowrank(self, key: str, parts: list[LowRank], info: ParamInfo) -> LowRank:
+        return self.by_key[key].merge_lowrank(key, parts, info)
+
+    def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
+        return self.by_key[key].merge_tensor(key, base, deltas, info)
 
 
 class OnePassMerge(abc.ABC):

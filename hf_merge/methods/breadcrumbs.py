@@ -2,11 +2,11 @@
 Masks", arXiv 2312.06795).
 
 Per tensor and per task, the n entries of τ_t are sorted by |τ_t| (stable: equal magnitudes by position). The mask
-m_t drops the top ⌊γ n⌋ (the outliers) and the bottom n − ⌊density · n⌋ − ⌊γ n⌋ (the small changes) and keeps the
-⌊density · n⌋ entries of the band in between. The merge is the paper's masked task arithmetic,
-θ = θ₀ + α Σ_t m_t ⊙ τ_t (α = ``scaling``), or with ``sign_election`` (``breadcrumbs_ties``) TIES' sign election
-and disjoint mean over the masked vectors (:func:`~hf_merge.methods.ties.elect_signs`,
-:func:`~hf_merge.methods.ties.disjoint_merge`), times α.
+m_t drops the top ⌊γ_t n⌋ (the outliers) and the bottom n − ⌊density_t · n⌋ − ⌊γ_t n⌋ (the small changes) and keeps
+the ⌊density_t · n⌋ entries of the band in between. The merge is the paper's masked task arithmetic,
+θ = θ₀ + α Σ_t w_t m_t ⊙ τ_t (α = ``scaling``, w_t = ``weights``, default 1), or with ``sign_election``
+(``breadcrumbs_ties``) TIES' sign election and disjoint mean over the masked vectors
+(:func:`~hf_merge.methods.della.masked_merge`), times α.
 
 Where this follows the paper and where mergekit (``breadcrumbs``/``breadcrumbs_ties``) departs:
 
@@ -15,10 +15,11 @@ Where this follows the paper and where mergekit (``breadcrumbs``/``breadcrumbs_t
   density + γ ≤ 1 required (mergekit silently drops fewer outliers instead).
 * mergekit keeps ``indices[n_bot:-n_top]``: when ⌊γ n⌋ = 0 (small tensors such as biases at γ = 0.01, or γ = 0)
   that slice is empty and the whole task vector is dropped. Here the band is always the ⌊density · n⌋ entries below
-  the top ⌊γ n⌋. mergekit also returns the task vector unmasked when density ≥ 1, even with γ > 0.
-* ``breadcrumbs_ties`` is mergekit's combination (the paper has no sign election). Its default ``normalize: false``
-  makes it the disjoint *sum*; the native path uses TIES' disjoint mean. Exact zeros of the elected sum take the
-  tensor's majority sign (mergekit elects +1). mergekit also multiplies by per-model ``weight``s.
+  the top ⌊γ n⌋. mergekit also returns the task vector unmasked when density ≥ 1, even with γ > 0 (here: density 1
+  with γ_t = 0 for that task). Its sort is not stable: equal magnitudes at the band's edges may go either way.
+* mergekit's options: ``rescale: true`` is ``rescale_norm="l1"`` (each m_t ⊙ τ_t scaled to ‖τ_t‖₁), ``normalize`` is
+  ``aggregate`` (its default false: the sum for both methods; the native ``breadcrumbs_ties`` uses TIES' disjoint
+  mean), and exact zeros of Σ_t w_t m_t τ_t elect +1 (``zero_sign="positive"``; native: the tensor's majority sign).
 """
 
 from __future__ import annotations
@@ -31,15 +32,17 @@ import torch
 
 from ..config import (
     MethodCard,
+    PerTask,
     check_fraction,
     per_task_items,
     resolve_per_task,
 )
 from ..params import ParamInfo
 from ..registry import register_method
+from ..tensors import stable_rank_band
 from .base import Merger
-from .della import MaskedMergeConfig, sign_elected_mean
-from .task_arithmetic import task_arithmetic
+from .della import MaskedMergeConfig, masked_merge, paired
+from .ties import l1_factor, resolve_weights
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -54,13 +57,13 @@ BREADCRUMBS_BIBTEX = """@article{davari2023breadcrumbs,
 
 @dataclasses.dataclass(kw_only=True)
 class BreadcrumbsConfig(MaskedMergeConfig):
-    """``density`` is the kept fraction of each tensor (one value, or per task), ``gamma`` the fraction of
-    largest-magnitude entries dropped as outliers (density + gamma ≤ 1); ``scaling`` α and ``sign_election``
-    (default off: the paper's sum) as in :class:`~hf_merge.methods.della.MaskedMergeConfig`."""
+    """``density`` is the kept fraction of each tensor, ``gamma`` the fraction of largest-magnitude entries dropped
+    as outliers (each one value, or per task; density + gamma ≤ 1); ``sign_election`` (default off: the paper's sum)
+    and the rest as in :class:`~hf_merge.methods.della.MaskedMergeConfig`."""
 
     method: str = dataclasses.field(default="breadcrumbs", init=False)
     density: float | Sequence[float] | Mapping[str, float]
-    gamma: float = 0.01
+    gamma: float | Sequence[float] | Mapping[str, float] = 0.01
     sign_election: bool = False
 
     card: ClassVar[MethodCard] = MethodCard(
@@ -78,12 +81,19 @@ class BreadcrumbsConfig(MaskedMergeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction("gamma", self.gamma, high_open=True)
+        for label, gamma in per_task_items("gamma", self.gamma):
+            check_fraction(label, gamma, high_open=True)
         for label, density in per_task_items("density", self.density):
             check_fraction(label, density, low_open=True)
-            if density + self.gamma > 1 + 1e-12:  # (a tolerance for sums such as 0.7 + 0.3 in binary floats)
+        self.check_bands(self.density, self.gamma)
+
+    @staticmethod
+    def check_bands(density: PerTask, gamma: PerTask) -> None:
+        """Raise unless density + γ ≤ 1 for every task."""
+        for (d_label, d), (g_label, g) in paired("density", density, "gamma", gamma):
+            if d + g > 1 + 1e-12:  # (a tolerance for sums such as 0.7 + 0.3 in binary floats)
                 raise ValueError(f"gamma + density must be at most 1 (gamma drops the top, density keeps the band "
-                                 f"below it), got gamma={self.gamma!r}, {label}={density!r}.")
+                                 f"below it), got {g_label}={g!r}, {d_label}={d!r}.")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -116,24 +126,8 @@ def breadcrumbs_counts(numel: int, density: float, gamma: float) -> tuple[int, i
 def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """m = 1 on the ranks [n_bottom, n − n_top) of the ascending |τ| order of the whole tensor (Davari & Belilovsky
     2023: drop the bottom and the top percentiles of each layer's magnitudes); a bool tensor shaped like ``delta``."""
-    flat = delta.reshape(-1)
-    bottom, kept, _ = breadcrumbs_counts(flat.numel(), density, gamma)
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    if kept:
-        order = torch.argsort(flat.abs(), stable=True)
-        mask[order[bottom:bottom + kept]] = True
-    return mask.view_as(delta)
-
-
-def breadcrumbs(deltas: list[torch.Tensor], density: float | Sequence[float], gamma: float, scaling: float,
-                sign_election: bool = False) -> torch.Tensor:
-    """α Σ_t m_t ⊙ τ_t (the paper's masked task arithmetic), or α · TIES elect + disjoint mean of the m_t ⊙ τ_t;
-    ``density`` one value or one per task."""
-    densities = density if isinstance(density, Sequence) else [density] * len(deltas)
-    masked = [d * breadcrumbs_mask(d, kept, gamma) for d, kept in zip(deltas, densities)]
-    if sign_election:
-        return sign_elected_mean(masked).mul_(scaling)
-    return task_arithmetic(masked, scaling)
+    bottom, kept, _ = breadcrumbs_counts(delta.numel(), density, gamma)
+    return stable_rank_band(delta.abs(), bottom, bottom + kept)
 
 
 class BreadcrumbsMerger(Merger):
@@ -141,11 +135,18 @@ class BreadcrumbsMerger(Merger):
     config: BreadcrumbsConfig
 
     def prepare(self, ctx: MergeContext) -> None:
-        self.densities = resolve_per_task("density", self.config.density, ctx.task_names)
+        cfg, names = self.config, ctx.task_names
+        self.densities = resolve_per_task("density", cfg.density, names)
+        self.gammas = resolve_per_task("gamma", cfg.gamma, names)
+        cfg.check_bands(dict(zip(names, self.densities)), dict(zip(names, self.gammas)))
+        self.weights = resolve_weights(cfg.weights, names)
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
-        cfg = self.config
-        return breadcrumbs(deltas, self.densities, cfg.gamma, cfg.scaling, cfg.sign_election)
+        masked = [d * breadcrumbs_mask(d, density, gamma)
+                  for d, density, gamma in zip(deltas, self.densities, self.gammas)]
+        if self.config.rescale_norm == "l1":
+            masked = [m.mul_(l1_factor(d, m)) for d, m in zip(deltas, masked)]
+        return masked_merge(masked, self.weights, self.config)
 
 
 class BreadcrumbsTiesMerger(BreadcrumbsMerger):

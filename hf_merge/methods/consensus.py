@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..config import MergeConfig, MethodCard, SearchSpace, check_choice, check_number
+from ..errors import warn
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tensors import TensorMeta
@@ -175,6 +175,11 @@ class _MaskedMultiTask(Merger):
             self.ties = TiesMerger(TiesConfig(density=TIES_DENSITY, scaling=1.0, scope="global", aggregate="sum"))
             self.ties.prepare(ctx.nested())
 
+    @property
+    def whole_model_statistics(self) -> bool:
+        """τ_MTL from TIES takes its trim thresholds over the whole model."""
+        return self.config.base == "ties"
+
     def multitask_vector(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         """τ_MTL of one tensor: Σ_t τ_t, or the global TIES dis-sum (k = 20 %)."""
         if self.ties is not None:
@@ -188,10 +193,9 @@ class ConsensusMerger(_MaskedMultiTask):
     def prepare(self, ctx: MergeContext) -> None:
         super().prepare(ctx)
         if self.config.k > len(self.task_names):
-            warnings.warn(
+            warn(
                 f"Consensus k={self.config.k} exceeds the number of tasks ({len(self.task_names)}): no weight can be "
-                "kept by k tasks, so the merge returns the base model unchanged. Use k ≤ T (the paper uses k = 2).",
-                stacklevel=2,
+                "kept by k tasks, so the merge returns the base model unchanged. Use k ≤ T (the paper uses k = 2)."
             )
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:

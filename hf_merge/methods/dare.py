@@ -1,8 +1,13 @@
 """DARE (Yu et al. 2024): drop and rescale task vectors before another merge.
 
-τ'_t = (1 − m_t) ⊙ τ_t / (1 − p), m_t ~ Bernoulli(p) i.i.d. (1 = dropped), then Task Arithmetic or TIES on τ'.
-The mask is sampled on the CPU from a generator seeded by (seed, task name, tensor name), so the result does not
-depend on shard order, device or parallelism. E[τ'] = τ, and survivors equal τ / (1 − p) exactly.
+τ'_t = (1 − m_t) ⊙ τ_t / (1 − p), m_t ~ Bernoulli(p) i.i.d. (1 = dropped; the paper's drop and rescale), then Task
+Arithmetic or TIES on τ'. The mask is sampled on the CPU from a generator seeded by (seed, task name, tensor name),
+so the result does not depend on shard order, device or parallelism. E[τ'] = τ, and survivors equal τ / (1 − p)
+exactly.
+
+mergekit (``dare_linear``/``dare_ties``, keep probability = its ``density`` = 1 − p) instead rescales the dropped
+vector to the L1 norm of the undropped one, τ' = (1 − m) ⊙ τ · ‖τ‖₁/‖(1 − m) ⊙ τ‖₁: ``rescale_norm="l1"``. Its random
+stream cannot be reproduced; the kept fraction and the rescale factor's definition are the same.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
 from .task_arithmetic import TaskArithmeticConfig
-from .ties import TiesConfig
+from .ties import TiesConfig, check_rescale_norm, l1_factor
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -28,14 +33,16 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(kw_only=True)
 class DareConfig(MergeConfig):
     """``drop_rate`` p ∈ [0, 1) (0.9 is the paper's headline for LLM deltas; one value, or per task as a sequence in
-    input order or a ``{task_name: p}`` mapping), ``rescale`` by 1/(1−p),
-    ``seed`` of the masks, ``then`` the merge applied to the dropped task vectors (Task Arithmetic or TIES)."""
+    input order or a ``{task_name: p}`` mapping), ``rescale`` the survivors (by 1/(1−p), the paper's; by
+    ‖τ‖₁/‖(1 − m) ⊙ τ‖₁ with ``rescale_norm="l1"``, mergekit's ``rescale``), ``seed`` of the masks, ``then`` the
+    merge applied to the dropped task vectors (Task Arithmetic or TIES, each with per-task ``weights``)."""
 
     method: str = dataclasses.field(default="dare", init=False)
     drop_rate: float | Sequence[float] | Mapping[str, float]
     then: TaskArithmeticConfig | TiesConfig
     rescale: bool = True
     seed: int = 0
+    rescale_norm: str | None = None
 
     card: ClassVar[MethodCard] = MethodCard(
         title="DARE (Drop And REscale)",
@@ -63,6 +70,11 @@ class DareConfig(MergeConfig):
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
+        if not isinstance(self.rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {self.rescale!r}.")
+        check_rescale_norm(self.rescale_norm)
+        if self.rescale_norm is not None and not self.rescale:
+            raise ValueError(f"rescale_norm={self.rescale_norm!r} chooses how to rescale; rescale is False.")
 
     def search_space(self) -> SearchSpace | None:
         """The ``then`` merge's coefficient and grid (e.g. ``then.scaling``): the masks do not depend on it."""
@@ -84,14 +96,18 @@ def mask_seed(seed: int, task: str, key: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def dare_drop(delta: torch.Tensor, drop_rate: float, seed: int, *, rescale: bool = True) -> torch.Tensor:
-    """(1 − m) ⊙ τ [/ (1 − p)] with m ~ Bernoulli(p) drawn on the CPU from ``seed`` (float32 arithmetic)."""
+def dare_drop(delta: torch.Tensor, drop_rate: float, seed: int, *, rescale: bool = True,
+              rescale_norm: str | None = None) -> torch.Tensor:
+    """(1 − m) ⊙ τ [/ (1 − p), or · ‖τ‖₁/‖(1 − m) ⊙ τ‖₁ for ``rescale_norm="l1"``] with m ~ Bernoulli(p) drawn on the
+    CPU from ``seed`` (float32 arithmetic)."""
     if drop_rate == 0.0:
         return delta
     generator = torch.Generator(device="cpu").manual_seed(seed)
     keep = torch.rand(delta.shape, generator=generator) >= drop_rate
     kept = delta * keep.to(delta.device)
-    return kept.div_(1.0 - drop_rate) if rescale else kept
+    if not rescale:
+        return kept
+    return kept.mul_(l1_factor(delta, kept)) if rescale_norm == "l1" else kept.div_(1.0 - drop_rate)
 
 
 class DareMerger(Merger):
@@ -104,9 +120,14 @@ class DareMerger(Merger):
 
         self.inner = get_merger(config.then)
 
+    @property
+    def whole_model_statistics(self) -> bool:
+        return self.inner.whole_model_statistics
+
     def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        return dare_drop(delta, self.drop_rates[task], mask_seed(cfg.seed, task, key), rescale=cfg.rescale)
+        return dare_drop(delta, self.drop_rates[task], mask_seed(cfg.seed, task, key), rescale=cfg.rescale,
+                         rescale_norm=cfg.rescale_norm)
 
     def prepare(self, ctx: MergeContext) -> None:
         self.task_names = ctx.task_names

@@ -8,39 +8,43 @@ Sampling", arXiv 2406.11617): Drop (MagPrune), Elect, fuse.
    A Bernoulli(p) mask keeps an entry, and the survivors are rescaled by 1/p, so E[τ'] = τ and survivors equal τ / p
    exactly. The mask is drawn on the CPU from a generator seeded by (seed, task name, tensor name) as in DARE
    (:func:`~hf_merge.methods.dare.mask_seed`), so it depends neither on tensor order, device nor parallelism.
-2. Elect and fuse (``sign_election=True``, ``della``): TIES' sign election γ = sign(Σ_t τ'_t) and disjoint mean over
-   the agreeing entries (:func:`~hf_merge.methods.ties.elect_signs`, :func:`~hf_merge.methods.ties.disjoint_merge`).
-   Without it (``della_linear``): the sum Σ_t τ'_t.
+2. Elect and fuse (``sign_election=True``, ``della``): TIES' sign election γ = sign(Σ_t w_t τ'_t) and disjoint mean
+   Σ_{t∈A} w_t τ'_t / Σ_{t∈A} w_t over the agreeing entries (:func:`~hf_merge.methods.ties.elect_signs`,
+   :func:`~hf_merge.methods.ties.disjoint_merge`; w_t = ``weights``, default 1). Without it (``della_linear``): the
+   sum Σ_t w_t τ'_t.
 3. θ = θ₀ + λ · (merged τ), λ = ``scaling``.
 
-Where this follows the paper and where mergekit (``della``/``della_linear``) departs:
+Where this follows the paper and where mergekit (``della``/``della_linear``) departs — each departure an option:
 
 * ε is the half-width of the keep-probability window, as in the authors' code (``epsilon = window_size / 2``) and
   mergekit; density ± ε must lie in (0, 1) (the authors' code only prints a warning, mergekit raises the same).
+  ``density`` 1 leaves that task's vector whole, as mergekit does.
 * Rescaling is by 1/p per entry (the paper's MagPrune and the authors' code). mergekit's ``rescale`` instead rescales
-  the masked tensor to the L1 norm of the unmasked one (``rescale_norm``), which is not the paper's estimator.
+  the masked tensor to the L1 norm of the unmasked one (``rescale_norm="l1"``); its ``rescale: false`` is
+  ``rescale=False``.
 * Rows: ``(shape[0], -1)``. mergekit and the authors' code rank along dimension 1 of the tensor as stored (the same
   for 2-D weights; for ≥ 3-D tensors their rows are the vectors along dimension 1). Their rank normalisation divides
   by zero for one-entry rows (NaN probabilities); here such a row keeps with p = density. Their random masks come from
   the global torch generator, so results depend on tensor order; here they are seeded per task and tensor.
-* Sign election: TIES' election on the summed dropped vectors, with exact zeros of the sum taking the tensor's
-  majority sign (mergekit elects +1 there), then the disjoint mean — what mergekit's ``della`` (``normalize: true``
-  with unit weights) computes. ``della_linear`` is the plain sum (mergekit: ``normalize: false``); mergekit also
-  multiplies by per-model ``weight``s, which the native path does not have.
+* Sign election: exact zeros of Σ_t w_t τ'_t take the tensor's majority sign (TIES); mergekit elects +1
+  (``zero_sign="positive"``). mergekit's ``normalize`` is ``aggregate``: ``della`` defaults to the disjoint mean,
+  ``della_linear`` to the sum (``aggregate="mean"`` there divides by Σ_t w_t).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..config import (
     MergeConfig,
     MethodCard,
+    PerTask,
     SearchSpace,
+    check_choice,
     check_fraction,
     check_number,
     per_task_items,
@@ -51,8 +55,17 @@ from ..registry import register_method
 from ..tuning import TUNING
 from .base import Merger
 from .dare import mask_seed
-from .task_arithmetic import TASK_ARITHMETIC_GRID, task_arithmetic
-from .ties import TIES_GRID, disjoint_merge, elected_chunks
+from .task_arithmetic import TASK_ARITHMETIC_GRID
+from .ties import (
+    TIES_GRID,
+    ZERO_SIGNS,
+    Weights,
+    check_rescale_norm,
+    check_weights,
+    l1_factor,
+    resolve_weights,
+    sign_elected_merge,
+)
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -67,16 +80,36 @@ DELLA_BIBTEX = """@article{deep2024della,
 
 @dataclasses.dataclass(kw_only=True)
 class MaskedMergeConfig(MergeConfig):
-    """Fields of the sparsify-then-merge methods (DELLA, Breadcrumbs): ``scaling`` λ of the merged task vector and
-    ``sign_election``, TIES' elect + disjoint mean of the masked task vectors (else their sum)."""
+    """Fields of the sparsify-then-merge methods (DELLA, Breadcrumbs): ``scaling`` λ of the merged task vector,
+    ``sign_election`` (TIES' elect + disjoint merge of the masked task vectors, else their sum) and mergekit's
+    options: ``weights`` w_t per task (None: 1), ``aggregate`` ("mean": ÷ Σ w_t over the agreeing entries with sign
+    election, over all tasks without; "sum"; None: "mean" with sign election, "sum" without — the papers),
+    ``zero_sign`` of an exactly-zero Σ_t w_t τ_t ("majority" or mergekit's "positive") and ``rescale_norm``
+    (None: the method's own; "l1": each masked τ_t scaled to ‖τ_t‖₁, mergekit's ``rescale``)."""
 
     scaling: float = 1.0
     sign_election: bool = True
+    weights: Weights = None
+    aggregate: str | None = None
+    zero_sign: str = "majority"
+    rescale_norm: str | None = None
 
     def __post_init__(self) -> None:
         check_number("scaling", self.scaling)
         if not isinstance(self.sign_election, bool):
             raise TypeError(f"sign_election must be a bool, got {self.sign_election!r}.")
+        check_weights(self.weights)
+        if self.aggregate is not None:
+            check_choice("aggregate", self.aggregate, ("mean", "sum"))
+        check_choice("zero_sign", self.zero_sign, ZERO_SIGNS)
+        if self.zero_sign != "majority" and not self.sign_election:
+            raise ValueError(f"zero_sign={self.zero_sign!r} is the sign of sign election; sign_election is False.")
+        check_rescale_norm(self.rescale_norm)
+
+    @property
+    def merge_aggregate(self) -> str:
+        """``aggregate``, or the papers' choice: the disjoint mean with sign election, the sum without."""
+        return self.aggregate or ("mean" if self.sign_election else "sum")
 
     def search_space(self) -> SearchSpace:
         """λ: the masks do not depend on it, so the merge is linear in λ. With sign election (a disjoint mean) TIES'
@@ -85,16 +118,32 @@ class MaskedMergeConfig(MergeConfig):
         return SearchSpace("scaling", TIES_GRID if self.sign_election else TASK_ARITHMETIC_GRID, "linear")
 
 
+def paired(first: str, a: PerTask, second: str, b: PerTask) -> list[tuple[tuple[str, Any], tuple[str, Any]]]:
+    """``((label, value), (label, value))`` of two per-task fields for the same task, as far as known without the task
+    names: a single value pairs with every value, two lists by position, two mappings by task; a list and a mapping
+    pair only once resolved against the task names (then call this with two mappings)."""
+    per_task = (Mapping, list, tuple)
+    if not isinstance(a, per_task) or not isinstance(b, per_task):
+        return [(x, y) for x in per_task_items(first, a) for y in per_task_items(second, b)]
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [((f"{first}[{task!r}]", a[task]), (f"{second}[{task!r}]", b[task])) for task in a if task in b]
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return []
+    return list(zip(per_task_items(first, a), per_task_items(second, b)))
+
+
 @dataclasses.dataclass(kw_only=True)
 class DellaConfig(MaskedMergeConfig):
-    """``density`` is the mean keep probability (one value, or per task), ``epsilon`` ε the half-width of the
-    keep-probability window (density ± ε within (0, 1)), ``seed`` of the masks; ``scaling`` and ``sign_election``
-    as in :class:`MaskedMergeConfig`."""
+    """``density`` is the mean keep probability (per task possible; 1 keeps the task whole), ``epsilon`` ε the
+    half-width of the keep-probability window (per task possible; density ± ε within (0, 1)), ``seed`` of the masks,
+    ``rescale`` the survivors (by 1/p, the paper's MagPrune; by L1 norm with ``rescale_norm="l1"``, mergekit's);
+    the rest as in :class:`MaskedMergeConfig`."""
 
     method: str = dataclasses.field(default="della", init=False)
     density: float | Sequence[float] | Mapping[str, float]
-    epsilon: float = 0.15
+    epsilon: float | Sequence[float] | Mapping[str, float] = 0.15
     seed: int = 0
+    rescale: bool = True
 
     card: ClassVar[MethodCard] = MethodCard(
         title="DELLA-Merging",
@@ -111,19 +160,30 @@ class DellaConfig(MaskedMergeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction("epsilon", self.epsilon, high_open=True)
+        for label, epsilon in per_task_items("epsilon", self.epsilon):
+            check_fraction(label, epsilon, high_open=True)
         for label, density in per_task_items("density", self.density):
-            check_fraction(label, density, low_open=True, high_open=True)
-            if density - self.epsilon <= 0 or density + self.epsilon >= 1:
-                raise ValueError(f"epsilon must keep the keep probabilities density ± epsilon within (0, 1), got "
-                                 f"{label}={density!r}, epsilon={self.epsilon!r}.")
+            check_fraction(label, density, low_open=True)
+        self.check_windows(self.density, self.epsilon)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}.")
+        if not isinstance(self.rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {self.rescale!r}.")
+        if self.rescale_norm is not None and not self.rescale:
+            raise ValueError(f"rescale_norm={self.rescale_norm!r} chooses how to rescale; rescale is False.")
+
+    @staticmethod
+    def check_windows(density: PerTask, epsilon: PerTask) -> None:
+        """Raise unless density ± ε lies within (0, 1) for every task with density < 1."""
+        for (d_label, d), (e_label, e) in paired("density", density, "epsilon", epsilon):
+            if d < 1 and (d - e <= 0 or d + e >= 1):
+                raise ValueError(f"epsilon must keep the keep probabilities density ± epsilon within (0, 1), got "
+                                 f"{d_label}={d!r}, {e_label}={e!r}.")
 
 
 @dataclasses.dataclass(kw_only=True)
 class DellaLinearConfig(DellaConfig):
-    """DELLA without sign election: λ Σ_t MagPrune(τ_t) (mergekit's ``della_linear``)."""
+    """DELLA without sign election: λ Σ_t w_t MagPrune(τ_t) (mergekit's ``della_linear``)."""
 
     method: str = dataclasses.field(default="della_linear", init=False)
     sign_election: bool = False
@@ -168,31 +228,38 @@ def magprune_keep_probabilities(delta: torch.Tensor, density: float, epsilon: fl
     return probabilities.view_as(delta)
 
 
-def magprune(delta: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
+def magprune(delta: torch.Tensor, density: float, epsilon: float, seed: int, *, rescale: bool = True,
+             rescale_norm: str | None = None) -> torch.Tensor:
     """m ⊙ τ / p with m ~ Bernoulli(p), p from :func:`magprune_keep_probabilities` (Deep et al. 2024, MagPrune: drop,
-    then rescale the survivors by 1/p). The uniforms are drawn on the CPU from ``seed``: keep where u < p."""
+    then rescale the survivors by 1/p); m ⊙ τ · ‖τ‖₁/‖m ⊙ τ‖₁ with ``rescale_norm="l1"`` (mergekit), m ⊙ τ without
+    ``rescale``; τ itself for density ≥ 1. The uniforms are drawn on the CPU from ``seed``: keep where u < p."""
+    if density >= 1:
+        return delta
     probabilities = magprune_keep_probabilities(delta, density, epsilon)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     keep = torch.rand(delta.shape, generator=generator).to(delta.device) < probabilities
-    return torch.where(keep, delta / probabilities, torch.zeros_like(delta))
+    if rescale and rescale_norm is None:
+        return torch.where(keep, delta / probabilities, torch.zeros_like(delta))
+    masked = torch.where(keep, delta, torch.zeros_like(delta))
+    return masked.mul_(l1_factor(delta, masked)) if rescale else masked
 
 
-def sign_elected_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """TIES' elect + disjoint mean over T task vectors (Yadav et al. 2023, steps 2–3): γ = sign(Σ_t τ_t), exact zeros
-    taking the tensor's majority sign, then the mean of the entries agreeing with γ. Merged in chunks with the
-    tensor's majority sign computed first, so the result equals the unchunked one."""
-    out = torch.empty(deltas[0].numel(), dtype=deltas[0].dtype, device=deltas[0].device)
-    for chunk, part, signs in elected_chunks(deltas):
-        out[chunk] = disjoint_merge(part, signs, "mean")
-    return out.view_as(deltas[0])
-
-
-def della_merge(dropped: list[torch.Tensor], sign_election: bool, scaling: float) -> torch.Tensor:
-    """λ · elect + disjoint mean of the dropped vectors (DELLA's Elect and Fuse steps), or λ Σ_t τ'_t without sign
-    election (``della_linear``)."""
-    if not sign_election:
-        return task_arithmetic(dropped, scaling)
-    return sign_elected_mean(dropped).mul_(scaling)
+def masked_merge(masked: list[torch.Tensor], weights: list[float] | None, config: MaskedMergeConfig) -> torch.Tensor:
+    """λ · merge of the masked task vectors τ'_t (DELLA's Elect and Fuse, Breadcrumbs' sum): with sign election TIES'
+    γ = sign(Σ_t w_t τ'_t) and Σ_{t∈A} w_t τ'_t (÷ Σ_{t∈A} w_t for "mean"), else Σ_t w_t τ'_t (÷ Σ_t w_t for "mean",
+    1 when |Σ_t w_t| < 1e-8, as mergekit). Elected in chunks, the tensor's majority sign computed first."""
+    aggregate = config.merge_aggregate
+    if not config.sign_election:
+        total = torch.zeros_like(masked[0])
+        for t, delta in enumerate(masked):
+            total.add_(delta if weights is None else delta * weights[t])
+        if aggregate == "mean":
+            divisor = float(len(masked)) if weights is None else sum(weights)
+            total /= divisor if abs(divisor) >= 1e-8 else 1.0
+        return total.mul_(config.scaling)
+    majority = 1.0 if config.zero_sign == "positive" else None
+    out = sign_elected_merge([m.reshape(-1) for m in masked], None, weights, weights, majority, aggregate)
+    return out.view_as(masked[0]).mul_(config.scaling)
 
 
 class DellaMerger(Merger):
@@ -200,16 +267,21 @@ class DellaMerger(Merger):
     config: DellaConfig
 
     def prepare(self, ctx: MergeContext) -> None:
-        self.task_names = ctx.task_names
-        self.densities = dict(zip(ctx.task_names, resolve_per_task("density", self.config.density, ctx.task_names)))
+        cfg, names = self.config, ctx.task_names
+        self.task_names = names
+        self.densities = dict(zip(names, resolve_per_task("density", cfg.density, names)))
+        self.epsilons = dict(zip(names, resolve_per_task("epsilon", cfg.epsilon, names)))
+        cfg.check_windows(self.densities, self.epsilons)
+        self.weights = resolve_weights(cfg.weights, names)
 
     def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        return magprune(delta, self.densities[task], cfg.epsilon, mask_seed(cfg.seed, task, key))
+        return magprune(delta, self.densities[task], self.epsilons[task], mask_seed(cfg.seed, task, key),
+                        rescale=cfg.rescale, rescale_norm=cfg.rescale_norm)
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         dropped = [self._drop(task, key, delta) for task, delta in zip(self.task_names, deltas)]
-        return della_merge(dropped, self.config.sign_election, self.config.scaling)
+        return masked_merge(dropped, self.weights, self.config)
 
 
 class DellaLinearMerger(DellaMerger):

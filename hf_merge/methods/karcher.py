@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, check_number
+from ..config import MergeConfig, MethodCard, check_choice, check_number
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
-from .slerp import MERGEKIT_BIBTEX, check_model_count
+from .slerp import MERGEKIT_BIBTEX, SPHERE_INPUTS, as_task_vector, check_model_count, sphere_inputs
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -22,11 +22,14 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(kw_only=True)
 class KarcherConfig(MergeConfig):
     """``max_iter`` ≥ 1 fixed-point iterations, stopped early once the tangent step is shorter than ``tol`` > 0
-    (``tol`` is also the norm below which a task vector counts as zero, as in mergekit)."""
+    (``tol`` is also the norm below which a task vector counts as zero, as in mergekit).
+    ``on``: ``"task_vectors"`` merges the τ_t and adds the result to θ₀; ``"weights"`` merges the models' weights θ_t
+    themselves (mergekit without a base model: the base only anchors the arithmetic)."""
 
     method: str = dataclasses.field(default="karcher", init=False)
     max_iter: int = 10
     tol: float = 1e-5
+    on: str = "task_vectors"
 
     card: ClassVar[MethodCard] = MethodCard(
         title="Karcher mean",
@@ -58,6 +61,7 @@ class KarcherConfig(MergeConfig):
         check_number("tol", self.tol)
         if self.tol <= 0:
             raise ValueError(f"tol must be positive, got {self.tol!r}.")
+        check_choice("on", self.on, SPHERE_INPUTS)
 
 
 def karcher_mean(xs: list[torch.Tensor], alphas: list[float], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
@@ -101,6 +105,7 @@ def karcher_mean(xs: list[torch.Tensor], alphas: list[float], *, max_iter: int =
 
 class KarcherMerger(Merger):
     uses_param_info = False
+    gram_determined = True
     config: KarcherConfig
 
     def prepare(self, ctx: MergeContext) -> None:
@@ -108,7 +113,10 @@ class KarcherMerger(Merger):
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         alphas = [1.0 / len(deltas)] * len(deltas)
-        return karcher_mean(deltas, alphas, max_iter=self.config.max_iter, tol=self.config.tol)
+        on = self.config.on
+        merged = karcher_mean(sphere_inputs(on, base, deltas), alphas, max_iter=self.config.max_iter,
+                              tol=self.config.tol)
+        return as_task_vector(on, base, merged)
 
 
 register_method(KarcherConfig, KarcherMerger)

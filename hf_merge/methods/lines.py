@@ -133,6 +133,12 @@ class LinesMerger(Merger):
         if isinstance(self.inner, ModelMerger):
             raise TypeError(f"LiNeS needs a base model; inner method {config.inner.method!r} merges without one.")
 
+    @property
+    def whole_model_statistics(self) -> bool:
+        """α = ‖Σ_t τ_t‖₁ / ‖τ_merged‖₁ / T is taken over the whole model (unless given), as are the inner merge's."""
+        return (self.inner is not None and self.config.alpha is None) or bool(
+            self.inner is not None and self.inner.whole_model_statistics)
+
     def _num_blocks(self, info: ParamInfo) -> int | None:
         return self.config.num_blocks if self.config.num_blocks is not None else info.num_blocks
 

@@ -76,9 +76,15 @@ def magmax(deltas: list[torch.Tensor], scaling: float = 1.0) -> torch.Tensor:
     out = torch.empty_like(flat[0])
     size = TUNING.ties_chunk
     for start in range(0, out.numel(), size):
-        part = torch.stack([f[start:start + size] for f in flat])
-        winner = part.abs().argmax(dim=0, keepdim=True)  # the first maximal index on ties
-        out[start:start + size] = part.gather(0, winner).squeeze(0)
+        chunk = slice(start, start + size)
+        best = flat[0][chunk].clone()
+        best_magnitude = best.abs()
+        for f in flat[1:]:  # a strictly larger |τ| replaces the best so far: the first maximal task wins ties
+            magnitude = f[chunk].abs()
+            larger = magnitude > best_magnitude
+            best = torch.where(larger, f[chunk], best)
+            best_magnitude = torch.where(larger, magnitude, best_magnitude)
+        out[chunk] = best
     return out.view_as(deltas[0]).mul_(scaling)
 
 

@@ -128,6 +128,10 @@ class ModelStockMerger(Merger):
     uses_param_info = False
     config: ModelStockConfig
 
+    @property
+    def gram_determined(self) -> bool:
+        return not self.config.filter_wise  # one angle per tensor; per filter it is not
+
     def prepare(self, ctx: MergeContext) -> None:
         if len(ctx.task_names) < 2:
             raise ValueError(f"Model Stock needs at least two fine-tuned models, got {len(ctx.task_names)}.")

@@ -13,11 +13,20 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, check_number
+from ..config import MergeConfig, MethodCard, check_choice, check_number
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
-from .slerp import MERGEKIT_BIBTEX, MERGEKIT_URL, check_model_count, check_weights, resolve_weights
+from .slerp import (
+    MERGEKIT_BIBTEX,
+    MERGEKIT_URL,
+    SPHERE_INPUTS,
+    as_task_vector,
+    check_model_count,
+    check_weights,
+    resolve_weights,
+    sphere_inputs,
+)
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -26,12 +35,15 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(kw_only=True)
 class MultiSlerpConfig(MergeConfig):
     """``weights``: ``None`` (equal), one non-negative weight per model, or ``{task_name: weight}``;
-    ``normalize_weights`` divides them by their sum; ``eps`` > 0 guards the divisions."""
+    ``normalize_weights`` divides them by their sum; ``eps`` > 0 guards the divisions.
+    ``on``: ``"task_vectors"`` merges the τ_t and adds the result to θ₀; ``"weights"`` merges the models' weights θ_t
+    themselves (mergekit without a base model: the base only anchors the arithmetic)."""
 
     method: str = dataclasses.field(default="multislerp", init=False)
     weights: Sequence[float] | Mapping[str, float] | None = None
     normalize_weights: bool = True
     eps: float = 1e-8
+    on: str = "task_vectors"
 
     card: ClassVar[MethodCard] = MethodCard(
         title="Multi-SLERP",
@@ -53,6 +65,7 @@ class MultiSlerpConfig(MergeConfig):
         check_number("eps", self.eps)
         if self.eps <= 0:
             raise ValueError(f"eps must be positive, got {self.eps!r}.")
+        check_choice("on", self.on, SPHERE_INPUTS)
 
 
 def multislerp(xs: list[torch.Tensor], weights: Sequence[float], *, normalize_weights: bool = True,
@@ -91,6 +104,7 @@ def multislerp(xs: list[torch.Tensor], weights: Sequence[float], *, normalize_we
 
 class MultiSlerpMerger(Merger):
     uses_param_info = False
+    gram_determined = True
     config: MultiSlerpConfig
 
     def prepare(self, ctx: MergeContext) -> None:
@@ -100,8 +114,10 @@ class MultiSlerpMerger(Merger):
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         check_model_count("multislerp", len(deltas), at_least=2)
         try:
-            return multislerp(deltas, self.weights, normalize_weights=self.config.normalize_weights,
-                              eps=self.config.eps)
+            on = self.config.on
+            merged = multislerp(sphere_inputs(on, base, deltas), self.weights,
+                                normalize_weights=self.config.normalize_weights, eps=self.config.eps)
+            return as_task_vector(on, base, merged)
         except ValueError as error:
             raise ValueError(f"multislerp, tensor {key!r}: {error}") from None
 

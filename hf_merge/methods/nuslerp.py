@@ -12,18 +12,21 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard
+from ..config import MergeConfig, MethodCard, check_choice
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
 from .slerp import (
     MERGEKIT_BIBTEX,
     MERGEKIT_URL,
+    SPHERE_INPUTS,
+    as_task_vector,
     check_model_count,
     check_weights,
     resolve_weights,
     slerp,
     slerp_rows,
+    sphere_inputs,
 )
 
 if TYPE_CHECKING:
@@ -38,12 +41,15 @@ class NuSlerpConfig(MergeConfig):
     """``weights``: (w₁, w₂) for the two fine-tuned models (or ``{task_name: weight}``), non-negative, not both zero.
     ``flatten``: one SLERP per tensor; else one per vector, along dim 0 (``row_wise=True``, mergekit's
     ``nuslerp_row_wise``: the columns W[:, j] of a (out, in) matrix) or along the last dim (``row_wise=False``: the rows
-    W[i, :]). As in mergekit, ``row_wise`` only matters with ``flatten=False``."""
+    W[i, :]). As in mergekit, ``row_wise`` only matters with ``flatten=False``.
+    ``on``: ``"task_vectors"`` merges the τ_t and adds the result to θ₀; ``"weights"`` merges the models' weights θ_t
+    themselves (mergekit without a base model: the base only anchors the arithmetic)."""
 
     method: str = dataclasses.field(default="nuslerp", init=False)
     weights: Sequence[float] | Mapping[str, float]
     flatten: bool = True
     row_wise: bool = False
+    on: str = "task_vectors"
 
     card: ClassVar[MethodCard] = MethodCard(
         title="NuSLERP",
@@ -62,6 +68,7 @@ class NuSlerpConfig(MergeConfig):
         for name in ("flatten", "row_wise"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        check_choice("on", self.on, SPHERE_INPUTS)
 
 
 def nuslerp(v0: torch.Tensor, v1: torch.Tensor, t: float, *, flatten: bool = True,
@@ -80,6 +87,10 @@ class NuSlerpMerger(Merger):
     uses_param_info = False
     config: NuSlerpConfig
 
+    @property
+    def gram_determined(self) -> bool:
+        return self.config.flatten  # whole tensors; per row it is not
+
     def prepare(self, ctx: MergeContext) -> None:
         check_model_count("nuslerp", len(ctx.task_names), exactly=2)
         w1, w2 = resolve_weights(self.config.weights, ctx.task_names)
@@ -87,7 +98,9 @@ class NuSlerpMerger(Merger):
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         check_model_count("nuslerp", len(deltas), exactly=2)
-        return nuslerp(deltas[0], deltas[1], self.t, flatten=self.config.flatten, row_wise=self.config.row_wise)
+        first, second = sphere_inputs(self.config.on, base, deltas)
+        merged = nuslerp(first, second, self.t, flatten=self.config.flatten, row_wise=self.config.row_wise)
+        return as_task_vector(self.config.on, base, merged)
 
 
 register_method(NuSlerpConfig, NuSlerpMerger)

@@ -14,7 +14,10 @@ The merged task vector is Σ_t w_t τ̂_t / Σ_t w_t over the kept entries (0 wh
 Where this follows the paper and where the implementations depart:
 
 * mergekit's ``sce`` does the same three steps (V counts non-zero variances, the weights are Σ τ̂²/numel per model,
-  normalised). Its election gives +1 to exact zeros of Σ_t τ̂_t; here they take the tensor's majority sign (TIES).
+  normalised), with two departures, each an option: its election gives +1 to exact zeros of Σ_t τ̂_t
+  (``zero_sign="positive"``; here the tensor's majority sign, TIES), and ``epsilon=1e-6``: it falls back to uniform
+  weights when Σ_t mean(τ̂_t²) < 1e-6 (here only when it is 0) — common for LLM fine-tunes, whose |τ| ~ 1e-3 — and
+  divides by max(Σ_{t kept} w_t, 1e-6).
 * The FuseChat authors' own mergekit fork uses the selection only to compute the weights and then erases and combines
   the *unselected* task vectors τ_t at every position; mergekit and the paper's description (here) merge only the
   selected positions, leaving the others at θ₀.
@@ -30,21 +33,25 @@ from typing import ClassVar
 
 import torch
 
-from ..config import MergeConfig, MethodCard, check_fraction
+from ..config import MergeConfig, MethodCard, check_choice, check_fraction, check_number
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
 from .base import Merger
-from .ties import elected_chunks
+from .ties import ZERO_SIGNS, elected_chunks, largest_rule, trim_mask
 
 
 @dataclasses.dataclass(kw_only=True)
 class SCEConfig(MergeConfig):
     """``select_topk``: the fraction τ of positions (among those whose task vectors differ) kept by variance across
-    the models; 1.0 (the default) selects every position. FuseChat's recipe uses 0.1."""
+    the models; 1.0 (the default) selects every position. FuseChat's recipe uses 0.1. mergekit's options:
+    ``zero_sign`` of an exactly-zero Σ_t τ̂_t ("majority" or "positive") and ``epsilon`` (mergekit 1e-6; 0 here):
+    w_t = 1/T when Σ_t mean(τ̂_t²) < ε, and τ = Σ_A w_t τ̂_t / max(Σ_A w_t, ε)."""
 
     method: str = dataclasses.field(default="sce", init=False)
     select_topk: float = 1.0
+    zero_sign: str = "majority"
+    epsilon: float = 0.0
 
     card: ClassVar[MethodCard] = MethodCard(
         title="SCE (Select, Calculate, Erase)",
@@ -66,6 +73,10 @@ class SCEConfig(MergeConfig):
 
     def __post_init__(self) -> None:
         check_fraction("select_topk", self.select_topk, low_open=True)
+        check_choice("zero_sign", self.zero_sign, ZERO_SIGNS)
+        check_number("epsilon", self.epsilon)
+        if self.epsilon < 0:
+            raise ValueError(f"epsilon must be at least 0, got {self.epsilon!r}.")
 
 
 def _chunks(numel: int) -> list[slice]:
@@ -80,35 +91,34 @@ def sce_select(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor |
         return None
     flat = [d.reshape(-1) for d in deltas]
     variance = torch.empty_like(flat[0])
-    for chunk in _chunks(flat[0].numel()):
-        variance[chunk] = torch.stack([f[chunk] for f in flat]).var(dim=0, unbiased=False)
+    for chunk in _chunks(flat[0].numel()):  # the population variance across tasks, Σ_t (τ_t − mean)² / T
+        mean = sum(f[chunk] for f in flat) / len(flat)
+        variance[chunk] = sum((f[chunk] - mean).square_() for f in flat) / len(flat)
     count = int(select_topk * int(torch.count_nonzero(variance)))
-    mask = torch.zeros(variance.shape, dtype=torch.bool, device=variance.device)
-    if count:
-        mask[torch.argsort(variance, descending=True, stable=True)[:count]] = True
-    return mask.view_as(deltas[0])
+    return trim_mask(variance, largest_rule(variance, count)).view_as(deltas[0])
 
 
-def sce_weights(selected: list[torch.Tensor]) -> list[float]:
+def sce_weights(selected: list[torch.Tensor], epsilon: float = 0.0) -> list[float]:
     """SCE's Calculate step (Wan et al. 2024): w_t = Σ τ̂_t² / Σ_s Σ τ̂_s² over the selected task vectors τ̂_t
-    (uniform 1/T when they are all zero)."""
+    (uniform 1/T when they are all zero, or when Σ_t mean(τ̂_t²) < ``epsilon``)."""
     squares = [float(torch.dot(s.reshape(-1), s.reshape(-1))) for s in selected]
     total = sum(squares)
-    if total == 0:
+    if total == 0 or total / max(selected[0].numel(), 1) < epsilon:
         return [1.0 / len(selected)] * len(selected)
     return [sq / total for sq in squares]
 
 
-def sce(deltas: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
-    """Σ_t w_t τ̂_t / Σ_t w_t over the entries agreeing with γ = sign(Σ_t τ̂_t) (SCE's Erase step and weighted
-    combination, Wan et al. 2024); τ̂_t the selected task vectors, w_t from :func:`sce_weights`."""
+def sce(deltas: list[torch.Tensor], select_topk: float = 1.0, zero_sign: str = "majority",
+        epsilon: float = 0.0) -> torch.Tensor:
+    """Σ_t w_t τ̂_t / max(Σ_t w_t, ε) over the entries agreeing with γ = sign(Σ_t τ̂_t) (SCE's Erase step and weighted
+    combination, Wan et al. 2024; 0 where none agrees); τ̂_t the selected task vectors, w_t from :func:`sce_weights`."""
     mask = sce_select(deltas, select_topk)
     selected = deltas if mask is None else [d * mask for d in deltas]
-    weights = torch.tensor(sce_weights(selected), dtype=deltas[0].dtype, device=deltas[0].device).unsqueeze(1)
+    weights = torch.tensor(sce_weights(selected, epsilon), dtype=deltas[0].dtype, device=deltas[0].device).unsqueeze(1)
     out = torch.empty(deltas[0].numel(), dtype=deltas[0].dtype, device=deltas[0].device)
-    for chunk, part, signs in elected_chunks(selected):
+    for chunk, part, signs in elected_chunks(selected, zero_sign=zero_sign):
         kept = torch.sign((part * signs).clamp_(min=0)).mul_(weights)  # w_t on kept entries
-        divisor = kept.sum(dim=0)
+        divisor = kept.sum(dim=0).clamp_(min=epsilon)
         out[chunk] = (part * kept).sum(dim=0) / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
     return out.view_as(deltas[0])
 
@@ -118,7 +128,8 @@ class SCEMerger(Merger):
     config: SCEConfig
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
-        return sce(deltas, self.config.select_topk)
+        cfg = self.config
+        return sce(deltas, cfg.select_topk, cfg.zero_sign, cfg.epsilon)
 
 
 register_method(SCEConfig, SCEMerger)

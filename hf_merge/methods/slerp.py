@@ -118,6 +118,21 @@ def resolve_weights(weights: Sequence[float] | Mapping[str, float] | None, task_
     return [float(w) for w in weights]
 
 
+#: What the SLERP family merges: the task vectors τ_t around the base (added back to it), or the models' weights θ_t
+#: themselves (mergekit without a base model; the base then only anchors the arithmetic).
+SPHERE_INPUTS = ("task_vectors", "weights")
+
+
+def sphere_inputs(on: str, base: torch.Tensor, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The vectors a SLERP-family method merges: the τ_t, or the θ_t = θ₀ + τ_t (``on="weights"``)."""
+    return deltas if on == "task_vectors" else [base + delta for delta in deltas]
+
+
+def as_task_vector(on: str, base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """The merged task vector from what a SLERP-family method returned for :func:`sphere_inputs`."""
+    return merged if on == "task_vectors" else merged.sub_(base)
+
+
 def check_model_count(method: str, count: int, *, exactly: int | None = None, at_least: int | None = None,
                       extra: str = "") -> None:
     """Raise a ``ValueError`` naming the number of fine-tuned models when it is not what ``method`` needs."""
@@ -128,6 +143,7 @@ def check_model_count(method: str, count: int, *, exactly: int | None = None, at
 
 class SlerpMerger(Merger):
     uses_param_info = False
+    gram_determined = True
     config: SlerpConfig
 
     def prepare(self, ctx: MergeContext) -> None:

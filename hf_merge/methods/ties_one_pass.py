@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..kernels import fused_ties_one_pass
-from ..tensors import check_output_finite, numpy_view, tensor_copy
+from ..tensors import check_output_finite, kth_smallest, numpy_view, tensor_copy
 from ..tuning import TUNING
 from . import ties
 from .base import Amendment, OnePassMerge
@@ -89,13 +89,10 @@ class OnePassTies(OnePassMerge):
     def _brackets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lo_t, hi_t) with lo_t < thr_t ≤ hi_t expected, from a 1/1024 sample of every tensor; ``None`` when a
         bracket would leave too many entries undecided."""
-        from tqdm.auto import tqdm
-
         samples: list[list[torch.Tensor]] = [[] for _ in self.sources[1:]]
         sample_block, sample_every = TUNING.ties_sample_block, TUNING.ties_sample_every
         stride = sample_block * sample_every
-        for key in tqdm(self.ctx.merge_keys, desc="TIES threshold sample", unit="tensor", leave=False,
-                        disable=not self.ctx.progress):
+        for key in self.ctx.tracker.track(self.ctx.merge_keys, "TIES threshold sample"):
             n = self.numel[key]
             if n < stride:  # small tensor: every sample_every-th entry
                 pieces = [s.read_blocks(key, [0], n)[::sample_every].float() for s in self.sources]
@@ -227,7 +224,7 @@ class OnePassTies(OnePassMerge):
             position = self.keep - int(self.at_or_above[t])  # descending rank of the threshold among those inside
             if not 1 <= position <= values.numel():
                 return None
-            thresholds.append(values.kthvalue(values.numel() - position + 1).values.item())
+            thresholds.append(kth_smallest(values, values.numel() - position + 1))
         return thresholds
 
     def amendments(self) -> Iterator[Amendment]:

@@ -32,9 +32,10 @@ def bit_halves(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def global_statistics(ctx: MergeContext, densities: list[float]) -> tuple[list[float], float]:
+def global_statistics(ctx: MergeContext, densities: list[float], weights: list[float] | None = None,
+                      ) -> tuple[list[float], float]:
     """Exact whole-model thresholds (task t keeps ``densities[t]`` of its entries) and majority sign of the task
-    vectors ``ctx.iter_deltas()``, streamed.
+    vectors ``ctx.iter_deltas()`` (elected on Σ_t w_t τ̂_t, ``weights`` w_t or ``None`` for 1), streamed.
 
     Pass 1 histograms the high 16 bits of |τ_t|; pass 2 histograms the low 16 bits inside the bin holding each
     task's threshold, and sums the elected signs of the entries no threshold bin can change. When that partial
@@ -42,7 +43,7 @@ def global_statistics(ctx: MergeContext, densities: list[float]) -> tuple[list[f
     """
     num_tasks = len(ctx.task_names)
     if all(density >= 1.0 for density in densities):
-        return [0.0] * num_tasks, majority_sign(ctx, [0.0] * num_tasks)
+        return [0.0] * num_tasks, majority_sign(ctx, [0.0] * num_tasks, weights)
     coarse = torch.zeros(num_tasks, HIST_BINS, dtype=torch.int64)
     numel = 0
     for _, _, deltas in ctx.iter_deltas("TIES threshold (1/2)"):
@@ -70,7 +71,8 @@ def global_statistics(ctx: MergeContext, densities: list[float]) -> tuple[list[f
             high, low = bit_halves(delta)
             in_bin = high == bins[t]
             fine[t] += torch.bincount(low[in_bin].to(torch.int32) & 0xFFFF, minlength=1 << 16).cpu()
-            kept_sum += delta * (high > bins[t]).view_as(delta)
+            kept = delta * (high > bins[t]).view_as(delta)
+            kept_sum += kept if weights is None else kept * weights[t]
             ambiguous |= in_bin.view_as(delta)
         undecided += int(ambiguous.sum())
         decided_mass += int(torch.sign(kept_sum[~ambiguous]).sum())
@@ -84,14 +86,17 @@ def global_statistics(ctx: MergeContext, densities: list[float]) -> tuple[list[f
         thresholds.append(float(bits.view(torch.float32)))
     if abs(decided_mass) > undecided:
         return thresholds, float(1 if decided_mass > 0 else -1)
-    return thresholds, majority_sign(ctx, thresholds)
+    return thresholds, majority_sign(ctx, thresholds, weights)
 
 
-def majority_sign(ctx: MergeContext, thresholds: list[float]) -> float:
-    """sign(Σ over all entries of γ) for the task vectors trimmed at ``thresholds``, in one streaming pass."""
+def majority_sign(ctx: MergeContext, thresholds: list[float], weights: list[float] | None = None) -> float:
+    """sign(Σ over all entries of γ) for the task vectors trimmed at ``thresholds`` (and weighted), in one streaming
+    pass."""
     limits = torch.tensor(thresholds, device=ctx.device).view(-1, 1)
+    column = ties.weight_column(weights, limits)
     mass = 0
     for _, _, deltas in ctx.iter_deltas("TIES majority sign"):
         stacked = torch.stack([d.flatten() for d in deltas])
-        mass += int(torch.sign((stacked * (stacked.abs() >= limits)).sum(dim=0)).sum())
+        trimmed = stacked * (stacked.abs() >= limits)
+        mass += int(torch.sign((trimmed if column is None else trimmed * column).sum(dim=0)).sum())
     return float(torch.sign(torch.tensor(float(mass))))

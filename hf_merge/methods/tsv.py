@@ -17,13 +17,13 @@ TSV-M also merges low-rank task matrices Δ_t = P_t Q_t (LoRA) without forming t
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, check_number
+from ..errors import warn
 from ..linalg import polar, top_k_svd
 from ..lowrank import LowRank, lowrank_svd, stack_factors
 from ..params import ParamInfo
@@ -187,11 +187,10 @@ def lowrank_tsv_merge(parts: Sequence[LowRank], k: int) -> LowRank:
 
 def _warn_rank_zero(keys: list[str], num_tasks: int) -> None:
     if keys:
-        warnings.warn(
+        warn(
             f"TSV keeps k = ⌊r/T⌋ = 0 singular triplets per task for {len(keys)} matrices with min(m, n) < T = "
             f"{num_tasks} (e.g. {keys[0]!r}); like the reference, their merged task vector is zero. Set "
-            "rank_fraction or exclude them to average instead.",
-            stacklevel=3,
+            "rank_fraction or exclude them to average instead."
         )
 
 

@@ -390,6 +390,32 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
             optimizer.load_state_dict(state)
         return optimizer
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
+                   license: str | None = None, tags: Any = None, base_model: Any = None) -> None:
+        """``Trainer.save_model`` (plus the task heads and ``atm_config.json``), ``merge_config.json`` (the merge
+        step of every round, a :class:`~hf_merge.MergeConfig`) and a model card (``README.md``) naming the starting
+        model, the tasks, the ATM schedule and the merge config. ``license`` (a Hub license id), ``tags`` and
+        ``base_model`` (``{"base": "org/name"}``: the starting model's Hub id when it was loaded from a local folder)
+        set the card's metadata; they are checked before anything is written."""
+        from ..hub.provenance import CardMetadata
+
+        card = CardMetadata(license=license, tags=tags, base_model=base_model)
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        config = getattr(model, "config", None)
+        origin = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+        inputs = {"base": str(origin) if origin else None, "models": {}}
+        card = card.for_inputs(inputs)  # a base_model key naming no input fails here
+        super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        from ..hub.cards import write_card
+
+        self.atm_config.merge.save_pretrained(output_dir)
+        write_card(output_dir, self.atm_config.merge, inputs, artifact="atm", atm_config=self.atm_config,
+                   atm_tasks=list(self.task_datasets), license=card.license, tags=list(card.tags),
+                   base_model=dict(card.base_model))
+
     def _merged_tensors(self) -> dict[str, torch.Tensor]:
         """The live tensors ATM merges: trainable parameters and floating-point buffers of the shared model (tied
         parameters once; task heads and frozen parameters excluded, as they do not change)."""
