@@ -27,6 +27,9 @@ shape mismatches, different vocabularies or architectures, mixed dtypes without 
 a bad config value, an output folder that would be refused, a ``memory_budget`` below one tensor's working set.
 ``warnings`` do not block: dtypes converted to the output dtype, a tied base with an untied fine-tune (or the reverse),
 tokenizer files that differ, too little free disk space.
+
+One concern in one file (~1000 lines): every check reads the same opened inputs, and the report renders them;
+splitting the checks from their rendering would pass the whole state between two modules.
 """
 
 from __future__ import annotations

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .adapters import is_adapter_folder, is_peft_model, open_lora
-from .errors import MergeError
+from .errors import MergeError, warn
 from .hub.resolve import cached_repo, resolve_model, split_revision
 from .io.deltas import DeltaSource
 from .io.sources import ModelSource, TensorMeta, TensorSource, open_source
@@ -190,9 +189,8 @@ def reconcile_tied_embeddings(base: TensorSource, tasks: Mapping[str, TensorSour
     base_ties = base.resolve(output) == embedding or (not base.has(output) and base.has(embedding))
     for task in differing:
         if base_ties and output in task.keys():
-            warnings.warn(f"{task.label} stores {output!r} separately, but the base ties it to {embedding!r}: its "
-                          "separate copy is ignored, as transformers ignores it when loading into this architecture.",
-                          stacklevel=3)
+            warn(f"{task.label} stores {output!r} separately, but the base ties it to {embedding!r}: its "
+                          "separate copy is ignored, as transformers ignores it when loading into this architecture.")
             task.tie(output, embedding)
         elif not base_ties and not task.has(output) and task.has(embedding):
             task.aliases[output] = embedding

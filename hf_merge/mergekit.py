@@ -42,6 +42,8 @@ Departures from mergekit (also in the README, "Coming from mergekit"):
 * A gradient gives the tensors after the last block (final norm, head) its last point (:mod:`hf_merge.schedules`);
   mergekit 0.1.5 gives them its first point, older versions the last.
 * Random masks (DARE, DELLA) are drawn from hf_merge's seeded generators, not torch's global stream.
+
+One concern in one file (~600 lines): mergekit's schema, its parameter resolution and the one mapping table.
 """
 
 from __future__ import annotations

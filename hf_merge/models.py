@@ -50,14 +50,25 @@ def meta_model(folder: Path | None) -> torch.nn.Module | None:
     return _meta_model(str(folder.resolve()), config_file.stat().st_mtime)
 
 
-def load_model_from_folder(folder: Path | None, *, meta: bool = False) -> torch.nn.Module | None:
-    """The model a checkpoint folder's ``config.json`` describes (weights loaded, or on meta with ``meta=True``)."""
+def load_model_from_folder(folder: Path | None, *, meta: bool = False, progress: bool = True) -> torch.nn.Module | None:
+    """The model a checkpoint folder's ``config.json`` describes (weights loaded, or on meta with ``meta=True``);
+    ``progress=False`` silences transformers' loading bar."""
     if meta:
         return meta_model(folder)
     if folder is None or not (folder / "config.json").is_file():
         return None
     _, model_cls = architecture_class(folder)
-    return model_cls.from_pretrained(folder) if model_cls is not None else None
+    if model_cls is None:
+        return None
+    from transformers.utils import logging as transformers_logging
+
+    if progress or not transformers_logging.is_progress_bar_enabled():
+        return model_cls.from_pretrained(folder)
+    transformers_logging.disable_progress_bar()
+    try:
+        return model_cls.from_pretrained(folder)
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def copy_side_files(base: TensorSource, destination: Path, dtype: torch.dtype | None = None) -> None:

@@ -25,6 +25,8 @@ as the base's pipeline with its own Transformer weights (its update of the other
 Sentence-Transformers model; under a plain base, a Sentence-Transformers fine-tune contributes its Transformer
 weights only (a warning names the weighted modules left out) and the output is a plain model like the base.
 Fine-tunes must have the base's module list (names and types) and kind of model; module configs are the base's.
+
+One concern in one file (~550 lines): reading, matching and writing Sentence-Transformers module layouts.
 """
 
 from __future__ import annotations

@@ -96,16 +96,28 @@ def kth_smallest(values: torch.Tensor, k: int, *, scratch: bool = False) -> floa
 
 def stable_rank_band(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Bool mask of the entries whose rank in the stable ascending order of ``values`` (flattened; equal values by
-    position) lies in [start, stop) — what ``argsort(values, stable=True)[start:stop]`` selects, from two selections
+    position) lies in [start, stop) — what ``argsort(values, stable=True)[start:stop]`` selects, from one selection
     instead of a sort."""
     flat = values.reshape(-1)
-    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     if stop <= start:
-        return mask.view_as(values)
-    low, high = kth_smallest(flat, start + 1), kth_smallest(flat, stop)
-    mask |= (flat > low) & (flat < high)
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if flat.device.type == "cpu":
+        ordered = np.partition(flat.detach().numpy(), [start, stop - 1])  # one copy, both ranks in place
+        low, high = float(ordered[start]), float(ordered[stop - 1])
+        below = {low: int((ordered[:start] < low).sum()), high: int((ordered[: stop - 1] < high).sum())}
+    else:
+        low, high = kth_smallest(flat, start + 1), kth_smallest(flat, stop)
+        below = {value: int((flat < value).sum()) for value in (low, high)}
+    mask = (flat >= low) & (flat <= high)
     for value in {low, high}:  # equal entries hold the ranks below(value), below(value) + 1, ... by position
-        equal = (flat == value).nonzero().squeeze(1)
-        ranks = int((flat < value).sum()) + torch.arange(equal.numel(), device=flat.device)
-        mask[equal[(ranks >= start) & (ranks < stop)]] = True
+        equal = None
+        count = int((ordered == value).sum()) if flat.device.type == "cpu" else None
+        if count is None:
+            equal = (flat == value).nonzero().squeeze(1)
+            count = equal.numel()
+        if below[value] >= start and below[value] + count <= stop:
+            continue  # every equal entry is inside the band
+        equal = (flat == value).nonzero().squeeze(1) if equal is None else equal
+        ranks = below[value] + torch.arange(equal.numel(), device=flat.device)
+        mask[equal] = (ranks >= start) & (ranks < stop)
     return mask.view_as(values)

@@ -38,6 +38,9 @@ Departures from mergekit: a tokenizer that cannot be found is an error where mer
 ``"union"``, for a named source, and for an input whose number of rows differs from the base's); padding rows of the
 inputs are kept as described above (mergekit replaces every row beyond the tokenizer's length by the mean);
 ``tokenizer.tokens`` (per-token overrides) is not supported yet.
+
+One concern in one file (~800 lines): reading tokenizers, building the union, permuting rows as a source and
+writing the tokenizer are one plan that must agree on every index.
 """
 
 from __future__ import annotations

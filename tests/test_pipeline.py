@@ -198,3 +198,18 @@ def test_the_summary_is_stored_in_merge_config_json_and_skipped_when_loading(fol
     assert summary["method"] == "task_arithmetic" and summary["route"] == "linear" and summary["inputs"] == 3
     assert summary["tensors"] > 0 and summary["output_bytes"] > 0 and summary["seconds"] >= 0
     assert hf_merge.MergeConfig.from_pretrained(out) == hf_merge.TaskArithmeticConfig(scaling=0.3)
+
+
+def test_progress_false_silences_transformers_loading_bar_too(folders, capfd, monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    merged = hf_merge.merge(folders / "base", [folders / "ft1"], "task_arithmetic", scaling=0.3, progress=False)
+    assert isinstance(merged, torch.nn.Module)  # a model loaded from the base folder
+    captured = capfd.readouterr()
+    assert "Loading" not in captured.err and "%|" not in captured.err
+    assert transformers_logging.is_progress_bar_enabled()  # put back as it was
+    hf_merge.merge(folders / "base", [folders / "ft1"], "task_arithmetic", scaling=0.3, progress=True)
+    assert "Loading" in capfd.readouterr().err  # with progress on, the same merge shows it

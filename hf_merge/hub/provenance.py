@@ -31,10 +31,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..errors import warn
 
 CARD_NAME = "README.md"
 _HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
@@ -249,7 +250,7 @@ def input_license(origin: str | os.PathLike | None) -> str | None:
     try:
         license_ = ModelCard.load(readme, ignore_metadata_errors=True).data.license
     except (ValueError, OSError) as error:
-        warnings.warn(f"Could not read the license of {name} from {readme}: {error}", stacklevel=3)
+        warn(f"Could not read the license of {name} from {readme}: {error}")
         return None
     return license_ if isinstance(license_, str) and license_ else None
 
@@ -297,12 +298,10 @@ def published_base_models(records: Sequence[InputRecord], base_model: Mapping[st
     if omitted:
         names = ", ".join(f"{r.role} ({r.origin or r.name})" for r in omitted)
         example = ", ".join(f"{r.role!r}: 'org/name'" for r in omitted)
-        warnings.warn(
+        warn(
             f"The model card's base_model leaves out {names}: a local folder is not a Hub id. Pass "
             f"base_model={{{example}}} (or key them by path) to list them by their Hub ids.",
-            UserWarning,
-            stacklevel=3,
-        )
+            UserWarning)
     return records, list(dict.fromkeys(published))
 
 
@@ -316,9 +315,7 @@ def inherited_license(records: Sequence[InputRecord]) -> str | None:
     unknown = [r.name or f"{r.role} (in memory)" for r in records if r.license is None]
     known = sorted({r.license for r in records if r.license is not None})
     reason = f"unknown for {unknown}" if unknown else f"the inputs disagree ({known})"
-    warnings.warn(
+    warn(
         f"The model card has no license: the inputs' license is {reason}. Pass license=... to set one.",
-        UserWarning,
-        stacklevel=3,
-    )
+        UserWarning)
     return None

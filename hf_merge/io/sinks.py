@@ -278,7 +278,7 @@ def output_sink(base: TensorSource, options: MergeOptions, *, output_dir: str | 
     if target is None and base.model is not None:
         target = copy.deepcopy(base.model)
     if target is None and base.folder is not None:
-        target = load_model_from_folder(base.folder)
+        target = load_model_from_folder(base.folder, progress=options.progress)
     if target is None:
         return StateDictSink(base.aliases)
     if rows is not None:
