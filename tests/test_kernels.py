@@ -216,3 +216,12 @@ def test_the_first_compile_on_a_machine_is_announced_once(monkeypatch, caplog):
         kernels._kernel("linear_combine")
     assert [r.getMessage() for r in caplog.records] == ["compiling merge kernels (once per machine)…"]
     kernels._announce_compile.cache_clear()
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 5])
+def test_sce_variance_has_the_bits_of_torch_var(num_tasks):
+    from hf_merge.methods.sce import population_variance
+
+    generator = torch.Generator().manual_seed(num_tasks)
+    values = [(torch.randn(20000, generator=generator) * 1e-3).to(torch.bfloat16).float() for _ in range(num_tasks)]
+    assert torch.equal(population_variance(values), torch.stack(values).var(dim=0, unbiased=False))
