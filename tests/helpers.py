@@ -102,3 +102,20 @@ def permuted_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     perms = random_permutations(spec, sizes, torch.Generator().manual_seed(seed))
     out.load_state_dict(apply_permutation(spec, perms, state))
     return out
+
+
+def run_push_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``hf-merge push ...`` in process: (exit code, stdout, stderr)."""
+    import argparse
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from hf_merge.hub.cli_push import add_push_parser
+
+    parser = argparse.ArgumentParser(prog="hf-merge")
+    add_push_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = args.func(args)
+    return code, out.getvalue(), err.getvalue()

@@ -8,13 +8,10 @@ validation (``ModelCard.validate``) needs the network. Pushes go to :class:`test
 
 from __future__ import annotations
 
-import argparse
 import copy
-import io
 import json
 import os
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +21,10 @@ import torch
 import hf_merge
 from hf_merge.hub import build_model_card
 from hf_merge.hub.cards import ADAPTER_PIPELINE_TAGS, adapter_pipeline_tag, check_publishable
-from hf_merge.hub.cli_push import add_push_parser, card_inputs
+from hf_merge.hub.cli_push import card_inputs
 from hf_merge.hub.provenance import BASE_MODEL_RELATIONS, HUB_LICENSES, CardMetadata
 from tests import tiny_models
+from tests.helpers import run_push_cli
 from tests.hub_server import HubTestServer
 
 TOKEN = "hf_test"
@@ -123,14 +121,6 @@ def readme(folder: str | Path) -> str:
     return (Path(folder) / "README.md").read_text(encoding="utf-8")
 
 
-def run_push_cli(argv: list[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="hf-merge")
-    add_push_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = args.func(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 def no_local_paths(text: str | bytes, *paths: Path) -> bool:

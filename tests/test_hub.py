@@ -6,12 +6,9 @@ lifted only inside the ``hub`` fixture (huggingface_hub reads ``constants.HF_HUB
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import io
 import re
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -28,9 +25,9 @@ from hf_merge.hub import (
     write_card,
 )
 from hf_merge.hub.cards import TEMPLATE_DIR
-from hf_merge.hub.cli_push import add_push_parser
 from hf_merge.registry import config_class
 from tests import tiny_models
+from tests.helpers import run_push_cli
 from tests.hub_server import DROP_CONNECTION, HubTestServer
 
 TOKEN = "hf_test"
@@ -403,14 +400,6 @@ def test_retry_policy_validates_and_caps_its_delays() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def run_push_cli(argv: list[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="hf-merge")
-    add_push_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = args.func(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_cli_push_publishes_a_merge_folder_and_adds_a_missing_card(hub, input_folders, tmp_path) -> None:

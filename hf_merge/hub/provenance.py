@@ -118,20 +118,13 @@ def check_base_model(base_model: Any) -> dict[str, str]:
 
 def hub_id_problem(value: Any) -> str | None:
     """Why ``value`` is not a Hub model id to publish (``None`` when it is one): a local path never is."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from .resolve import repo_id_problem
 
     if not isinstance(value, str):
         return f"not a string but a {type(value).__name__}"
     if os.path.isabs(value) or value.startswith(("~", ".")) or "\\" in value:
         return "it is a local path"
-    if value.count("/") > 1:
-        return "a repo id has at most one '/'"
-    try:
-        validate_repo_id(value)
-    except HFValidationError as error:
-        return str(error).split("\n")[0]
-    return None
+    return repo_id_problem(value)
 
 
 @dataclasses.dataclass(frozen=True)
