@@ -41,6 +41,7 @@ from .record import MergeRecord
 from .summary import MergeSummary
 from .tensors import Amendment, TensorMeta, check_output_finite
 from .tuning import TUNING
+from .vocab import vocabulary_of
 
 
 @dataclasses.dataclass
@@ -88,6 +89,10 @@ def run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
 
 def _finish(plan: Plan, sink: Sink, summary: MergeSummary, options: MergeOptions) -> Any:
     """Report the summary, store it with the record, and let the sink finish (publish)."""
+    plan_of_vocabulary = vocabulary_of(plan.base if plan.base is not None else next(iter(plan.tasks.values())))
+    if plan_of_vocabulary is not None:
+        summary.vocabulary = {"tokenizer_source": plan_of_vocabulary.source,
+                              "rows": plan_of_vocabulary.rows or plan_of_vocabulary.layout_rows}
     summary.report(options.progress)
     if plan.record is not None:
         plan.record.summary.update(summary.to_dict())

@@ -29,6 +29,8 @@ class MergeSummary:
     output_bytes: int
     route: str = ""
     seconds: float = 0.0
+    #: The vocabulary the output has when the inputs' were reconciled: ``{"tokenizer_source", "rows"}``.
+    vocabulary: dict[str, Any] | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
 
     @classmethod
@@ -46,7 +48,7 @@ class MergeSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "inputs": self.inputs, "tensors": self.tensors, "route": self.route,
                 "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), **({"vocabulary": self.vocabulary} if self.vocabulary else {})}
 
     def __str__(self) -> str:
         rate = self.input_bytes / self.seconds / 1e9 if self.seconds > 0 else math.inf

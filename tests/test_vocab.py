@@ -138,6 +138,8 @@ def test_union_merges_every_token_as_mergekit_does(folders, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     vocab = tokenizer.get_vocab()
+    recorded = json.loads((out / "merge_config.json").read_text())["summary"]["vocabulary"]
+    assert recorded == {"tokenizer_source": "union", "rows": 32}  # the vocabulary choice is recorded
     sizes = {name: len(_vocab(folders / name)) for name in ("base", "a", "b")}
     assert sizes == {"base": 24, "a": 27, "b": 26}
     assert len(vocab) == 28  # 24 + <tool>, alpha, <|a|>, beta
