@@ -24,6 +24,9 @@ Publishing (:meth:`TaskBank.push_to_hub`): a bank whose base is not embedded is 
 that came from the Hub is named by its repo id and commit; a local base folder needs ``base_model={"base":
 "org/name"}`` (or keyed by its path), else the push is refused. :meth:`TaskBank.from_pretrained` downloads such a
 base and checks it against the bank's fingerprint.
+
+One concern in one file (~480 lines): the bank's format, its writer (sink) and its reader share the manifest and
+its integrity checks.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ T + 2 models.
 (This module is ~450 lines: ``ATMTrainer`` overrides the ``Trainer`` hooks one round of ATM touches — loss, prediction,
 evaluation, logging, optimizer creation, training — and they share its per-(round, task) state; the merge step and
 the round checkpoints live in their own modules.)
+
+One concern in one file (~480 lines): the trainer's rounds, their checkpoints and resumption share its state.
 """
 
 from __future__ import annotations
