@@ -8,6 +8,7 @@ The models are tiny (hidden 32, 2-3 blocks) and built once per module (see :mod:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 import hf_merge
 from hf_merge.inputs import classify_sources
+from hf_merge.io.sinks import ModelSink
 from hf_merge.io.sources import FolderSource, ModelSource
 from hf_merge.params import ParamKind, classify_parameters
 from tests import tiny_models
@@ -211,22 +213,11 @@ def _assert_outputs_close(name: str, actual: torch.nn.Module, expected: torch.nn
 
 
 # ------------------------------------------------------------------------------------------ merge and reload
-# Architectures whose in-memory weights are converted from the checkpoint's (Mixtral: per-expert ``w1``/``w2``/``w3``
-# on disk, fused 3-D ``experts.gate_up_proj`` / ``down_proj`` in memory): a merge cannot return a model of the base's
-# class (hf_merge.io.sinks.ModelSink refuses), so the in-memory models are merged to a folder and reloaded instead.
-CONVERTED_IN_MEMORY = {"mixtral"}
-
-
-def _in_memory_merge(built: Built, config: hf_merge.MergeConfig, tmp_path: Path) -> torch.nn.Module:
-    """The merge of the in-memory models, as a model."""
-    if built.name not in CONVERTED_IN_MEMORY:
-        merged = hf_merge.merge(built.base, built.finetuned, config, progress=False)
-        assert type(merged) is type(built.base)
-        return merged.eval()
-    with pytest.raises(hf_merge.MergeError, match="stored converted on disk"):
-        hf_merge.merge(built.base, built.finetuned, config, progress=False)
-    out = hf_merge.merge(built.base, built.finetuned, config, output_dir=tmp_path / "from_models", progress=False)
-    return type(built.base).from_pretrained(out).eval()
+def _in_memory_merge(built: Built, config: hf_merge.MergeConfig) -> torch.nn.Module:
+    """The merge of the in-memory models, as a model of the base's class."""
+    merged = hf_merge.merge(built.base, built.finetuned, config, progress=False)
+    assert type(merged) is type(built.base)
+    return merged.eval()
 
 
 @pytest.mark.filterwarnings("ignore:TSV keeps k")  # BART's final_logits_bias (1, vocab) buffer: zero update anyway
@@ -237,7 +228,7 @@ def test_folder_merge_reloads_and_matches_the_in_memory_merge(built: Built, meth
     reloaded = auto_class(Path(out)).from_pretrained(out).eval()
     assert type(reloaded) is type(built.base)
 
-    in_memory = _in_memory_merge(built, config, tmp_path)
+    in_memory = _in_memory_merge(built, config)
     expected_state = in_memory.state_dict()
     for key, tensor in reloaded.state_dict().items():
         torch.testing.assert_close(tensor, expected_state[key], msg=lambda m, key=key: f"{key}: {m}")
@@ -347,6 +338,36 @@ def test_lines_scales_each_stack_over_its_own_depth(built: Built, tmp_path: Path
         expected = base[key] + scale * sum(task[key] - base[key] for task in tasks)
         torch.testing.assert_close(theta, expected, msg=lambda m, key=key: f"{key} (λ={scale}): {m}")
     assert seen == set(stacks)
+
+
+# ------------------------------------------------------------------------------------------ converted in memory
+@pytest.mark.parametrize("built", ["mixtral"], indirect=True)
+def test_converted_weights_are_merged_into_the_model_in_place(built: Built, tmp_path: Path) -> None:
+    """Mixtral's experts (per expert on disk, fused 3-D in memory) go through transformers' loading conversion:
+    ``merge_with(inplace=True)`` updates the model's own parameters, and a merge of folders returns a loaded model,
+    both equal to the folder merge reloaded."""
+    config = METHODS["ties"]()
+    out = hf_merge.merge(built.base_dir, built.finetuned_dirs, config, output_dir=tmp_path / "m", progress=False)
+    expected = type(built.base).from_pretrained(out).state_dict()
+    model = copy.deepcopy(built.base)
+    params = dict(model.named_parameters())
+    assert model.merge_with(built.finetuned, config, inplace=True, progress=False) is model
+    assert all(param is params[name] for name, param in model.named_parameters())
+    from_folders = hf_merge.merge(built.base_dir, built.finetuned_dirs, config, progress=False)
+    assert type(from_folders) is type(built.base)
+    for merged in (model, from_folders):
+        for key, tensor in merged.state_dict().items():
+            torch.testing.assert_close(tensor, expected[key], msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_converted_weights_missing_a_part_are_refused_before_any_write() -> None:
+    """A fused parameter short of one of its experts cannot be built: the sink names its keys in begin()."""
+    model = ARCHITECTURES["mixtral"]()
+    source = ModelSource(model)
+    metas = {key: source.meta(key) for key in source.keys()}
+    del metas["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    with pytest.raises(hf_merge.MergeError, match=r"experts\.0\.w2\.weight.*\(3\) into a MixtralForCausalLM"):
+        ModelSink(model).begin(metas, {}, 0)
 
 
 def test_the_matrix_covers_every_factory() -> None:

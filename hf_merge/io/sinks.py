@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import dataclasses
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -151,7 +152,11 @@ class StateDictSink(Sink):
 
 class ModelSink(Sink):
     """A model of the base's class (ties kept): each merged tensor copied into ``model`` under its in-memory name
-    (``memory_names``: key → that name where they differ; by default those of ``ModelSource(model)``)."""
+    (``memory_names``: key → that name where they differ; by default those of ``ModelSource(model)``).
+
+    Checkpoint tensors that transformers converts on loading (Mixtral's per-expert ``w1``/``w2``/``w3`` fused into
+    3-D ``experts.gate_up_proj`` / ``down_proj``) are put in together: the parts of one parameter are held until all
+    have arrived, converted by transformers' loading converters, copied in, and dropped."""
 
     description = "an in-memory model"
     unsupported_options = ("device_map", "max_memory", "offload_folder", "max_shard_size", "overwrite")
@@ -163,20 +168,47 @@ class ModelSink(Sink):
         self.model = model
         self.params = model.state_dict(keep_vars=True)
         self.memory_names = dict(memory_names) if memory_names is not None else ModelSource(model).memory_names
+        self.conversions: dict[str, _Conversion] = {}  # key → the conversion it is a part of
 
     def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
-        unmapped = [k for k in metas if self.memory_names.get(k, k) not in self.params]
-        if unmapped:
-            shown = ", ".join(repr(k) for k in unmapped[:8])
+        """Every key placed (directly or through a conversion checked on meta tensors) before anything is written;
+        the parts of one conversion put one after the other."""
+        converted = [k for k in metas if self.memory_names.get(k, k) not in self.params]
+        conversions, unplaced = _plan_conversions(self.model, converted, metas, self.params)
+        if unplaced:
+            shown = ", ".join(repr(k) for k in unplaced[:8])
             raise MergeError(
-                f"Cannot place merged tensors [{shown}{', ...' if len(unmapped) > 8 else ''}] ({len(unmapped)}) into "
-                f"a {type(self.model).__name__} (its weights are stored converted on disk); pass output_dir= to "
-                "write a checkpoint instead."
+                f"Cannot place merged tensors [{shown}{', ...' if len(unplaced) > 8 else ''}] ({len(unplaced)}) into "
+                f"a {type(self.model).__name__}: no parameter takes them, by name or through transformers' weight "
+                "conversion; pass output_dir= to write a checkpoint instead."
             )
-        return super().begin(metas, infos, read_ahead)
+        self.conversions = {key: conversion for conversion in conversions for key in conversion.patterns}
+        self.metas = metas
+        order: list[str] = []
+        started: set[str] = set()
+        for key in metas:
+            conversion = self.conversions.get(key)
+            if conversion is None:
+                order.append(key)
+            elif conversion.target not in started:
+                started.add(conversion.target)
+                order.extend(conversion.patterns)
+        return order
 
     def put(self, key: str, value: torch.Tensor) -> None:
-        destination = self.params[self.memory_names.get(key, key)]
+        conversion = self.conversions.get(key)
+        if conversion is None:
+            self._place(self.memory_names.get(key, key), value)
+            return
+        conversion.parts[key] = value
+        if len(conversion.parts) == len(conversion.patterns):
+            for name, tensor in conversion.convert(self.model, conversion.parts).items():
+                self._place(name, tensor)
+            conversion.parts.clear()
+
+    def _place(self, name: str, value: torch.Tensor) -> None:
+        """Copy ``value`` into the model's tensor ``name`` (in place; a merge in another dtype replaces its data)."""
+        destination = self.params[name]
         with torch.no_grad():
             if destination.dtype != value.dtype:
                 destination.data = value.to(destination.device)
@@ -187,6 +219,76 @@ class ModelSink(Sink):
         if self.vocabulary is not None and self.vocabulary.tokenizer is not None:
             self.model.hf_merge_tokenizer = self.vocabulary.tokenizer
         return record.attach_to(self.model) if record is not None else self.model
+
+
+@dataclasses.dataclass
+class _Conversion:
+    """Checkpoint keys that one of transformers' ``WeightConverter`` turns into in-memory tensors together (the
+    experts of one layer into a fused parameter): ``target``, the first tensor it makes; ``patterns``, each key's
+    source pattern, keys in transformers' loading order; ``parts``, the merged tensors put so far."""
+
+    target: str
+    converter: Any
+    patterns: dict[str, str] = dataclasses.field(default_factory=dict)
+    parts: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def convert(self, model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The in-memory tensors made from ``tensors`` (one per key), by name."""
+        converter = copy.deepcopy(self.converter)
+        for key, pattern in self.patterns.items():
+            converter.add_tensor(self.target, key, pattern, tensors[key])
+        made = converter.convert(self.target, model=model, config=model.config)
+        return {name: value[0] if isinstance(value, list) else value for name, value in made.items()}
+
+
+def _plan_conversions(model: torch.nn.Module, keys: Sequence[str], metas: Mapping[str, TensorMeta],
+                      params: Mapping[str, torch.Tensor]) -> tuple[list[_Conversion], list[str]]:
+    """The conversions that place ``keys`` into ``params`` the way ``from_pretrained`` loads them (each tried on
+    meta tensors: it must make tensors of the parameters' names and shapes), and the keys none places."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return [], list(keys)
+    if not keys or not isinstance(model, PreTrainedModel):
+        return [], list(keys)
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    transforms = _weight_conversions(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    converter_of = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    by_target: dict[str, _Conversion] = {}
+    unplaced: list[str] = []
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, params)
+        if pattern is None or target not in params:
+            unplaced.append(key)
+            continue
+        by_target.setdefault(target, _Conversion(target, converter_of[pattern])).patterns[key] = pattern
+    conversions = []
+    for conversion in by_target.values():
+        try:
+            made = conversion.convert(model, {k: torch.empty(metas[k].shape, dtype=metas[k].dtype, device="meta")
+                                              for k in conversion.patterns})
+        except Exception:  # an op that fails on these shapes (transformers raises many kinds): unplaced
+            made = None
+        if made is not None and all(name in params and made[name].shape == params[name].shape for name in made):
+            conversions.append(conversion)
+        else:
+            unplaced.extend(conversion.patterns)
+    return conversions, unplaced
+
+
+def _weight_conversions(model: Any) -> list[Any]:
+    """The weight transforms between ``model``'s checkpoint and in-memory names: those it was loaded with, else its
+    class's (as ``transformers.core_model_loading.revert_weight_conversion`` chooses them when saving)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    loaded = getattr(model, "_weight_conversions", None)
+    if loaded is not None:
+        return copy.deepcopy(loaded)
+    return [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
 
 
 class DispatchedSink(ModelSink):
@@ -208,8 +310,8 @@ class DispatchedSink(ModelSink):
         super().__init__(self.output.model)
         return super().begin(metas, infos, read_ahead)
 
-    def put(self, key: str, value: torch.Tensor) -> None:
-        self.output.place(self.memory_names.get(key, key), value)
+    def _place(self, name: str, value: torch.Tensor) -> None:
+        self.output.place(name, value)
 
     def finish(self, record: MergeRecord | None) -> torch.nn.Module:
         self.model = self.output.finish()
