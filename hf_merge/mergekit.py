@@ -23,17 +23,19 @@ Departures from mergekit (also in the README, "Coming from mergekit"):
 * hf_merge computes in float32 whatever ``dtype`` says (mergekit's ``dtype`` is its compute dtype); the output dtype
   is ``out_dtype``, else ``dtype``, else the base's.
 * Not supported yet, each refused naming the key: ``slices``, ``modules`` and ``passthrough`` (they arrive with layer
-  stacking); ``tokenizer: {tokens: ...}`` (per-token embedding overrides) and mergekit's built-in chat template
-  names (``chatml``, ``llama3``, ...: give the template text). Model references are local folders or Hub repo ids
+  stacking). Model references are local folders or Hub repo ids
   (``org/name@revision``); ``model+lora`` references come later. ``linear`` with ``normalize: false`` is refused
   unless the weights sum to 1.
 * Vocabularies (:mod:`hf_merge.vocab`): ``tokenizer_source`` (``base``, ``union`` or a model reference) and
-  ``tokenizer: {source, pad_to_multiple_of}`` (``source`` defaults to ``union``, as in mergekit) become
-  :attr:`MergekitRecipe.vocabulary`; ``chat_template`` takes a Jinja template, ``auto`` or a model reference (whose
-  template is taken). Without these keys token ids are assumed to mean the same tokens in every model, as in
-  mergekit. Departures: an input whose tokenizer cannot be loaded is an error where mergekit assumes the base's
-  (for ``union``, for a named source, and for an input with another number of embedding rows), and padding rows
-  beyond the tokenizer's length are kept where an input has them (mergekit sets every one to the mean row).
+  ``tokenizer: {source, tokens, pad_to_multiple_of}`` (``source`` defaults to ``union``, as in mergekit; ``tokens``,
+  the per-token overrides, become ``tokenizer={"tokens": ...}`` with task names) become
+  :attr:`MergekitRecipe.vocabulary`; ``chat_template`` takes a Jinja template, ``auto``, a built-in template name
+  (``alpaca``, ``chatml``, ``exaone``, ``llama3``, ``mistral``) or a model reference (whose template is taken; a name
+  that is both a built-in's and a model's is refused). Without these keys token ids are assumed to mean the same
+  tokens in every model, as in mergekit. Departures: an input whose tokenizer cannot be loaded is an error where
+  mergekit assumes the base's (for ``union``, for a named source, and for an input with another number of embedding
+  rows), and padding rows beyond the tokenizer's length are kept where an input has them (mergekit sets every one to
+  the mean row).
 * mergekit's ``karcher``, and ``nuslerp`` and ``multislerp`` without a ``base_model``, merge the models' raw weights:
   they become ``on="weights"`` (the base_model, when given, is one more input of ``karcher``, as in mergekit).
 * Unknown parameter names, and global-only parameters given per model (mergekit ignores both silently), are errors.
@@ -66,10 +68,6 @@ NOT_SUPPORTED_KEYS = {
     "slices": "layer slices (frankenmerges, passthrough) arrive with layer stacking",
     "modules": "per-module merges arrive with layer stacking",
 }
-
-#: The keys of mergekit's ``tokenizer:`` mapping, and mergekit's built-in chat template names (not shipped here).
-TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
-BUILTIN_CHAT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 #: mergekit methods hf_merge does not run (yet), with why.
 NOT_SUPPORTED_METHODS = {
@@ -212,7 +210,8 @@ class MergekitRecipe:
         config: the hf_merge :class:`~hf_merge.MergeConfig`.
         options: :class:`~hf_merge.MergeOptions` fields the recipe sets (``dtype``: ``out_dtype``, else ``dtype``).
         vocabulary: the vocabulary options the recipe sets (``tokenizer_source``: ``"base"``, ``"union"`` or a task
-            name; ``chat_template``; ``pad_to_multiple_of``), keywords of :func:`hf_merge.merge` too.
+            name; ``chat_template``; ``pad_to_multiple_of``; ``tokenizer``: ``{"tokens": ...}``, the per-token
+            overrides in mergekit's schema with task names), keywords of :func:`hf_merge.merge` too.
         output: the output folder, when one was given to :func:`read_recipe` (mergekit recipes have no output key).
         merge_method: mergekit's method name, as written.
     """
@@ -348,6 +347,8 @@ class _Reader:
     def vocabulary(self, base_ref: str | None, refs: list[str]) -> dict[str, Any]:
         """``tokenizer_source`` / ``tokenizer`` / ``chat_template`` as :func:`hf_merge.merge` keywords: a model
         reference becomes its task name (the reference as written; the ``base_model`` becomes ``"base"``)."""
+        from .vocab import TOKENIZER_KEYS, chat_template_names
+
         data, vocabulary = self.data, {}
         source = data.get("tokenizer_source")
         tokenizer = data.get("tokenizer")
@@ -361,8 +362,7 @@ class _Reader:
                 raise self.fail(f"tokenizer: unknown key(s) {unknown}{did_you_mean(unknown, TOKENIZER_KEYS)}; its keys "
                                 f"are {list(TOKENIZER_KEYS)}.")
             if tokenizer.get("tokens"):
-                raise self.fail("tokenizer.tokens (per-token embedding overrides) is not supported yet; the rows of "
-                                "tokens are filled as mergekit fills them without overrides when it is left out.")
+                vocabulary["tokenizer"] = {"tokens": self.token_overrides(tokenizer["tokens"], base_ref, refs)}
             source = tokenizer.get("source", "union")
             multiple = tokenizer.get("pad_to_multiple_of")
             if multiple is not None:
@@ -374,15 +374,35 @@ class _Reader:
         template = data.get("chat_template")
         if template is not None:
             if not isinstance(template, str) or not template.strip():
-                raise self.fail(f"chat_template must be a Jinja template, 'auto' or a model reference, got "
-                                f"{template!r}.")
+                raise self.fail(f"chat_template must be a Jinja template, 'auto', a built-in template name or a model "
+                                f"reference, got {template!r}.")
             if "{" not in template and template != "auto":
-                if template in BUILTIN_CHAT_TEMPLATES and template not in refs and template != base_ref:
-                    raise self.fail(f"chat_template {template!r}: mergekit's built-in templates are not supported yet; "
-                                    "give the template text (Jinja), 'auto' or a model whose template to take.")
-                template = self.model_or(template, "chat_template", base_ref, refs, ("auto",))
+                builtin, model = template in chat_template_names(), template in refs or template == base_ref
+                if builtin and model:
+                    raise self.fail(f"chat_template {template!r} names both a model and the built-in template "
+                                    f"{template!r}: give the built-in's Jinja text, or write that model's reference "
+                                    f"another way in both places (e.g. ./{template}).")
+                if not builtin and not model:
+                    raise self.fail(f"chat_template {template!r} is neither a Jinja template, 'auto', a built-in "
+                                    f"template {chat_template_names()} nor a model of the recipe (base_model "
+                                    f"{base_ref!r}, models {refs}).")
+                if model:
+                    template = "base" if template == base_ref else template
             vocabulary["chat_template"] = template
         return vocabulary
+
+    def token_overrides(self, tokens: Any, base_ref: str | None, refs: list[str]) -> dict[str, Any]:
+        """``tokenizer.tokens`` checked, in mergekit's schema with each model reference made its task name."""
+        from .vocab import token_overrides
+
+        def task_name(value: Any) -> str | None:
+            return "base" if value == base_ref else value if value in refs else None
+
+        try:
+            overrides = token_overrides(tokens, task_name, ([base_ref] if base_ref is not None else []) + refs)
+        except ValueError as error:
+            raise self.fail(str(error)) from None
+        return {token: override.as_config() for token, override in overrides.items()}
 
     def model_or(self, value: Any, key: str, base_ref: str | None, refs: list[str], words: tuple[str, ...]) -> str:
         """``value`` when it is one of ``words``, else the task name of the model it references."""

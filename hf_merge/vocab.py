@@ -27,19 +27,31 @@ the base's row count, when the base's rows exceed its tokenizer's length) and ne
 ``pad_to_multiple_of`` (mergekit's ``tokenizer.pad_to_multiple_of``) pads the output tokenizer's length to a
 multiple instead. Padding rows no input has get each input's mean row (as mergekit does).
 
+``tokenizer.tokens`` (mergekit's per-token overrides, :func:`token_overrides`): ``{token: {source, force}}`` with
+``source`` an input (its row of that token), ``{kind: zero}`` (a zero row) or ``{kind: model_token, model, token |
+token_id}`` (that input's row of another token, or its row ``token_id``). As in mergekit's ``PermutedEmbeddings``,
+the override replaces the default fill above for the inputs that lack the token (so a token every input has is still
+merged by the method); with ``force: true`` every input holds that row, so the output has it. A token the output
+vocabulary lacks is added to the output tokenizer (as mergekit adds every overridden token).
+
 ``chat_template``: ``None`` keeps the tokenizer source's template; a Jinja template string; ``"auto"`` (the template
-most inputs have, as mergekit's); or an input, whose template is taken.
+most inputs have, as mergekit's); one of mergekit's template names shipped in ``hf_merge/chat_templates``
+(``alpaca``, ``chatml``, ``exaone``, ``llama3``, ``mistral``); or an input, whose template is taken. A name that is both
+a template's and an input's is refused as ambiguous (give the input by its path, or the template's text).
 
 ``tokenizer``: tokenizers of inputs held in memory (a ``PreTrainedTokenizerBase`` or a folder path): one for the base,
 or ``{input: tokenizer}``. Without it an in-memory model's tokenizer is read from its ``name_or_path`` when that is a
-local folder holding tokenizer files. A folder output of an in-memory base gets that tokenizer too.
+local folder holding tokenizer files. A folder output of an in-memory base gets that tokenizer too. A mapping whose keys
+are among ``source``, ``tokens`` and ``pad_to_multiple_of`` is mergekit's ``tokenizer:`` setting instead (``source``:
+``tokenizer_source``, ``"union"`` when neither is given, as in mergekit).
 
 Departures from mergekit: a tokenizer that cannot be found is an error where mergekit assumes the base's (for
 ``"union"``, for a named source, and for an input whose number of rows differs from the base's); padding rows of the
-inputs are kept as described above (mergekit replaces every row beyond the tokenizer's length by the mean);
-``tokenizer.tokens`` (per-token overrides) is not supported yet.
+inputs are kept as described above (mergekit replaces every row beyond the tokenizer's length by the mean); a token
+``tokenizer.tokens`` adds to the ``"base"`` vocabulary is one the base lacks (mergekit 0.1.5 adds it to the base's own
+tokenizer object, so the base seems to hold it at its padding row of that id, or fails without padding rows).
 
-One concern in one file (~800 lines): reading tokenizers, building the union, permuting rows as a source and
+One concern in one file (~1000 lines): reading tokenizers, building the union, permuting rows as a source and
 writing the tokenizer are one plan that must agree on every index.
 """
 
@@ -48,12 +60,13 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import importlib.resources
 import json
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +86,9 @@ TOKENIZER_FILES = (*TOKENIZER_MODEL_FILES, "merges.txt", "added_tokens.json", "s
 SOURCES = ("base", "union")
 #: The :class:`~hf_merge.options.MergeOptions` fields about vocabularies.
 VOCABULARY_OPTIONS = ("tokenizer_source", "tokenizer", "chat_template", "pad_to_multiple_of")
+#: The keys of mergekit's ``tokenizer:`` setting, and of one ``tokenizer.tokens`` entry.
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+TOKEN_KEYS = ("source", "force")
 #: The largest padding multiple inferred from the base's embedding rows.
 _MAX_INFERRED_MULTIPLE = 128
 _PREVIEW = 8
@@ -136,6 +152,126 @@ def set_config_vocab_size(config_file: Path, rows: int, old_rows: int | None = N
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------------------------ tokenizer.tokens
+@dataclasses.dataclass(frozen=True)
+class TokenOverride:
+    """One ``tokenizer.tokens`` entry: the token's row is input ``model``'s row of ``token`` (or its row ``row``), or
+    zero (``model`` ``None``); ``force``: every input holds it, else only the inputs that lack the token. ``where``:
+    the key it was given by, for errors."""
+
+    where: str
+    model: str | None = None
+    token: str | None = None
+    row: int | None = None
+    force: bool = False
+
+    def as_config(self) -> dict[str, Any]:
+        """The entry in mergekit's schema."""
+        if self.model is None:
+            source: Any = {"kind": "zero"}
+        elif self.row is not None:
+            source = {"kind": "model_token", "model": self.model, "token_id": self.row}
+        else:
+            source = {"kind": "model_token", "model": self.model, "token": self.token}
+        return {"source": source, "force": self.force}
+
+
+def token_overrides(tokens: Any, resolve: Callable[[Any], str | None], models: Sequence[str]
+                    ) -> dict[str, TokenOverride]:
+    """``tokenizer.tokens`` in mergekit's schema, checked: ``{token: TokenOverride}``, each model reference made an
+    input name by ``resolve`` (``None``: no input of the merge; ``models`` name them in the error)."""
+    if tokens is None:
+        return {}
+    if not isinstance(tokens, Mapping):
+        raise ValueError(f"tokenizer.tokens must be a mapping {{token: {{source, force}}}}, got {tokens!r}.")
+    overrides = {}
+    for token, entry in tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"{where}: a token must be a non-empty string.")
+        _check_keys(entry, TOKEN_KEYS, where)
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            raise ValueError(f"{where}.force must be true or false, got {force!r}.")
+        source = entry.get("source")
+        if source is None:
+            raise ValueError(f"{where}.source is required: a model, {{kind: zero}} or {{kind: model_token, model, "
+                             "token | token_id}.")
+        if not isinstance(source, Mapping):
+            model = _token_model(source, f"{where}.source", resolve, models)
+            overrides[token] = TokenOverride(f"{where}.source", model, token, force=force)
+            continue
+        kind = source.get("kind")
+        if kind == "zero":
+            _check_keys(source, ("kind",), f"{where}.source")
+            overrides[token] = TokenOverride(f"{where}.source", force=force)
+            continue
+        if kind != "model_token":
+            raise ValueError(f"{where}.source.kind must be 'zero' or 'model_token', got {kind!r}.")
+        _check_keys(source, ("kind", "model", "token", "token_id"), f"{where}.source")
+        model = _token_model(source.get("model"), f"{where}.source.model", resolve, models)
+        other, row = source.get("token"), source.get("token_id")
+        if (other is None) == (row is None):
+            raise ValueError(f"{where}.source: give one of token and token_id.")
+        if other is not None and (not isinstance(other, str) or not other):
+            raise ValueError(f"{where}.source.token must be a token (a string), got {other!r}.")
+        if row is not None and (isinstance(row, bool) or not isinstance(row, int) or row < 0):
+            raise ValueError(f"{where}.source.token_id must be a row number (an integer >= 0), got {row!r}.")
+        key = f"{where}.source.{'token' if row is None else 'token_id'}"
+        overrides[token] = TokenOverride(key, model, other, row, force)
+    return overrides
+
+
+def _check_keys(entry: Any, keys: Sequence[str], where: str) -> None:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be a mapping with keys {list(keys)}, got {entry!r}.")
+    unknown = sorted(str(key) for key in entry if key not in keys)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; its keys are {list(keys)}.")
+
+
+def _token_model(value: Any, where: str, resolve: Callable[[Any], str | None], models: Sequence[str]) -> str:
+    name = resolve(value) if isinstance(value, (str, os.PathLike)) else None
+    if name is None:
+        raise ValueError(f"{where} {value!r} names no model of this merge; its models are {list(models)}.")
+    return name
+
+
+def _tokenizer_setting(option: Any, names: Sequence[str]) -> Mapping[str, Any] | None:
+    """``tokenizer=`` as mergekit's ``tokenizer:`` setting (a mapping of :data:`TOKENIZER_KEYS`), or ``None`` when it
+    gives the inputs' tokenizers."""
+    if not isinstance(option, Mapping) or not option or not set(option) <= set(TOKENIZER_KEYS):
+        return None
+    if set(option) <= set(names):
+        raise ValueError(f"tokenizer= {sorted(option)} reads both as mergekit's tokenizer setting and as the "
+                         "tokenizers of the inputs named so: rename those inputs.")
+    return option
+
+
+def _resolve_overrides(overrides: Mapping[str, TokenOverride], inputs: Mapping[str, _Input],
+                       vocabs: Mapping[str, Mapping[str, int]]) -> dict[str, tuple[int, int, bool]]:
+    """``{token: (input position or -1 for zero, row in that input, force)}``: a token or row the input lacks
+    raises."""
+    positions = {name: m for m, name in enumerate(inputs)}
+    resolved = {}
+    for token, override in overrides.items():
+        if override.model is None:
+            resolved[token] = (-1, -1, override.force)
+            continue
+        item = inputs[override.model]
+        if override.row is not None:
+            if item.rows is not None and override.row >= item.rows:
+                raise ValueError(f"{override.where} {override.row}: {item.label} has {item.rows} embedding rows.")
+            row = override.row
+        else:
+            row = vocabs[override.model].get(override.token, -1)
+            if row < 0:
+                raise ValueError(f"{override.where}: {item.label} has no token {override.token!r} (with an embedding "
+                                 f"row) to take the row of {token!r} from.")
+        resolved[token] = (positions[override.model], row, override.force)
+    return resolved
+
+
 def vocabulary_of(source: TensorSource | None) -> VocabularyPlan | None:
     """The :class:`VocabularyPlan` attached to a (base) source by :func:`reconcile_vocabularies`, if any."""
     return getattr(source, "vocabulary", None)
@@ -146,28 +282,35 @@ class RowPermutation:
     """Every input's embedding rows in the output vocabulary, computed per tensor for all inputs at once (a missing
     row may come from another input) and handed out once per input.
 
-    ``index[m][j]``: the row of input ``m`` holding output row ``j``, or -1 where the input lacks it.
+    ``index[m][j]``: the row of input ``m`` holding output row ``j``, or -1 where the input lacks it. ``overrides``
+    (``tokenizer.tokens``): ``{j: (input position or -1 for zero, row of that input, force)}``.
     """
 
     def __init__(self, names: Sequence[str], sources: Sequence[TensorSource], index: Sequence[torch.Tensor],
-                 base: int | None, rows: int, vocab_length: int, keys: Sequence[str]) -> None:
+                 base: int | None, rows: int, vocab_length: int, keys: Sequence[str],
+                 overrides: Mapping[int, tuple[int, int, bool]] | None = None) -> None:
         self.names, self.sources, self.rows, self.keys = list(names), list(sources), rows, frozenset(keys)
         self.index = [ix.long() for ix in index]
         owners = torch.stack([ix >= 0 for ix in self.index])  # (inputs, rows)
-        self.owners = owners
         count = owners.sum(0)
+        self.fixed_model = torch.full((rows,), -1, dtype=torch.long)
+        self.fixed_row = torch.full((rows,), -1, dtype=torch.long)
+        fixed, forced = torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)
+        for j, (model, row, force) in (overrides or {}).items():
+            fixed[j], forced[j], self.fixed_model[j], self.fixed_row[j] = True, force, model, row
+        #: the rows each input keeps as its own (a forced override replaces them)
+        self.keep = owners & ~forced
         donor = torch.full((rows,), -1, dtype=torch.long)
-        single = count == 1
+        single = (count == 1) & ~fixed
         donor[single] = owners[:, single].to(torch.int8).argmax(0)
         if base is not None:
-            donor[(count > 1) & owners[base]] = base
+            donor[(count > 1) & owners[base] & ~fixed] = base
         self.donor = donor
-        self.mean = (count > 1) & (donor < 0)
+        self.mean = (count > 1) & (donor < 0) & ~fixed
         self.count = count
+        self.owned = (count > 0) | fixed
         #: rows no input has: zero inside the vocabulary, each input's mean row in the padding
-        self.none_vocab = (count == 0) & (torch.arange(rows) < vocab_length)
-        self.none_padding = (count == 0) & (torch.arange(rows) >= vocab_length)
-        self.owned = count > 0
+        self.none_padding = ~self.owned & (torch.arange(rows) >= vocab_length)
         self._lock = threading.Lock()
         self._cache: dict[str, list[torch.Tensor | None]] = {}
 
@@ -200,12 +343,13 @@ class RowPermutation:
         work = torch.float32
         for t in tensors:
             work = torch.promote_types(work, t.dtype)
-        needed = (~self.owners).any(0) & self.owned
+        needed = (~self.keep).any(0) & self.owned
         positions = needed.nonzero().flatten()
         slot = torch.full((self.rows,), -1, dtype=torch.long)
         slot[positions] = torch.arange(positions.numel())
         defaults = torch.zeros((positions.numel(), *rest), dtype=work)
         donor, mean = self.donor[positions], self.mean[positions]
+        fixed_model, fixed_row = self.fixed_model[positions], self.fixed_row[positions]
         for m, tensor in enumerate(tensors):
             rows_of = self.index[m][positions]
             take = donor == m
@@ -214,12 +358,15 @@ class RowPermutation:
             add = mean & (rows_of >= 0)
             if add.any():
                 defaults[add] += tensor[rows_of[add]].to(work)
+            given = fixed_model == m
+            if given.any():
+                defaults[given] = tensor[fixed_row[given]].to(work)
         if mean.any():
             defaults[mean] /= self.count[positions][mean].to(work).view(-1, *([1] * len(rest)))
         out: list[torch.Tensor | None] = []
         for m, tensor in enumerate(tensors):
             result = torch.zeros((self.rows, *rest), dtype=tensor.dtype)
-            have = self.owners[m]
+            have = self.keep[m]
             result[have] = tensor[self.index[m][have]]
             lack = ~have & self.owned
             if lack.any():
@@ -413,8 +560,8 @@ def reconcile_vocabularies(base: TensorSource | None, tasks: Mapping[str, Tensor
     sink. Inputs that need nothing are returned as they are. ``options``: the run's
     :class:`~hf_merge.options.MergeOptions` (``tokenizer_source``, ``tokenizer``, ``chat_template``,
     ``pad_to_multiple_of``); ``references``: the inputs as given (``{"base": ..., task: ...}``), to match a
-    ``tokenizer_source`` or ``chat_template`` given as a path or Hub id. Raises naming the input before any tensor is
-    read or anything written."""
+    ``tokenizer_source``, ``chat_template`` or ``tokenizer.tokens`` model given as a path or Hub id. Raises naming the
+    input (or the override) before any tensor is read or anything written."""
     from .inputs import reconcile_tied_embeddings, tied_embedding_keys
 
     source_option = getattr(options, "tokenizer_source", None)
@@ -435,6 +582,12 @@ def reconcile_vocabularies(base: TensorSource | None, tasks: Mapping[str, Tensor
                              f"{', '.join(repr(n) for n in special)} among the inputs (LoRA adapters, task vectors and "
                              "Sentence-Transformers pipelines keep their base's vocabulary).")
         return base, tasks
+    setting = _tokenizer_setting(tokenizer_option, names)
+    overrides: dict[str, TokenOverride] = {}
+    if setting is not None:
+        source_option, multiple, overrides = _setting_options(setting, source_option, multiple, names, sources,
+                                                              references)
+        tokenizer_option = None
     given = _given_tokenizers(tokenizer_option, names, reference)
     source = _resolve_source(source_option, names, sources, references, reference)  # checked before anything else
     if not asked and not _shapes_differ(sources):
@@ -468,10 +621,16 @@ def reconcile_vocabularies(base: TensorSource | None, tasks: Mapping[str, Tensor
         return _attach(plan, base, tasks, reference)
 
     vocabs = _vocabularies(inputs, source, reference, explicit=source_option is not None)
+    resolved = _resolve_overrides(overrides, inputs, vocabs)
     out_tokenizer = _output_tokenizer(inputs, source, reference, vocabs)
+    added = [token for token in overrides if token not in out_tokenizer.get_vocab()]
+    if added:  # as mergekit adds every overridden token to the output tokenizer
+        if source != "union":  # the input's own tokenizer: not changed
+            out_tokenizer = _copy_tokenizer(out_tokenizer)
+        out_tokenizer.add_tokens(added)
     out_vocab = dict(out_tokenizer.get_vocab())
     length = _span(out_vocab)
-    out_rows = _output_rows(inputs, source, reference, vocabs, length, multiple)
+    out_rows = _output_rows(inputs, source, reference, vocabs, length, multiple, grow=bool(added))
     beyond = sorted((i, t) for t, i in out_vocab.items() if i >= out_rows)
     if beyond:
         warn(f"tokenizer_source {source!r}: the output tokenizer has {len(beyond)} token(s) beyond the output's "
@@ -479,18 +638,20 @@ def reconcile_vocabularies(base: TensorSource | None, tasks: Mapping[str, Tensor
     index = [_index(out_vocab, out_rows, length, vocabs[name], item.rows) for name, item in inputs.items()]
     if source != "union":
         _warn_dropped(inputs, vocabs, out_vocab, source)
-    identity = all(item.rows == out_rows and torch.equal(ix, torch.arange(out_rows))
-                   for item, ix in zip(inputs.values(), index))
-    changed = source != reference or out_rows != layout.rows
+    fixed = {out_vocab[token]: value for token, value in resolved.items() if out_vocab[token] < out_rows}
+    identity = not fixed and all(item.rows == out_rows and torch.equal(ix, torch.arange(out_rows))
+                                 for item, ix in zip(inputs.values(), index))
+    changed = source != reference or out_rows != layout.rows or bool(added)
     if changed or template_option is not None or layout.source.folder is None:
-        plan.tokenizer = out_tokenizer if source == "union" else _copy_tokenizer(out_tokenizer)
+        plan.tokenizer = out_tokenizer if source == "union" or added else _copy_tokenizer(out_tokenizer)
     if out_rows != layout.rows:
         plan.rows = out_rows
     _apply_template(plan, template_option, inputs, references, source_name=source)
     if identity:
         return _attach(plan, base, tasks, reference)
     permuted = [k for k in keys if sources[0].has(k) and sources[0].resolve(k) == k]
-    permutation = RowPermutation(names, sources, index, 0 if base is not None else None, out_rows, length, permuted)
+    permutation = RowPermutation(names, sources, index, 0 if base is not None else None, out_rows, length, permuted,
+                                 fixed)
     plan.permutation = permutation
     wrapped = [wrap(s, permutation, position) for position, s in enumerate(sources)]
     new_base = wrapped[0] if base is not None else None
@@ -519,6 +680,24 @@ def _is_pipeline_or_update(source: TensorSource) -> bool:
     from .sentence_transformers import SentenceTransformerSource
 
     return isinstance(source, (DeltaSource, SentenceTransformerSource))
+
+
+def _setting_options(setting: Mapping[str, Any], source_option: Any, multiple: Any, names: list[str],
+                     sources: list[TensorSource], references: Mapping[str, Any] | None
+                     ) -> tuple[Any, Any, dict[str, TokenOverride]]:
+    """``(tokenizer_source, pad_to_multiple_of, overrides)`` of mergekit's ``tokenizer:`` setting given as
+    ``tokenizer=`` (its ``source`` defaults to ``tokenizer_source=``, else ``"union"``, as in mergekit)."""
+    source, pad = setting.get("source"), setting.get("pad_to_multiple_of")
+    if source is not None and source_option is not None:
+        raise ValueError("tokenizer_source= and tokenizer['source'] both choose the output's vocabulary; give one.")
+    if pad is not None and multiple is not None:
+        raise ValueError("pad_to_multiple_of= and tokenizer['pad_to_multiple_of'] are both given; give one.")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ValueError(f"tokenizer['pad_to_multiple_of'] must be a positive integer, got {pad!r}.")
+    overrides = token_overrides(setting.get("tokens"), lambda value: match_input(value, names, sources, references),
+                                names)
+    source = source if source is not None else source_option if source_option is not None else "union"
+    return source, pad if pad is not None else multiple, overrides
 
 
 def _given_tokenizers(option: Any, names: list[str], reference: str) -> dict[str, Any]:
@@ -678,16 +857,18 @@ def _copy_tokenizer(tokenizer: Any) -> Any:
 
 
 def _output_rows(inputs: dict[str, _Input], source: str, reference: str, vocabs: dict[str, dict[str, int]],
-                 length: int, multiple: int | None) -> int:
+                 length: int, multiple: int | None, grow: bool) -> int:
+    """The output's embedding rows: a named source's (``grow``: tokens were added, grown as a union is), else the
+    base's grown to the union's length, padded as the base is."""
     if multiple is not None:
         return -(-length // multiple) * multiple
-    if source != "union":
-        return inputs[source].rows if inputs[source].rows is not None else length
-    base_rows = inputs[reference].rows or 0
-    inferred = 1
-    if base_rows > _span(vocabs[reference]):
-        inferred = padding_multiple(base_rows)
-    return max(base_rows, -(-length // inferred) * inferred)
+    name = reference if source == "union" else source
+    rows = inputs[name].rows
+    if source != "union" and not grow:
+        return rows if rows is not None else length
+    rows = rows or 0
+    inferred = padding_multiple(rows) if rows > _span(vocabs[name]) else 1
+    return max(rows, -(-length // inferred) * inferred)
 
 
 def padding_multiple(rows: int) -> int:
@@ -760,9 +941,11 @@ def _apply_template(plan: VocabularyPlan, option: Any, inputs: dict[str, _Input]
 def chat_template_of(option: Any, inputs: Mapping[str, _Input], references: Mapping[str, Any] | None = None
                      ) -> str | None:
     """The template ``chat_template=`` chooses: a Jinja template string as given; ``"auto"``: the template most
-    inputs have (``None`` when none has one); an input: its tokenizer's template (an input without one raises)."""
+    inputs have (``None`` when none has one); a built-in template's name (:func:`chat_template_names`): its text; an
+    input: its tokenizer's template (an input without one raises). A name both a built-in's and an input's raises."""
     if not isinstance(option, str) or not option:
-        raise TypeError(f"chat_template must be a Jinja template, 'auto' or an input's name, got {option!r}.")
+        raise TypeError(f"chat_template must be a Jinja template, 'auto', a built-in template's name or an input's "
+                        f"name, got {option!r}.")
     if "{" in option:
         return option
     if option == "auto":
@@ -773,9 +956,17 @@ def chat_template_of(option: Any, inputs: Mapping[str, _Input], references: Mapp
         return collections.Counter(templates).most_common(1)[0][0]
     names = list(inputs)
     name = match_input(option, names, [item.source for item in inputs.values()], references)
+    builtin = builtin_chat_template(option)
+    if builtin is not None and name is not None:
+        raise ValueError(f"chat_template {option!r} names both {inputs[name].label} and the built-in template "
+                         f"{option!r}: give the input by its path (or Hub id) to take its template, or the built-in's "
+                         "Jinja text.")
+    if builtin is not None:
+        return builtin
     if name is None:
-        raise ValueError(f"chat_template {option!r} is neither a Jinja template nor an input of this merge (its inputs "
-                         f"are {names}; 'auto' takes the template most inputs have).")
+        raise ValueError(f"chat_template {option!r} is neither a Jinja template, a built-in template "
+                         f"{chat_template_names()} nor an input of this merge (its inputs are {names}; 'auto' takes "
+                         "the template most inputs have).")
     item = inputs[name]
     if item.tokenizer() is None:
         raise ValueError(f"chat_template {option!r}: {item.label} has no tokenizer to take a chat template from: "
@@ -784,6 +975,23 @@ def chat_template_of(option: Any, inputs: Mapping[str, _Input], references: Mapp
     if not template:
         raise ValueError(f"chat_template {option!r}: {item.label}'s tokenizer has no chat template.")
     return template
+
+
+def chat_template_names() -> list[str]:
+    """The names of the chat templates shipped in ``hf_merge/chat_templates`` (mergekit's built-in names)."""
+    return sorted(item.name.removesuffix(".jinja") for item in _templates_folder().iterdir()
+                  if item.name.endswith(".jinja"))
+
+
+def builtin_chat_template(name: str) -> str | None:
+    """The Jinja text of the built-in chat template ``name``, or ``None`` when there is none of that name."""
+    if name not in chat_template_names():
+        return None
+    return (_templates_folder() / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _templates_folder() -> Any:
+    return importlib.resources.files("hf_merge") / "chat_templates"
 
 
 def _template(item: _Input) -> str | None:
@@ -799,6 +1007,7 @@ def merged_tokenizer(model: Any) -> Any:
     return getattr(model, "hf_merge_tokenizer", None)
 
 
-__all__ = ["SOURCES", "TOKENIZER_FILES", "VOCABULARY_OPTIONS", "PermutedSource", "RowPermutation", "VocabularyPlan",
-           "chat_template_of", "match_input", "merged_tokenizer", "reconcile_vocabularies", "union_tokenizer",
-           "vocabulary_of"]
+__all__ = ["SOURCES", "TOKENIZER_FILES", "TOKENIZER_KEYS", "TOKEN_KEYS", "VOCABULARY_OPTIONS", "PermutedSource",
+           "RowPermutation", "TokenOverride", "VocabularyPlan", "builtin_chat_template", "chat_template_names",
+           "chat_template_of", "match_input", "merged_tokenizer", "reconcile_vocabularies", "token_overrides",
+           "union_tokenizer", "vocabulary_of"]

@@ -1,11 +1,13 @@
-"""Vocabularies (``tokenizer_source``, ``tokenizer=``, ``chat_template``): mergekit's semantics, offline.
+"""Vocabularies (``tokenizer_source``, ``tokenizer=``, ``tokenizer.tokens``, ``chat_template``): mergekit's semantics,
+offline.
 
 A tiny Llama base whose 24-token word-level tokenizer is built in code and whose embeddings are padded to 32 rows; two
 fine-tunes that each added tokens (``resize_token_embeddings`` and their own tokenizer saved): ``a`` adds ``<tool>``,
 ``alpha`` and the special ``<|a|>`` (27 rows), ``b`` adds ``<tool>`` and ``beta`` (26 tokens, rows padded to 32). The
 merged rows are compared with mergekit's rule written out by hand (``PermutedEmbeddings``): a token one model has is
 that model's row in every model, a token the base has is the base's row in the models that lack it, a token several
-models but not the base have is their mean; every model's row is then merged by the method.
+models but not the base have is their mean; every model's row is then merged by the method. ``tokenizer.tokens``
+overrides are checked row by row against Task Arithmetic written out by hand (θ₀ + λ Σ (θ_m − θ₀)).
 """
 
 from __future__ import annotations
@@ -310,8 +312,8 @@ def test_fault_rows(folders, tmp_path):
              "input 'same'", "no tokenizer files")
     _refused(tmp_path, lambda out: merge(out, {"a": a}, tokenizer_source="union", chat_template="a"),
              "chat_template 'a'", "input 'a'", "no chat template")
-    _refused(tmp_path, lambda out: merge(out, {"a": a}, chat_template="chatml"), "chat_template 'chatml'",
-             "neither a Jinja template nor an input")
+    _refused(tmp_path, lambda out: merge(out, {"a": a}, chat_template="chatmlx"), "chat_template 'chatmlx'",
+             "neither a Jinja template", "'chatml'", "'llama3'")
     _refused(tmp_path, lambda out: merge(out, {"a": a}, tokenizer={"zz": base}), "tokenizer= names ['zz']")
     from transformers import LlamaForCausalLM
 
@@ -321,11 +323,183 @@ def test_fault_rows(folders, tmp_path):
     recipe = {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": a,
                                                                                   "parameters": {"weight": 1.0}}]}
     for bad, needles in (({"tokenizer_source": "elsewhere"}, ["tokenizer_source 'elsewhere'", "names no model"]),
-                         ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": a}}}}, ["tokenizer.tokens",
-                                                                                               "not supported yet"]),
-                         ({"chat_template": "chatml"}, ["chat_template 'chatml'", "built-in"]),
+                         ({"tokenizer": {"source": "union", "tokens": {"<x>": {"source": "elsewhere"}}}},
+                          ["tokenizer.tokens['<x>'].source 'elsewhere'", "names no model"]),
+                         ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "one"}}}}},
+                          ["tokenizer.tokens['<x>'].source.kind", "'zero' or 'model_token'"]),
+                         ({"chat_template": "chatmlx"}, ["chat_template 'chatmlx'", "'chatml'"]),
                          ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, ["not both"])):
         with pytest.raises(ValueError) as caught:
             read_recipe({**recipe, **bad})
         for needle in needles:
             assert needle in str(caught.value), str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer.tokens
+#: One override of each kind (``w3`` is id 6, ``w5`` id 8, ``w7`` id 10; ``</s>`` id 2).
+TOKENS = {"alpha": {"source": {"kind": "zero"}},  # only a has it: a keeps its row, base and b hold zero
+          "w3": {"source": {"kind": "zero"}, "force": True},  # forced: zero in every model, so in the output
+          "w4": {"source": {"kind": "zero"}},  # every model has it: not forced, no effect
+          "<tool>": {"source": "a"},  # a and b have it: the base holds a's row instead of their mean
+          "beta": {"source": {"kind": "model_token", "model": "base", "token": "w5"}},  # base, a: base's w5 row
+          "w7": {"source": {"kind": "model_token", "model": "a", "token_id": 2}, "force": True},  # a's row 2 everywhere
+          "<new>": {"source": {"kind": "model_token", "model": "b", "token": "beta"}}}  # added: b's beta row everywhere
+
+
+def _union_merge(folders: Path, out: Path, **keywords) -> Path:
+    return Path(hf_merge.merge(str(folders / "base"), {"a": str(folders / "a"), "b": str(folders / "b")},
+                               "task_arithmetic", scaling=SCALING, output_dir=out, progress=False, **keywords))
+
+
+def _task_arithmetic(base_row: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+    return base_row + SCALING * sum(row - base_row for row in rows)
+
+
+def test_token_overrides_give_each_kind_its_row(folders, tmp_path):
+    out = _union_merge(folders, tmp_path / "tokens", tokenizer={"source": "union", "tokens": TOKENS})
+    plain = _union_merge(folders, tmp_path / "plain", tokenizer_source="union")
+    vocab, plain_vocab = _vocab(out), _vocab(plain)
+    assert vocab == {**plain_vocab, "<new>": 28}  # the token the vocabulary lacked is added, as mergekit adds it
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == BASE_ROWS
+    merged, reference = _state(out), _state(plain)
+    base, a, b = (_state(folders / name) for name in ("base", "a", "b"))
+    for key in (EMBED, HEAD):  # the untied head's rows follow the same overrides
+        row = {token: merged[key][vocab[token]] for token in TOKENS}
+        assert torch.allclose(row["alpha"], SCALING * a[key][25], atol=1e-6)  # 0 + λ (a − 0 + 0 − 0)
+        assert torch.equal(row["w3"], torch.zeros(16))
+        assert torch.equal(row["w4"], reference[key][vocab["w4"]])
+        assert torch.allclose(row["<tool>"], _task_arithmetic(a[key][24], a[key][24], b[key][24]), atol=1e-6)
+        assert torch.allclose(row["beta"], _task_arithmetic(base[key][8], base[key][8], b[key][25]), atol=1e-6)
+        assert torch.allclose(row["w7"], a[key][2], atol=1e-6)
+        assert torch.allclose(row["<new>"], b[key][25], atol=1e-6)
+        others = [j for t, j in vocab.items() if t not in TOKENS]  # every other token: as without overrides
+        assert torch.equal(merged[key][others], reference[key][others])
+        assert torch.allclose(reference[key][vocab["<tool>"]], (a[key][24] + b[key][24]) / 2, atol=1e-6)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.encode("w1 <new> beta", add_special_tokens=False) == [vocab["w1"], 28, vocab["beta"]]
+
+
+def test_forced_override_replaces_the_merge_and_a_plain_one_only_fills(folders, tmp_path):
+    def tool_row(force: bool) -> torch.Tensor:
+        tokens = {"<tool>": {"source": "a", "force": force}}
+        out = _union_merge(folders, tmp_path / str(force), tokenizer={"tokens": tokens})  # source: union by default
+        return _state(out)[EMBED][_vocab(out)["<tool>"]]
+
+    a, b = _state(folders / "a")[EMBED], _state(folders / "b")[EMBED]
+    assert torch.equal(tool_row(True), a[24])  # every model holds a's row: the merge keeps it
+    assert torch.allclose(tool_row(False), a[24] + SCALING * (b[24] - a[24]), atol=1e-6)  # only the base takes it
+
+
+def test_override_adds_a_token_to_the_base_vocabulary(folders, tmp_path):
+    with pytest.warns(UserWarning, match="dropped"):
+        out = hf_merge.merge(str(folders / "base"), {"a": str(folders / "a")}, "task_arithmetic", scaling=SCALING,
+                             tokenizer={"source": "base", "tokens": {"<|a|>": {"source": "a"}}},
+                             output_dir=tmp_path / "base_source", progress=False)
+    vocab = _vocab(Path(out))
+    assert vocab == {**_vocab(folders / "base"), "<|a|>": 24}
+    assert json.loads((Path(out) / "config.json").read_text())["vocab_size"] == BASE_ROWS  # within the padding
+    merged, a = _state(Path(out)), _state(folders / "a")
+    for key in (EMBED, HEAD):  # the base lacks it: it holds a's row, so the output has a's row
+        assert torch.equal(merged[key][24], a[key][26])
+
+
+def test_token_overrides_from_a_mergekit_recipe_and_the_hf_merge_yaml(folders, tmp_path):
+    from hf_merge.cli import main
+
+    base, a, b = str(folders / "base"), str(folders / "a"), str(folders / "b")
+    tokens = {"<tool>": {"source": a}, "w3": {"source": {"kind": "zero"}, "force": True},
+              "beta": {"source": {"kind": "model_token", "model": base, "token": "w5"}}}
+    recipe = {"merge_method": "task_arithmetic", "base_model": base, "parameters": {"lambda": SCALING},
+              "tokenizer": {"source": "union", "tokens": tokens},
+              "models": [{"model": a, "parameters": {"weight": 1.0}}, {"model": b, "parameters": {"weight": 1.0}}]}
+    read = read_recipe(recipe)
+    assert read.vocabulary == {"tokenizer_source": "union", "tokenizer": {"tokens": {
+        "<tool>": {"source": {"kind": "model_token", "model": a, "token": "<tool>"}, "force": False},
+        "w3": {"source": {"kind": "zero"}, "force": True},
+        "beta": {"source": {"kind": "model_token", "model": "base", "token": "w5"}, "force": False}}}}
+    out = Path(read.merge(tmp_path / "mergekit", progress=False))
+    by_name = {"<tool>": {"source": "a"}, "w3": tokens["w3"],
+               "beta": {"source": {"kind": "model_token", "model": "base", "token": "w5"}}}
+    python = _union_merge(folders, tmp_path / "python", tokenizer={"tokens": by_name})
+    assert torch.equal(_state(out)[EMBED], _state(python)[EMBED])
+    assert torch.equal(_state(out)[EMBED][_vocab(out)["w3"]], torch.zeros(16))
+
+    spec = {"method": "task_arithmetic", "base": base, "parameters": {"scaling": SCALING},
+            "models": {"a": a, "b": b}, "tokenizer": {"source": "union", "tokens": by_name},
+            "output": str(tmp_path / "yaml")}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--quiet"]) == 0
+    assert torch.equal(_state(tmp_path / "yaml")[HEAD], _state(python)[HEAD])
+
+
+def test_token_override_fault_rows(folders, tmp_path):
+    base, a, b = str(folders / "base"), str(folders / "a"), str(folders / "b")
+
+    def merge(out, tokens, **keywords):
+        return hf_merge.merge(base, {"a": a, "b": b}, "task_arithmetic", scaling=SCALING, output_dir=out,
+                              progress=False, tokenizer={"source": "union", "tokens": tokens}, **keywords)
+
+    rows = [
+        ({"<x>": {"source": {"kind": "one"}}}, ["tokenizer.tokens['<x>'].source.kind", "'zero' or 'model_token'",
+                                                "'one'"]),
+        ({"<x>": {"source": "c"}}, ["tokenizer.tokens['<x>'].source 'c'", "names no model", "'a'"]),
+        ({"<x>": {"source": {"kind": "model_token", "model": "c", "token": "w1"}}},
+         ["tokenizer.tokens['<x>'].source.model 'c'", "names no model"]),
+        ({"alpha": {"source": "b"}}, ["tokenizer.tokens['alpha'].source", "input 'b' has no token 'alpha'"]),
+        ({"<x>": {"source": {"kind": "model_token", "model": "a", "token": "beta"}}},
+         ["tokenizer.tokens['<x>'].source.token", "input 'a' has no token 'beta'"]),
+        ({"<x>": {"source": {"kind": "model_token", "model": "a", "token_id": 27}}},
+         ["tokenizer.tokens['<x>'].source.token_id 27", "input 'a' has 27 embedding rows"]),
+        ({"<x>": {"source": {"kind": "model_token", "model": "a", "token": "w1", "token_id": 1}}},
+         ["tokenizer.tokens['<x>'].source", "one of token and token_id"]),
+        ({"<x>": {"source": "a", "force": "yes"}}, ["tokenizer.tokens['<x>'].force", "true or false", "'yes'"]),
+        ({"<x>": {"force": True}}, ["tokenizer.tokens['<x>'].source is required"]),
+        ({"<x>": {"source": "a", "forse": True}}, ["tokenizer.tokens['<x>']", "unknown key(s) ['forse']"]),
+        ({"<x>": "a"}, ["tokenizer.tokens['<x>'] must be a mapping"]),
+    ]
+    for tokens, needles in rows:
+        _refused(tmp_path, lambda out, tokens=tokens: merge(out, tokens), *needles)
+    _refused(tmp_path, lambda out: merge(out, {}, tokenizer_source="base"), "tokenizer_source=",
+             "tokenizer['source']", "give one")
+    _refused(tmp_path, lambda out: hf_merge.merge(base, {"source": a}, "task_arithmetic", scaling=SCALING,
+                                                  output_dir=out, progress=False, tokenizer={"source": base}),
+             "tokenizer= ['source']", "rename")
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+def test_builtin_chat_template_lands_in_the_tokenizer_and_renders(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hf_merge.vocab import builtin_chat_template, chat_template_names
+
+    assert chat_template_names() == ["alpaca", "chatml", "exaone", "llama3", "mistral"]  # mergekit's names
+    out = hf_merge.merge(str(folders / "base"), {"same": str(folders / "same")}, "task_arithmetic", scaling=SCALING,
+                         chat_template="chatml", output_dir=tmp_path / "chatml", progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == builtin_chat_template("chatml")
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n")
+    assert tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    expected = {"alpaca": "### Instruction:\nHi\n\n### Response:\nHello",
+                "exaone": "[|system|][|endofturn|]\n[|user|]Hi\n[|assistant|]Hello[|endofturn|]\n",
+                "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant"
+                          "<|end_header_id|>\n\nHello<|eot_id|>",
+                "mistral": "<s>[INST] Hi [/INST] Hello</s>"}
+    for name, text in expected.items():
+        assert tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             chat_template=builtin_chat_template(name)) == text, name
+    recipe = read_recipe({"merge_method": "task_arithmetic", "base_model": str(folders / "base"),
+                          "chat_template": "llama3", "models": [{"model": str(folders / "a"),
+                                                                 "parameters": {"weight": 1.0}}]})
+    assert recipe.vocabulary == {"chat_template": "llama3"}
+
+
+def test_a_template_name_that_is_also_an_input_is_refused(folders, tmp_path):
+    base, b = str(folders / "base"), str(folders / "b")
+    _refused(tmp_path, lambda out: hf_merge.merge(base, {"chatml": b}, "task_arithmetic", scaling=SCALING,
+                                                  chat_template="chatml", output_dir=out, progress=False),
+             "chat_template 'chatml' names both input 'chatml' and the built-in template 'chatml'", "its path")
