@@ -7,8 +7,9 @@ checkpoints, then measures in one run, each in a fresh subprocess:
   output checkpoint (no arithmetic) — the I/O floor of the issue's target;
 - mapped floor: the same without copies out of the page cache — map every input tensor, read each byte once (an OR
   reduction) and write the output: what a merge reading memory-mapped inputs (one-pass TIES) can at best reach;
-- Task Arithmetic, global-scope TIES and the per-tensor LLM-toolbox methods (Multi-SLERP, Karcher, Model Stock,
-  DELLA, DELLA-linear, Breadcrumbs, Breadcrumbs-TIES, SCE, MagMax; ``--methods`` picks them) with
+- Task Arithmetic, global-scope TIES, per-tensor TIES and DARE-TIES (what mergekit recipes use) and the per-tensor
+  LLM-toolbox methods (Multi-SLERP, Karcher, Model Stock, DELLA, DELLA-linear, Breadcrumbs, Breadcrumbs-TIES, SCE,
+  MagMax; ``--methods`` picks them) with
   ``hf_merge.merge(path, paths, ..., output_dir=...)``, after a first subprocess has compiled (and numba cached on
   disk) the TIES and Task Arithmetic kernels; the compile time is reported on its own, and so is each process's
   start-up (imports, kernels loaded from numba's cache, model-card machinery: what its first merge pays once, whatever
@@ -114,6 +115,9 @@ def generate(workdir: Path, args: argparse.Namespace) -> list[Path]:
 METHODS: dict[str, tuple[str, str, dict, int | None]] = {
     "ta": ("Task Arithmetic", "task_arithmetic", {"scaling": 0.3}, None),
     "ties": ("TIES (global scope)", "ties", {}, None),
+    "ties_tensor": ("TIES (tensor scope, as mergekit)", "ties", {"scope": "tensor"}, None),
+    "dare_ties": ("DARE-TIES (drop 0.8, tensor scope)", "dare", {"drop_rate": 0.8, "then": {"method": "ties",
+                                                                                     "scope": "tensor"}}, None),
     "slerp": ("SLERP (t = 0.5)", "slerp", {"t": 0.5}, 1),
     "nuslerp": ("NuSLERP (weights 1, 1)", "nuslerp", {"weights": [1.0, 1.0]}, 2),
     "multislerp": ("Multi-SLERP", "multislerp", {}, None),
@@ -134,7 +138,7 @@ def method_config(kind: str):
     import hf_merge
 
     _, method, fields, _ = METHODS[kind]
-    return hf_merge.MERGE_METHODS[method][0](**fields)
+    return hf_merge.MergeConfig.from_dict({"method": method, **fields})
 
 
 def method_inputs(kind: str, tasks: int) -> int:

@@ -299,10 +299,11 @@ def elect_mass(deltas, thresholds, cuts, scales, mass):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def elect_merge(deltas, thresholds, cuts, scales, weights, weighted, majority, mean, out):
-    """TIES' elect and disjoint merge of trimmed, weighted task vectors v_t = w_t τ̂_t, fused: γ = sign(Σ_t v_t) (an
-    exact 0 takes ``majority``), out = Σ_{t∈A} v_t over A = {t : v_t γ > 0}, divided for ``mean`` by Σ_{t∈A} w_t
-    (``weighted``; 1 when 0) or by max(|A|, 1) — the float32 operations of ``ties.disjoint_merge`` in its order."""
+def elect_merge(deltas, thresholds, cuts, scales, weights, weighted, weigh_values, floor, majority, mean, out):
+    """TIES' elect and disjoint merge of trimmed, scaled task vectors v_t = s_t τ̂_t, fused: γ = sign(Σ_t v_t) (an
+    exact 0 takes ``majority``), out = Σ_{t∈A} v_t (Σ_{t∈A} w_t v_t for ``weigh_values``) over A = {t : v_t γ > 0},
+    divided for ``mean`` by max(Σ_{t∈A} w_t, ``floor``) (``weighted``; 1 when 0) or by max(|A|, 1) — the float32
+    operations of ``ties.disjoint_merge`` (and of SCE's weighted merge) in their order."""
     n = out.shape[0]
     for chunk in numba.prange(-(-n // KERNEL_CHUNK)):
         values = np.empty((len(deltas), SEGMENT), np.float32)
@@ -319,10 +320,325 @@ def elect_merge(deltas, thresholds, cuts, scales, weights, weighted, majority, m
                 divisor[j] = np.float32(0.0)
             for t in range(len(deltas)):
                 weight = weights[t] if weighted else np.float32(1.0)
+                factor = weight if weigh_values else np.float32(1.0)
+                for j in range(size):
+                    agreeing = values[t, j] * elected[j]
+                    total[j] += agreeing * factor if agreeing > 0 else np.float32(0.0)
+                    divisor[j] += weight if agreeing > 0 else np.float32(0.0)
+            part = out[begin : begin + size]
+            for j in range(size):
+                result = total[j] * elected[j]
+                if mean:
+                    if weighted:
+                        bound = max(divisor[j], floor)
+                        result = result / (bound if bound != 0 else np.float32(1.0))
+                    else:
+                        result = result / max(divisor[j], np.float32(1.0))
+                part[j] = result
+
+
+@numba.njit(inline="always")
+def order_key(value, absolute):
+    """A uint32 whose unsigned order is the float32 order of ``value`` (of |value| when ``absolute``; −0 as +0)."""
+    bits = float32_to_bits(value)
+    if absolute or bits == np.uint32(0x80000000):
+        return (bits & np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000)
+    if bits >> np.uint32(31):
+        return ~bits
+    return bits | np.uint32(0x80000000)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _digit_counts(values, absolute, prefix_mask, prefix, shift, counts):
+    digit_mask = np.uint32(counts.shape[0] - 1)
+    for i in range(values.shape[0]):
+        key = order_key(values[i], absolute)
+        counts[(key >> shift) & digit_mask] += (key & prefix_mask) == prefix
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def key_histogram(values, absolute, prefix_mask, prefix, shift, counts):
+    """``counts[p, d]`` = how many of part p's entries have ``order_key & prefix_mask == prefix`` and digit
+    ``(order_key >> shift) % counts.shape[1] == d`` (``values`` split into ``counts.shape[0]`` contiguous parts;
+    ``counts`` zeroed by the caller): one pass of a most-significant-digit radix selection. (Each part runs a
+    separately compiled serial loop: inlined into the parallel loop it compiles measured several times slower.)"""
+    n = values.shape[0]
+    parts = counts.shape[0]
+    per = -(-n // parts)
+    for p in numba.prange(parts):
+        _digit_counts(values[p * per : min(n, (p + 1) * per)], absolute, prefix_mask, prefix, shift, counts[p])
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stable_row_ranks(rows, ranks):
+    """``ranks[r, j]`` = the position of |rows[r, j]| in the stable ascending order of row r's magnitudes (equal
+    magnitudes by position), as float32: a least-significant-digit radix sort of each row's magnitude bits, 8 bits a
+    pass, passes whose digit is the same for the whole row skipped."""
+    num_rows, n = rows.shape
+    for r in numba.prange(num_rows):
+        keys = np.empty(n, np.uint32)
+        order = np.empty(n, np.int64)
+        scratch_keys = np.empty(n, np.uint32)
+        scratch_order = np.empty(n, np.int64)
+        counts = np.empty(256, np.int64)
+        row = rows[r]
+        for j in range(n):
+            keys[j] = float32_to_bits(row[j]) & np.uint32(0x7FFFFFFF)
+            order[j] = j
+        for shift in range(0, 32, 8):
+            counts[:] = 0
+            for j in range(n):
+                counts[(keys[j] >> np.uint32(shift)) & np.uint32(255)] += 1
+            if counts.max() == n:
+                continue
+            total = 0
+            for d in range(256):
+                count = counts[d]
+                counts[d] = total
+                total += count
+            for j in range(n):
+                digit = (keys[j] >> np.uint32(shift)) & np.uint32(255)
+                slot = counts[digit]
+                counts[digit] = slot + 1
+                scratch_keys[slot] = keys[j]
+                scratch_order[slot] = order[j]
+            keys, scratch_keys = scratch_keys, keys
+            order, scratch_order = scratch_order, order
+        out = ranks[r]
+        for position in range(n):
+            out[order[position]] = np.float32(position)
+
+
+@numba.njit(inline="always")
+def mix64(x):
+    """splitmix64's finaliser (Steele et al. 2014): a bijective avalanche of a uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def counter_uniforms(seed, out):
+    """``out[i]`` = the top 24 bits of mix64(seed + (i + 1)·φ) · 2⁻²⁴: uniforms in [0, 1) on a 2⁻²⁴ grid, the same
+    for an index whatever the tensor's chunking or thread count (a counter-based generator)."""
+    n = out.shape[0]
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    scale = np.float32(1.0 / 16777216.0)
+    for chunk in numba.prange(-(-n // KERNEL_CHUNK)):
+        for i in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)):
+            x = mix64(seed + np.uint64(i + 1) * golden)
+            out[i] = np.float32(x >> np.uint64(40)) * scale
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def magmax(deltas, out):
+    """out[j] = τ_{t*}[j], t* the first task of largest |τ_t[j]|."""
+    n = out.shape[0]
+    for chunk in numba.prange(-(-n // KERNEL_CHUNK)):
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            part = out[begin : begin + size]
+            first = deltas[0][begin : begin + size]
+            for j in range(size):
+                part[j] = first[j]
+            for t in range(1, len(deltas)):
+                other = deltas[t][begin : begin + size]
+                for j in range(size):
+                    part[j] = other[j] if abs(other[j]) > abs(part[j]) else part[j]
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _count_equal(values, absolute, low, high, counts):
+    for i in range(values.shape[0]):
+        value = abs(values[i]) if absolute else values[i]
+        counts[0] += value == low
+        counts[1] += value == high
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def equal_counts(values, absolute, low, high, counts):
+    """``counts[p]`` = how many of part p's entries (magnitudes for ``absolute``) equal ``low`` and ``high``."""
+    n = values.shape[0]
+    parts = counts.shape[0]
+    per = -(-n // parts)
+    for p in numba.prange(parts):
+        counts[p, :] = 0
+        _count_equal(values[p * per : min(n, (p + 1) * per)], absolute, low, high, counts[p])
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _band_part(values, out, absolute, low, high, first_rank, start, stop):
+    zero = np.float32(0.0)
+    for i in range(values.shape[0]):  # vectorised: the entries strictly inside
+        value = values[i]
+        key = abs(value) if absolute else value
+        out[i] = value if (key > low) & (key < high) else zero
+    low_rank, high_rank = first_rank[0], first_rank[1]
+    for i in range(values.shape[0]):  # the few equal to a bound, by position
+        value = values[i]
+        key = abs(value) if absolute else value
+        if key == low:
+            if (low_rank >= start) & (low_rank < stop):
+                out[i] = value
+            low_rank += 1
+        elif key == high:
+            if (high_rank >= start) & (high_rank < stop):
+                out[i] = value
+            high_rank += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def band(values, absolute, low, high, first_ranks, start, stop, out):
+    """out = values where the rank of the entry (of its magnitude for ``absolute``) in the stable ascending order
+    lies in [start, stop), else 0: entries strictly between ``low`` and ``high`` are inside, equal ones take
+    consecutive ranks by position from ``first_ranks[p]`` (for ``low``, then ``high``) in part p."""
+    n = values.shape[0]
+    parts = first_ranks.shape[0]
+    per = -(-n // parts)
+    for p in numba.prange(parts):
+        begin, end = p * per, min(n, (p + 1) * per)
+        _band_part(values[begin:end], out[begin:end], absolute, low, high, first_ranks[p], start, stop)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def load_task_vectors(first, others, base_out, deltas_out, nonfinite):
+    """base_out = x_0 and deltas_out[t] = x_t − x_0 in float32 (the torch route's ``x_t.float() − x_0.float()``);
+    ``nonfinite[c]`` counts chunk c's entries where an input is NaN or ±Inf."""
+    n = first.shape[0]
+    for chunk in numba.prange(nonfinite.shape[0]):
+        bad = 0
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            base, out = first[begin : begin + size], base_out[begin : begin + size]
+            for j in range(size):
+                out[j] = load(base, j)
+                bad += not (abs(out[j]) < np.inf)
+            for t in range(len(others)):
+                part, row = others[t][begin : begin + size], deltas_out[t, begin : begin + size]
+                for j in range(size):
+                    value = load(part, j)
+                    bad += not (abs(value) < np.inf)
+                    row[j] = value - out[j]
+        nonfinite[chunk] = bad
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def add_store(base, update, out, limit, nonfinite):
+    """out = base + update (float32) stored in ``out``'s dtype; ``nonfinite[c]`` counts chunk c's results that are not
+    finite once stored."""
+    n = out.shape[0]
+    for chunk in numba.prange(nonfinite.shape[0]):
+        bad = 0
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            base_part, update_part, out_part = base[begin : begin + size], update[begin : begin + size], out[begin : begin + size]
+            for j in range(size):
+                result = base_part[j] + update_part[j]
+                bad += not (abs(result) < limit)
+                store(out_part, j, result)
+        nonfinite[chunk] = bad
+
+
+# ------------------------------------------------------------------ TIES-family merges read straight from the stored inputs
+@numba.njit(inline="always")
+def uniform(seed, index):
+    """Entry ``index`` of :func:`counter_uniforms`'s stream for ``seed``."""
+    x = mix64(seed + np.uint64(index + 1) * np.uint64(0x9E3779B97F4A7C15))
+    return np.float32(x >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+
+
+@numba.njit(inline="always")
+def _sparsified_row(part, theta0, begin, size, t, drop, out):
+    """out[j] = DARE's ((m ⊙ τ_t) / divisor) · factor (m = 1 where u ≥ rate; τ_t itself when rate is 0) of the
+    entries begin + j; ``drop`` = (rates, seeds, divisors, factors)."""
+    rates, seeds, divisors, factors = drop
+    rate, seed, divisor, factor = rates[t], seeds[t], divisors[t], factors[t]
+    if rate > np.float32(0.0):
+        for j in range(size):
+            delta = load(part, j) - theta0[j]
+            kept = delta if uniform(seed, begin + j) >= rate else delta * np.float32(0.0)
+            out[j] = (kept / divisor) * factor
+    else:
+        for j in range(size):
+            out[j] = load(part, j) - theta0[j]
+
+
+@numba.njit(inline="always")
+def _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected):
+    """theta0 = x_0; values[t] = s_t τ̂_t where τ̂_t (the sparsified τ_t) passes the trim (|τ̂| above the threshold,
+    or at it up to position ``cut``), else 0; elected = Σ_t values[t] (in task order)."""
+    thresholds, cuts = trim
+    base_part = base[begin : begin + size]
+    for j in range(size):
+        theta0[j] = load(base_part, j)
+        elected[j] = np.float32(0.0)
+    for t in range(len(tasks)):
+        _sparsified_row(tasks[t][begin : begin + size], theta0, begin, size, t, drop, row)
+        threshold, cut, scale = thresholds[t], cuts[t] - begin, scales[t]
+        for j in range(size):
+            magnitude = abs(row[j])
+            # NaN is kept, so that it reaches the elected sum and the caller's finiteness check
+            keep = (magnitude > threshold) | ((magnitude == threshold) & (j <= cut)) | (magnitude != magnitude)
+            values[t, j] = row[j] * scale if keep else np.float32(0.0)
+            elected[j] += values[t, j]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_elect_mass(base, tasks, drop, trim, scales, mass):
+    """``mass[c]`` = Σ_j sign(Σ_t s_t τ̂_t[j]) over chunk c, τ̂_t from the stored inputs (see ``_stored_segment``)."""
+    n = base.shape[0]
+    for chunk in numba.prange(mass.shape[0]):
+        theta0 = np.empty(SEGMENT, np.float32)
+        row = np.empty(SEGMENT, np.float32)
+        values = np.empty((len(tasks), SEGMENT), np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        total = 0
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected)
+            for j in range(size):
+                total += (elected[j] > 0) - (elected[j] < 0)
+        mass[chunk] = total
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, majority, mean, scaling, out, limit,
+                       counts):
+    """θ₀ + λ · TIES' elect and disjoint merge of v_t = s_t τ̂_t (see :func:`elect_merge`) stored in ``out``'s dtype,
+    τ̂_t from the stored inputs; chunk c's ``counts`` row: [kept entries per task (v_t ≠ 0), entries where a kept
+    v_t disagrees with γ, results not finite once stored]."""
+    n = base.shape[0]
+    num_tasks = len(tasks)
+    for chunk in numba.prange(counts.shape[0]):
+        theta0 = np.empty(SEGMENT, np.float32)
+        row = np.empty(SEGMENT, np.float32)
+        values = np.empty((num_tasks, SEGMENT), np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        total = np.empty(SEGMENT, np.float32)
+        divisor = np.empty(SEGMENT, np.float32)
+        conflict = np.empty(SEGMENT, np.uint8)
+        counts[chunk, :] = 0
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected)
+            bad, conflicts = 0, 0
+            for j in range(size):
+                bad += not (abs(elected[j]) < np.inf)  # NaN/Inf in an input, or a sum overflowing float32
+                sign = np.float32((elected[j] > 0) - (elected[j] < 0))
+                elected[j] = sign if sign != 0 else majority
+                total[j] = np.float32(0.0)
+                divisor[j] = np.float32(0.0)
+                conflict[j] = 0
+            for t in range(num_tasks):
+                weight = weights[t] if weighted else np.float32(1.0)
+                kept = 0
                 for j in range(size):
                     agreeing = values[t, j] * elected[j]
                     total[j] += agreeing if agreeing > 0 else np.float32(0.0)
                     divisor[j] += weight if agreeing > 0 else np.float32(0.0)
+                    kept += values[t, j] != 0
+                    conflict[j] |= agreeing < 0
+                counts[chunk, t] += kept
             part = out[begin : begin + size]
             for j in range(size):
                 result = total[j] * elected[j]
@@ -331,4 +647,128 @@ def elect_merge(deltas, thresholds, cuts, scales, weights, weighted, majority, m
                         result = result / (divisor[j] if divisor[j] != 0 else np.float32(1.0))
                     else:
                         result = result / max(divisor[j], np.float32(1.0))
-                part[j] = result
+                result = theta0[j] + result * scaling
+                bad += not (abs(result) < limit)
+                conflicts += conflict[j]
+                store(part, j, result)
+            counts[chunk, num_tasks] += conflicts
+            counts[chunk, num_tasks + 1] += bad
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _stored_digit_counts(base, task, drop, t, prefix_mask, prefix, shift, counts, begin):
+    digit_mask = np.uint32(counts.shape[0] - 1)
+    theta0 = np.empty(SEGMENT, np.float32)
+    row = np.empty(SEGMENT, np.float32)
+    n = base.shape[0]
+    for start in range(0, n, SEGMENT):
+        size = min(SEGMENT, n - start)
+        base_part = base[start : start + size]
+        for j in range(size):
+            theta0[j] = load(base_part, j)
+        _sparsified_row(task[start : start + size], theta0, begin + start, size, t, drop, row)
+        for j in range(size):
+            key = order_key(row[j], True)
+            counts[(key >> shift) & digit_mask] += (key & prefix_mask) == prefix
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_key_histogram(base, task, drop, t, prefix_mask, prefix, shift, counts):
+    """:func:`key_histogram` of |τ̂_t| computed from the stored inputs (see ``_sparsified_row``)."""
+    n = base.shape[0]
+    parts = counts.shape[0]
+    per = -(-n // parts)
+    for p in numba.prange(parts):
+        begin, end = p * per, min(n, (p + 1) * per)
+        _stored_digit_counts(base[begin:end], task[begin:end], drop, t, prefix_mask, prefix, shift, counts[p], begin)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def stored_equal_position(base, task, drop, t, value, nth):
+    """The position of the ``nth`` (1-based) entry with |τ̂_t| == ``value``, or −1."""
+    theta0 = np.empty(SEGMENT, np.float32)
+    row = np.empty(SEGMENT, np.float32)
+    n = base.shape[0]
+    seen = 0
+    for start in range(0, n, SEGMENT):
+        size = min(SEGMENT, n - start)
+        base_part = base[start : start + size]
+        for j in range(size):
+            theta0[j] = load(base_part, j)
+        _sparsified_row(task[start : start + size], theta0, start, size, t, drop, row)
+        for j in range(size):
+            if abs(row[j]) == value:
+                seen += 1
+                if seen == nth:
+                    return start + j
+    return -1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_l1_norms(base, tasks, drop, norms):
+    """``norms[c, t]`` = (‖τ_t‖₁, ‖m ⊙ τ_t‖₁) over chunk c in float64, m DARE's keep mask (``drop`` with divisors
+    and factors 1)."""
+    n = base.shape[0]
+    rates, seeds = drop[0], drop[1]
+    for chunk in numba.prange(norms.shape[0]):
+        for t in range(len(tasks)):
+            full, kept = 0.0, 0.0
+            task, rate, seed = tasks[t], rates[t], seeds[t]
+            for i in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)):
+                magnitude = abs(load(task, i) - load(base, i))
+                full += magnitude
+                kept += magnitude if uniform(seed, i) >= rate else 0.0
+            norms[chunk, t, 0] = full
+            norms[chunk, t, 1] = kept
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_sample(base, tasks, drop, stride, out):
+    """out[t, s] = |τ̂_t| at position s·stride (see ``_sparsified_row``; the drop at the entry's own position)."""
+    rates, seeds, divisors, factors = drop
+    for s in numba.prange(out.shape[1]):
+        i = s * stride
+        theta0 = load(base, i)
+        for t in range(len(tasks)):
+            delta = load(tasks[t], i) - theta0
+            if rates[t] > np.float32(0.0):
+                kept = delta if uniform(seeds[t], i) >= rates[t] else delta * np.float32(0.0)
+                delta = (kept / divisors[t]) * factors[t]
+            out[t, s] = abs(delta)
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _bracket_part(base, tasks, drop, low, high, begin, end, counts, buffer):
+    theta0 = np.empty(SEGMENT, np.float32)
+    row = np.empty(SEGMENT, np.float32)
+    capacity = buffer.shape[1]
+    for start in range(begin, end, SEGMENT):
+        size = min(SEGMENT, end - start)
+        base_part = base[start : start + size]
+        for j in range(size):
+            theta0[j] = load(base_part, j)
+        for t in range(len(tasks)):
+            _sparsified_row(tasks[t][start : start + size], theta0, start, size, t, drop, row)
+            lo, hi = low[t], high[t]
+            below, inside = counts[t, 0], counts[t, 1]
+            for j in range(size):
+                magnitude = abs(row[j])
+                below += magnitude < lo
+                if (magnitude >= lo) & (magnitude <= hi):
+                    if inside < capacity:
+                        buffer[t, inside] = magnitude
+                    inside += 1
+            counts[t, 0], counts[t, 1] = below, inside
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_bracket(base, tasks, drop, low, high, counts, buffers):
+    """One read of every input: for part p and task t, ``counts[p, t]`` = (#|τ̂_t| < low_t, #low_t ≤ |τ̂_t| ≤ high_t)
+    and the first ``buffers.shape[2]`` of the latter in ``buffers[p, t]`` (parts as in :func:`key_histogram`)."""
+    n = base.shape[0]
+    parts = counts.shape[0]
+    per = -(-n // parts)
+    for p in numba.prange(parts):
+        begin, end = p * per, min(n, (p + 1) * per)
+        counts[p, :, :] = 0
+        _bracket_part(base, tasks, drop, low, high, begin, end, counts[p], buffers[p])

@@ -15,7 +15,7 @@ from .errors import MergeError
 from .io.deltas import DeltaSource
 from .io.prefetch import Prefetcher
 from .io.sources import TensorSource
-from .kernels import fused_gram, fused_linear_combine
+from .kernels import fused_gram, fused_linear_combine, fused_load_task_vectors
 from .params import ParamInfo
 from .progress import Progress
 from .tensors import TensorMeta, check_output_finite, numpy_view
@@ -58,14 +58,18 @@ class MergeContext:
         self.bounded_memory = bounded_memory
 
     @property
+    def plain_differences(self) -> bool:
+        """Whether every task vector is a plain difference of stored tensors computed on the CPU (no transforms, no
+        LoRA factors): the stored inputs' flat arrays then give them (see :meth:`Merger.merge_stored`)."""
+        return (self.device.type == "cpu" and not self._transforms
+                and not any(isinstance(s, DeltaSource) for s in self.tasks.values()))
+
+    @property
     def can_merge_in_one_pass(self) -> bool:
         """Whether a merger may merge reading every input once (:attr:`Merger.one_pass`): the engine gave the output
         dtypes, memory is not budgeted (what the pass leaves open is held until its end), the compute device is the
         CPU and every task vector is a plain difference of stored tensors (no transforms, no LoRA factors)."""
-        return (
-            self.output_dtypes is not None and not self.bounded_memory and self.device.type == "cpu"
-            and not self._transforms and not any(isinstance(s, DeltaSource) for s in self.tasks.values())
-        )
+        return self.output_dtypes is not None and not self.bounded_memory and self.plain_differences
 
     def with_transform(self, transform: Callable[[str, str, torch.Tensor], torch.Tensor]) -> MergeContext:
         """A view whose task vectors pass through ``transform(task_name, key, delta)`` (e.g. DARE's drop)."""
@@ -113,7 +117,14 @@ class MergeContext:
         return out
 
     def load(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(θ₀, [τ_t])`` of ``key`` in float32 on the compute device."""
+        """``(θ₀, [τ_t])`` of ``key`` in float32 on the compute device: plain differences of stored tensors on the CPU
+        in one compiled pass (:func:`hf_merge.kernels.fused_load_task_vectors`) where it runs."""
+        if self.tasks and self.plain_differences:
+            fused = fused_load_task_vectors([s.flat_array(key) for s in (self.base, *self.tasks.values())])
+            if fused is not None:
+                shape = self.metas[key].shape
+                base, deltas = fused
+                return base.view(shape), [delta.view(shape) for delta in deltas]
         base = self.base_tensor(key)
         return base, self.deltas(key, base)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -136,14 +137,15 @@ class ElectMerge:
         return float(np.sign(mass.sum()))
 
     def __call__(self, deltas: Sequence[torch.Tensor], thresholds: Sequence[float], cuts: Sequence[int],
-                 scales: Sequence[float], weights: Sequence[float] | None, majority: float, mean: bool) -> torch.Tensor:
+                 scales: Sequence[float], weights: Sequence[float] | None, majority: float, mean: bool,
+                 weigh_values: bool = False, floor: float = -math.inf) -> torch.Tensor:
         elect_merge = _kernel("elect_merge")
         arrays = tuple(_read_only(d.numpy()) for d in deltas)
         out = np.empty(arrays[0].shape[0], dtype=np.float32)
         weight_array = np.asarray(weights if weights is not None else [1.0] * len(deltas), dtype=np.float32)
         with _LAUNCH_LOCK:
             elect_merge(arrays, *_trim_arrays(thresholds, cuts, scales), weight_array, weights is not None,
-                        np.float32(majority), mean, out)
+                        weigh_values, np.float32(floor), np.float32(majority), mean, out)
         return torch.from_numpy(out)
 
 
@@ -260,3 +262,345 @@ class TiesOnePassKernel:
             zero_index=gather_regions(self.zero_index, zeros)[0],
             zero_negative=gather_regions(zero_negative, zeros)[0],
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    """The k-th smallest entry of an array (``value``), how many entries are strictly smaller (``below``) and how many
+    equal it (``equal``)."""
+
+    value: float
+    below: int
+    equal: int
+
+
+#: The digits of the radix selection, most significant first: (shift, bits) of a 32-bit order key.
+_SELECT_DIGITS = ((16, 16), (0, 16))
+
+
+def _num_parts() -> int:
+    """Contiguous parts a counting kernel splits its input into: one per numba thread."""
+    import numba
+
+    return numba.get_num_threads()
+
+
+def select_kth(values: np.ndarray, k: int, absolute: bool = False) -> Selected | None:
+    """The k-th smallest (1-based) of the finite flat float32 ``values`` (of their magnitudes for ``absolute``): an
+    exact most-significant-digit radix selection on the entries' order keys (bits whose unsigned order is the float
+    order), three parallel counting passes with cache-resident histograms; ``None`` when the compiled kernels do not
+    run."""
+    if not kernels_enabled() or values.dtype != np.float32 or not 1 <= k <= values.shape[0]:
+        return None
+    histogram = _kernel("key_histogram")
+    array = _read_only(values)
+    parts = _num_parts()
+    prefix_mask, prefix, below = 0, 0, 0
+    for shift, bits in _SELECT_DIGITS:
+        counts = np.zeros((parts, 1 << bits), dtype=np.int64)
+        with _LAUNCH_LOCK:
+            histogram(array, absolute, np.uint32(prefix_mask), np.uint32(prefix), np.uint32(shift), counts)
+        cumulative = np.cumsum(counts.sum(axis=0))
+        digit = int(np.searchsorted(cumulative, k - below))
+        below += int(cumulative[digit - 1]) if digit else 0
+        equal = int(cumulative[digit]) - (int(cumulative[digit - 1]) if digit else 0)
+        prefix |= digit << shift
+        prefix_mask |= ((1 << bits) - 1) << shift
+    bits = prefix & 0x7FFFFFFF if prefix >> 31 else ~prefix & 0xFFFFFFFF  # the order key back to float bits
+    value = np.array([bits], dtype=np.uint32).view(np.float32)[0]
+    return Selected(float(value), below, equal)
+
+
+def stable_row_ranks(rows: torch.Tensor) -> torch.Tensor | None:
+    """The float32 ranks of |rows| within each row of a 2-D float32 CPU tensor (stable: equal magnitudes by
+    position, what scattering ``argsort(rows.abs(), dim=1, stable=True)`` gives), or ``None`` for the torch route."""
+    if not kernels_enabled() or rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.dim() != 2:
+        return None
+    ranks = np.empty(tuple(rows.shape), dtype=np.float32)
+    with _LAUNCH_LOCK:
+        _kernel("stable_row_ranks")(_read_only(rows.contiguous().numpy()), ranks)
+    return torch.from_numpy(ranks)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def counter_uniforms(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """Float32 uniforms in [0, 1) on a 2⁻²⁴ grid, entry i = the top 24 bits of splitmix64's finaliser of
+    seed + (i + 1)·φ (mod 2⁶⁴) · 2⁻²⁴ (Steele et al. 2014): a counter-based stream, the same bits from the compiled
+    kernel and from numpy, whatever the chunking or thread count."""
+    numel = int(np.prod(shape, dtype=np.int64))
+    out = np.empty(numel, dtype=np.float32)
+    seed64 = np.uint64(seed % (1 << 64))
+    if kernels_enabled():
+        with _LAUNCH_LOCK:
+            _kernel("counter_uniforms")(seed64, out)
+    else:
+        with np.errstate(over="ignore"):
+            x = seed64 + np.arange(1, numel + 1, dtype=np.uint64) * _GOLDEN
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x ^= x >> np.uint64(31)
+        out[:] = (x >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+    return torch.from_numpy(out).view(tuple(shape))
+
+
+def fused_magmax(deltas: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """τ_{t*}[j], t* the first task of largest |τ_t[j]|, over flat float32 CPU task vectors in one compiled pass, or
+    ``None`` for the torch route."""
+    if not kernels_enabled() or not all(d.dtype == torch.float32 and d.device.type == "cpu" for d in deltas):
+        return None
+    out = np.empty(deltas[0].numel(), dtype=np.float32)
+    with _LAUNCH_LOCK:
+        _kernel("magmax")(tuple(_read_only(d.reshape(-1).numpy()) for d in deltas), out)
+    return torch.from_numpy(out)
+
+
+def fused_rank_band(values: torch.Tensor, start: int, stop: int, absolute: bool = False) -> torch.Tensor | None:
+    """``values`` where the entry's rank in the stable ascending order of the flat float32 CPU ``values`` (of their
+    magnitudes for ``absolute``; equal ones by position) lies in [start, stop), else 0 — two radix selections and two
+    parallel passes; ``None`` for the torch route."""
+    flat = values.reshape(-1)
+    if not kernels_enabled() or flat.dtype != torch.float32 or flat.device.type != "cpu" or not 0 <= start < stop:
+        return None
+    array = _read_only(flat.contiguous().numpy())
+    low, high = select_kth(array, start + 1, absolute), select_kth(array, stop, absolute)
+    counts = np.zeros((_num_parts(), 2), dtype=np.int64)
+    with _LAUNCH_LOCK:
+        _kernel("equal_counts")(array, absolute, np.float32(low.value), np.float32(high.value), counts)
+    first_ranks = np.empty_like(counts)
+    first_ranks[:, 0] = low.below + np.cumsum(counts[:, 0]) - counts[:, 0]
+    first_ranks[:, 1] = high.below + np.cumsum(counts[:, 1]) - counts[:, 1]
+    out = np.empty(array.shape[0], dtype=np.float32)
+    with _LAUNCH_LOCK:
+        _kernel("band")(array, absolute, np.float32(low.value), np.float32(high.value), first_ranks, start, stop, out)
+    return torch.from_numpy(out).view(values.shape)
+
+
+def _kernel_arrays(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether the kernels take these flat arrays: bfloat16 bits (uint16) or float32, all after the first alike."""
+    return (all(a.dtype in (np.uint16, np.float32) for a in arrays) and len({a.dtype for a in arrays[1:]}) <= 1)
+
+
+def fused_load_task_vectors(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(θ₀, (T, n) τ)`` in float32 from flat kernel arrays [x_0, x_1, ..., x_T] (τ_t = x_t − x_0) in one compiled
+    pass, or ``None`` when the torch route runs (kernels off, other dtypes, or an input holding NaN/Inf, which the
+    torch route then names)."""
+    if not kernels_enabled() or len(arrays) < 2 or not _kernel_arrays(arrays):
+        return None
+    from ._numba_kernels import KERNEL_CHUNK
+
+    n = arrays[0].shape[0]
+    base = np.empty(n, dtype=np.float32)
+    deltas = np.empty((len(arrays) - 1, n), dtype=np.float32)
+    nonfinite = np.zeros(max(1, -(-n // KERNEL_CHUNK)), dtype=np.int64)
+    with _LAUNCH_LOCK:
+        _kernel("load_task_vectors")(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), base, deltas,
+                                     nonfinite)
+    if nonfinite.any():
+        return None
+    return torch.from_numpy(base), torch.from_numpy(deltas)
+
+
+def fused_add_store(base: torch.Tensor, update: torch.Tensor, out: torch.Tensor) -> bool | None:
+    """out = θ₀ + u (float32 CPU tensors) cast once into ``out`` (bfloat16 or float32) in one compiled pass: whether
+    every result is finite there, or ``None`` when the torch route runs."""
+    if (not kernels_enabled() or out.dtype not in _KERNEL_DTYPES or base.dtype != torch.float32
+            or update.dtype != torch.float32 or base.device.type != "cpu" or update.device.type != "cpu"
+            or not (base.is_contiguous() and update.is_contiguous() and out.is_contiguous())):
+        return None
+    from ._numba_kernels import KERNEL_CHUNK
+    from .tensors import numpy_view
+
+    flat_out = numpy_view(out.view(-1))
+    nonfinite = np.zeros(max(1, -(-flat_out.shape[0] // KERNEL_CHUNK)), dtype=np.int64)
+    with _LAUNCH_LOCK:
+        _kernel("add_store")(_read_only(base.view(-1).numpy()), _read_only(update.view(-1).numpy()), flat_out,
+                             finite_limit(flat_out), nonfinite)
+    return not nonfinite.any()
+
+
+@dataclasses.dataclass
+class StoredTiesCounts:
+    """What :meth:`StoredTies.merge` counted over one tensor: entries each task kept (non-zero after its sparsifying
+    and trim), entries where a kept value disagreed with the elected sign, and the tensor's size."""
+
+    kept: np.ndarray
+    conflicts: int
+    numel: int
+
+
+class StoredTies:
+    """TIES-family merges of one tensor straight from its stored inputs (flat kernel arrays [x_0, x_1, ..., x_T]):
+    DARE's drop (m ~ Bernoulli(1 − rate) from :func:`counter_uniforms`' stream, rescaled by 1/divisor and a factor),
+    the trim, the sign election and the disjoint merge, each a compiled pass over the mapped inputs computing
+    τ_t = x_t − x_0 on the fly — no float32 copies. The same bits as the float32 route."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], rates: Sequence[float] | None = None,
+                 seeds: Sequence[int] | None = None, divisors: Sequence[float] | None = None) -> None:
+        tasks = len(arrays) - 1
+        self.base = _read_only(arrays[0])
+        self.tasks = tuple(_read_only(a) for a in arrays[1:])
+        self.numel = int(self.base.shape[0])
+        self.rates = np.asarray(rates if rates is not None else [0.0] * tasks, dtype=np.float32)
+        self.seeds = np.asarray([s % (1 << 64) for s in (seeds if seeds is not None else [0] * tasks)], dtype=np.uint64)
+        self.divisors = np.asarray(divisors if divisors is not None else [1.0] * tasks, dtype=np.float32)
+        self.factors = np.ones(tasks, dtype=np.float32)
+
+    @staticmethod
+    def takes(arrays: Sequence[np.ndarray], out: np.ndarray) -> bool:
+        """Whether the kernels run on these flat input arrays and output array."""
+        return kernels_enabled() and len(arrays) > 1 and _kernel_arrays(arrays) and out.dtype in (np.uint16,
+                                                                                                   np.float32)
+
+    @property
+    def _drop(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.rates, self.seeds, self.divisors, self.factors
+
+    def rescale_to_l1(self) -> None:
+        """mergekit's ``rescale``: each dropped τ̂_t scaled by ‖τ_t‖₁/‖m ⊙ τ_t‖₁ (1 when either is below 1e-7)
+        instead of 1/divisor."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        norms = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), len(self.tasks), 2), dtype=np.float64)
+        with _LAUNCH_LOCK:
+            _kernel("stored_l1_norms")(self.base, self.tasks, self._drop, norms)
+        totals = norms.sum(axis=0)
+        self.divisors[:] = 1.0
+        for t, (before, after) in enumerate(totals):
+            self.factors[t] = 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+    def select(self, t: int, k: int) -> Selected:
+        """The k-th smallest |τ̂_t| (see :func:`select_kth`)."""
+        histogram = _kernel("stored_key_histogram")
+        prefix_mask, prefix, below, equal = 0, 0, 0, 0
+        for shift, bits in _SELECT_DIGITS:
+            counts = np.zeros((_num_parts(), 1 << bits), dtype=np.int64)
+            with _LAUNCH_LOCK:
+                histogram(self.base, self.tasks[t], self._drop, t, np.uint32(prefix_mask), np.uint32(prefix),
+                          np.uint32(shift), counts)
+            cumulative = np.cumsum(counts.sum(axis=0))
+            digit = int(np.searchsorted(cumulative, k - below))
+            below += int(cumulative[digit - 1]) if digit else 0
+            equal = int(cumulative[digit]) - (int(cumulative[digit - 1]) if digit else 0)
+            prefix |= digit << shift
+            prefix_mask |= ((1 << bits) - 1) << shift
+        value = np.array([prefix & 0x7FFFFFFF], dtype=np.uint32).view(np.float32)[0]
+        return Selected(float(value), below, equal)
+
+    def select_all(self, ranks: Sequence[int]) -> list[Selected | None]:
+        """The ``ranks[t]``-th smallest |τ̂_t| of every task (``None`` for a rank 0), in one read of the inputs where a
+        strided sample brackets each rank (every entry inside the bracket gathered, the rank then selected exactly
+        among them), by :meth:`select` for a task whose bracket missed."""
+        wanted = [t for t, k in enumerate(ranks) if k > 0]
+        found: dict[int, Selected] = {}
+        if self.numel >= _BRACKET_MIN_NUMEL and wanted:
+            found = self._bracketed(ranks)
+        return [None if ranks[t] <= 0 else found.get(t) or self.select(t, ranks[t]) for t in range(len(ranks))]
+
+    def _bracketed(self, ranks: Sequence[int]) -> dict[int, Selected]:
+        n, tasks = self.numel, len(self.tasks)
+        stride = max(1, n // max(_BRACKET_SAMPLE, n // 64))
+        sample = np.empty((tasks, n // stride), dtype=np.float32)
+        with _LAUNCH_LOCK:
+            _kernel("stored_sample")(self.base, self.tasks, self._drop, stride, sample)
+        sample.sort(axis=1)
+        size = sample.shape[1]
+        low, high = np.zeros(tasks, dtype=np.float32), np.full(tasks, np.inf, dtype=np.float32)
+        spans = []
+        for t, k in enumerate(ranks):
+            fraction = min(max(k / n, 0.0), 1.0)
+            margin = 6.0 * math.sqrt(size * fraction * (1.0 - fraction)) + 16
+            first, last = math.floor(fraction * size - margin), math.ceil(fraction * size + margin)
+            if k > 0 and first > 0:
+                low[t] = sample[t, first]
+            if k > 0 and last < size - 1:
+                high[t] = sample[t, last]
+            spans.append((min(last, size) - max(first, 0)) / size if k > 0 else 0.0)
+        capacity = int(2 * max(spans) * n / _num_parts()) + 4096
+        counts = np.zeros((_num_parts(), tasks, 2), dtype=np.int64)
+        buffers = np.empty((_num_parts(), tasks, capacity), dtype=np.float32)
+        with _LAUNCH_LOCK:
+            _kernel("stored_bracket")(self.base, self.tasks, self._drop, low, high, counts, buffers)
+        found = {}
+        for t, k in enumerate(ranks):
+            below, inside = int(counts[:, t, 0].sum()), counts[:, t, 1]
+            if k <= 0 or not below < k <= below + int(inside.sum()):
+                continue  # the bracket missed the rank: the radix selection
+            if low[t] == high[t]:  # one value (common: differences of bfloat16 weights are coarse): the counts say all
+                found[t] = Selected(float(low[t]), below, int(inside.sum()))
+                continue
+            if (inside > capacity).any():
+                continue  # more entries inside than were gathered: the radix selection
+            values = np.concatenate([buffers[p, t, : inside[p]] for p in range(len(inside))])
+            value = np.partition(values, k - below - 1)[k - below - 1]
+            found[t] = Selected(float(value), below + int((values < value).sum()), int((values == value).sum()))
+        return found
+
+    def threshold_rules(self, densities: Sequence[float]) -> list[tuple[float, int]]:
+        """TIES' inclusive thresholds: the (n − ⌊d_t n⌋)-th smallest |τ̂_t| (keep all for d_t ≥ 1)."""
+        n = self.numel
+        selected = self.select_all([0 if d >= 1.0 else n - int(n * d) for d in densities])
+        return [(0.0 if s is None else s.value, n) for s in selected]
+
+    def largest_rules(self, densities: Sequence[float]) -> list[tuple[float, int]]:
+        """:func:`hf_merge.methods.ties.largest_rule` of every |τ̂_t|: exactly the ⌊d_t n⌋ largest (all for
+        d_t ≥ 1), equal ones by position."""
+        n = self.numel
+        keeps = [n if d >= 1.0 else int(d * n) for d in densities]
+        selected = self.select_all([1 if keep >= n else (0 if keep <= 0 else n - keep + 1) for keep in keeps])
+        return [self._largest_rule(t, keep, s) for t, (keep, s) in enumerate(zip(keeps, selected))]
+
+    def _largest_rule(self, t: int, keep: int, selected: Selected | None) -> tuple[float, int]:
+        n = self.numel
+        if keep >= n:
+            return (0.0 if n == 0 else selected.value), n
+        if keep <= 0:
+            return math.inf, -1
+        at_value = keep - (n - selected.below - selected.equal)
+        if at_value == selected.equal:
+            return selected.value, n
+        if at_value <= 0:
+            return selected.value, -1
+        return selected.value, int(_kernel("stored_equal_position")(self.base, self.tasks[t], self._drop, t,
+                                                                   np.float32(selected.value), at_value))
+
+    def majority(self, rules: Sequence[tuple[float, int]], scales: Sequence[float]) -> float:
+        """sign(Σ_j sign(Σ_t s_t τ̂_t[j])) over the tensor."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        mass = np.zeros(max(1, -(-self.numel // KERNEL_CHUNK)), dtype=np.int64)
+        with _LAUNCH_LOCK:
+            _kernel("stored_elect_mass")(self.base, self.tasks, self._drop, _rule_arrays(rules),
+                                         np.asarray(scales, dtype=np.float32), mass)
+        return float(np.sign(mass.sum()))
+
+    def merge(self, rules: Sequence[tuple[float, int]], scales: Sequence[float], weights: Sequence[float] | None,
+              majority: float, mean: bool, scaling: float, out: np.ndarray) -> StoredTiesCounts | None:
+        """θ₀ + λ · the elect-and-merge written into ``out``; ``None`` when a result is not finite there (or an input
+        held NaN/Inf): the float32 route then names the cause."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        tasks = len(self.tasks)
+        counts = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), tasks + 2), dtype=np.int64)
+        weight_array = np.asarray(weights if weights is not None else [1.0] * tasks, dtype=np.float32)
+        with _LAUNCH_LOCK:
+            _kernel("stored_elect_merge")(self.base, self.tasks, self._drop, _rule_arrays(rules),
+                                          np.asarray(scales, dtype=np.float32), weight_array, weights is not None,
+                                          np.float32(majority), mean, np.float32(scaling), out, finite_limit(out),
+                                          counts)
+        totals = counts.sum(axis=0)
+        if totals[tasks + 1]:
+            return None
+        return StoredTiesCounts(totals[:tasks], int(totals[tasks]), self.numel)
+
+
+#: Tensors smaller than this are selected by the radix passes alone; larger ones first try a sampled bracket.
+_BRACKET_MIN_NUMEL = 1 << 16
+#: The smallest strided sample a bracket is estimated from.
+_BRACKET_SAMPLE = 1 << 12
+
+
+def _rule_arrays(rules: Sequence[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray([rule[0] for rule in rules], dtype=np.float32),
+            np.asarray([rule[1] for rule in rules], dtype=np.int64))

@@ -31,6 +31,8 @@ class MergeSummary:
     seconds: float = 0.0
     #: The vocabulary the output has when the inputs' were reconciled: ``{"tokenizer_source", "rows"}``.
     vocabulary: dict[str, Any] | None = None
+    #: What the method measured (:meth:`~hf_merge.methods.base.Merger.statistics`), e.g. TIES' kept fraction.
+    statistics: dict[str, float] | None = None
     started: float = dataclasses.field(default_factory=time.perf_counter, repr=False)
 
     @classmethod
@@ -48,13 +50,15 @@ class MergeSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "inputs": self.inputs, "tensors": self.tensors, "route": self.route,
                 "input_bytes": self.input_bytes, "output_bytes": self.output_bytes,
-                "seconds": round(self.seconds, 3), **({"vocabulary": self.vocabulary} if self.vocabulary else {})}
+                "seconds": round(self.seconds, 3), **({"vocabulary": self.vocabulary} if self.vocabulary else {}),
+                **({"statistics": self.statistics} if self.statistics else {})}
 
     def __str__(self) -> str:
         rate = self.input_bytes / self.seconds / 1e9 if self.seconds > 0 else math.inf
         return (f"hf_merge: merged {self.inputs} inputs with {self.method} ({self.route} route): {self.tensors} tensors, "
                 f"{self.input_bytes / 1e9:.2f} GB read, {self.output_bytes / 1e9:.2f} GB written, "
-                f"{self.seconds:.1f} s ({rate:.2f} GB/s of input)")
+                f"{self.seconds:.1f} s ({rate:.2f} GB/s of input)"
+                + "".join(f"; {name.replace('_', ' ')} {value:.4g}" for name, value in (self.statistics or {}).items()))
 
     def report(self, progress: bool) -> None:
         """Log the summary; also print it (to stderr) when progress bars are on."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .kernels import Selected, select_kth
+
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -80,44 +82,49 @@ def check_output_finite(key: str, tensor: torch.Tensor, values: torch.Tensor | N
     return tensor
 
 
-def kth_smallest(values: torch.Tensor, k: int, *, scratch: bool = False) -> float:
-    """The k-th smallest (1-based) entry of ``values`` (any shape, finite): numpy's introselect on the CPU (an order
-    of magnitude faster than ``torch.kthvalue``, which sorts), ``torch.kthvalue`` elsewhere. ``scratch``: ``values``
-    is a temporary the selection may reorder in place (no copy)."""
+def kth_smallest(values: torch.Tensor, k: int, *, scratch: bool = False, absolute: bool = False) -> float:
+    """The k-th smallest (1-based) entry of ``values`` (any shape, finite; of |values| for ``absolute``): the compiled
+    radix selection for float32 on the CPU (:func:`hf_merge.kernels.select_kth`), else numpy's introselect on the CPU
+    (an order of magnitude faster than ``torch.kthvalue``, which sorts), ``torch.kthvalue`` elsewhere. ``scratch``:
+    ``values`` is a temporary the selection may reorder in place (no copy)."""
+    return select(values, k, scratch=scratch, absolute=absolute).value
+
+
+def select(values: torch.Tensor, k: int, *, scratch: bool = False, absolute: bool = False) -> Selected:
+    """:func:`kth_smallest` with how many entries are strictly smaller and how many equal it."""
     flat = values.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype == torch.float32 and flat.is_contiguous():
+        selected = select_kth(flat.detach().numpy(), k, absolute)
+        if selected is not None:
+            return selected
+    if absolute:
+        flat, scratch = flat.abs(), True
     if flat.device.type != "cpu":
-        return flat.kthvalue(k).values.item()
-    array = flat.detach().numpy()
-    if scratch and flat.is_contiguous():
-        array.partition(k - 1)
-        return float(array[k - 1])
-    return float(np.partition(array, k - 1)[k - 1])
+        value = flat.kthvalue(k).values.item()
+    else:
+        array = flat.detach().numpy()
+        if scratch and flat.is_contiguous():
+            array.partition(k - 1)
+            value = float(array[k - 1])
+        else:
+            value = float(np.partition(array, k - 1)[k - 1])
+    return Selected(value, int((flat < value).sum()), int((flat == value).sum()))
 
 
 def stable_rank_band(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Bool mask of the entries whose rank in the stable ascending order of ``values`` (flattened; equal values by
-    position) lies in [start, stop) — what ``argsort(values, stable=True)[start:stop]`` selects, from one selection
+    position) lies in [start, stop) — what ``argsort(values, stable=True)[start:stop]`` selects, from two selections
     instead of a sort."""
     flat = values.reshape(-1)
     if stop <= start:
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    if flat.device.type == "cpu":
-        ordered = np.partition(flat.detach().numpy(), [start, stop - 1])  # one copy, both ranks in place
-        low, high = float(ordered[start]), float(ordered[stop - 1])
-        below = {low: int((ordered[:start] < low).sum()), high: int((ordered[: stop - 1] < high).sum())}
-    else:
-        low, high = kth_smallest(flat, start + 1), kth_smallest(flat, stop)
-        below = {value: int((flat < value).sum()) for value in (low, high)}
-    mask = (flat >= low) & (flat <= high)
-    for value in {low, high}:  # equal entries hold the ranks below(value), below(value) + 1, ... by position
-        equal = None
-        count = int((ordered == value).sum()) if flat.device.type == "cpu" else None
-        if count is None:
-            equal = (flat == value).nonzero().squeeze(1)
-            count = equal.numel()
-        if below[value] >= start and below[value] + count <= stop:
+    low, high = select(flat, start + 1), select(flat, stop)
+    mask = (flat >= low.value) & (flat <= high.value)
+    for bound in {low.value: low, high.value: high}.values():
+        # equal entries hold the ranks below, below + 1, ... by position
+        if bound.below >= start and bound.below + bound.equal <= stop:
             continue  # every equal entry is inside the band
-        equal = (flat == value).nonzero().squeeze(1) if equal is None else equal
-        ranks = below[value] + torch.arange(equal.numel(), device=flat.device)
+        equal = (flat == bound.value).nonzero().squeeze(1)
+        ranks = bound.below + torch.arange(equal.numel(), device=flat.device)
         mask[equal] = (ranks >= start) & (ranks < stop)
     return mask.view_as(values)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -225,3 +228,166 @@ def test_sce_variance_has_the_bits_of_torch_var(num_tasks):
     generator = torch.Generator().manual_seed(num_tasks)
     values = [(torch.randn(20000, generator=generator) * 1e-3).to(torch.bfloat16).float() for _ in range(num_tasks)]
     assert torch.equal(population_variance(values), torch.stack(values).var(dim=0, unbiased=False))
+
+
+# ----------------------------------------------------------------------------------------- radix selection and bands
+def _tied_values(seed: int) -> torch.Tensor:
+    """Float32 values with runs of equal magnitudes of both signs, exact zeros and negative zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 3000, (1,), generator=generator))
+    values = (torch.randn(n, generator=generator) * 0.01).to(torch.float8_e4m3fn).float()  # few distinct values
+    values[torch.randint(0, n, (n // 4,), generator=generator)] = 0.0
+    values[torch.randint(0, n, (n // 8,), generator=generator)] = -0.0
+    return values
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("absolute", [False, True])
+def test_the_radix_selection_equals_kthvalue_with_its_counts(seed, absolute):
+    from hf_merge.kernels import select_kth
+
+    values = _tied_values(seed)
+    reference = values.abs() if absolute else values
+    n = values.numel()
+    for k in sorted({1, n, max(1, n // 2), max(1, n // 9)}):
+        selected = select_kth(values.numpy(), k, absolute)
+        expected = reference.kthvalue(k).values.item()
+        assert selected.value == expected, k
+        assert (selected.below, selected.equal) == (int((reference < expected).sum()), int((reference == expected).sum()))
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("absolute", [False, True])
+def test_the_fused_rank_band_keeps_what_the_stable_sort_keeps(seed, absolute):
+    from hf_merge.kernels import fused_rank_band
+
+    values = _tied_values(seed)
+    n = values.numel()
+    ranks = torch.empty(n, dtype=torch.long)
+    ranks[torch.argsort(values.abs() if absolute else values, stable=True)] = torch.arange(n)
+    for start, stop in [(0, n), (n // 4, n // 2), (n // 3, n // 3 + 1), (n - 1, n)]:
+        if stop <= start:
+            continue
+        expected = torch.where((ranks >= start) & (ranks < stop), values, torch.zeros_like(values))
+        assert torch.equal(fused_rank_band(values, start, stop, absolute), expected), (start, stop)
+
+
+def test_stable_row_ranks_equal_the_stable_argsort():
+    from hf_merge.kernels import stable_row_ranks
+
+    rows = torch.stack([_tied_values(seed)[:700] for seed in range(40) if _tied_values(seed).numel() >= 700])
+    expected = torch.empty_like(rows).scatter_(1, torch.argsort(rows.abs(), dim=1, stable=True),
+                                               torch.arange(rows.shape[1], dtype=rows.dtype).expand_as(rows))
+    assert torch.equal(stable_row_ranks(rows), expected)
+
+
+def test_counter_uniforms_are_the_same_bits_from_the_kernel_and_numpy_and_uniform(monkeypatch):
+    from hf_merge.kernels import counter_uniforms
+
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    compiled = counter_uniforms(2**62 + 12345, (300, 700))
+    monkeypatch.setenv("HF_MERGE_KERNELS", "0")
+    assert torch.equal(compiled, counter_uniforms(2**62 + 12345, (300, 700)))
+    assert not torch.equal(compiled, counter_uniforms(2**62 + 12346, (300, 700)))
+    flat = compiled.reshape(-1)
+    assert flat.min() >= 0 and flat.max() < 1
+    # Kolmogorov–Smirnov distance to U(0, 1): 1.63/√n is the 1% critical value
+    ordered = flat.double().sort().values
+    grid = torch.arange(1, flat.numel() + 1, dtype=torch.float64) / flat.numel()
+    assert (ordered - grid).abs().max() < 1.63 / flat.numel() ** 0.5
+    # neighbouring entries are uncorrelated
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("method", ["magmax", "sce", "breadcrumbs", "della", "dare"])
+def test_the_compiled_sparsifiers_equal_the_torch_route(monkeypatch, method):
+    base, fts = _grid_task_vectors(torch.float32, 3, seed=11)
+    options = {"magmax": {}, "sce": {"select_topk": 0.5}, "breadcrumbs": {"density": 0.5, "gamma": 0.1},
+               "della": {"density": 0.4}, "dare": {"drop_rate": 0.5, "then": hf_merge.TiesConfig(density=1.0)}}[method]
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("HF_MERGE_KERNELS", kernels)
+        results.append(hf_merge.merge(base, fts, method, progress=False, **options))
+    for key in base:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+# ----------------------------------------------------------------------------------------- merges from stored inputs
+STORED_ROUTE_CONFIGS = {
+    "ties-tensor-threshold": {"method": "ties", "density": 0.3, "scope": "tensor"},
+    "ties-tensor-topk-weighted": {"method": "ties", "density": [0.2, 0.5, 0.4], "scope": "tensor", "trim": "topk",
+                                  "weights": [0.5, 1.5, 1.0], "zero_sign": "positive", "scaling": 0.7},
+    "ties-tensor-sum": {"method": "ties", "density": 0.5, "scope": "tensor", "aggregate": "sum"},
+    "ties-global-weighted": {"method": "ties", "density": 0.3, "weights": [1.0, 2.0, 0.5]},
+    "dare-ties": {"method": "dare", "drop_rate": [0.5, 0.7, 0.0], "then": {"method": "ties", "density": 1.0,
+                                                                          "scope": "tensor", "zero_sign": "positive"}},
+    "dare-ties-l1": {"method": "dare", "drop_rate": 0.6, "rescale_norm": "l1",
+                     "then": {"method": "ties", "density": 1.0, "scope": "tensor", "zero_sign": "positive"}},
+    "dare-ties-no-rescale-trimmed": {"method": "dare", "drop_rate": 0.4, "rescale": False,
+                                     "then": {"method": "ties", "density": 0.5, "scope": "tensor", "trim": "topk"}},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(STORED_ROUTE_CONFIGS))
+def test_merges_from_the_stored_inputs_equal_the_float32_route(monkeypatch, dtype, name):
+    base, fts = _grid_task_vectors(dtype, 3, seed=5)
+    config = hf_merge.MergeConfig.from_dict(STORED_ROUTE_CONFIGS[name])
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("HF_MERGE_KERNELS", kernels)
+        results.append(hf_merge.merge(base, fts, config, progress=False))
+    for key in base:
+        assert results[0][key].dtype == dtype and torch.equal(results[0][key], results[1][key]), key
+
+
+def test_the_stored_route_is_taken_and_counts_what_ties_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    base, fts = _grid_task_vectors(torch.bfloat16, 3, seed=6)
+    out = hf_merge.merge(base, fts, "ties", density=0.3, scope="tensor", output_dir=tmp_path / "out", progress=False)
+    summary = json.loads((Path(out) / "merge_config.json").read_text())["summary"]
+    assert summary["route"] == "stored"
+    # the reference: the float32 task vectors, trimmed per tensor, and their elected signs
+    kept = conflicts = entries = 0
+    for key in base:
+        deltas = torch.stack([ft[key].float() - base[key].float() for ft in fts]).reshape(3, -1)
+        thresholds = [d.abs().kthvalue(d.numel() - int(d.numel() * 0.3)).values for d in deltas]
+        trimmed = torch.stack([torch.where(d.abs() >= th, d, 0) for d, th in zip(deltas, thresholds)])
+        signs = torch.sign(trimmed.sum(0))
+        signs[signs == 0] = torch.sign(torch.sign(trimmed.sum(0)).sum()) or 1.0
+        kept += int((trimmed != 0).sum())
+        conflicts += int(((trimmed * signs) < 0).any(0).sum())
+        entries += deltas.shape[1]
+    assert summary["statistics"] == pytest.approx({"kept_fraction": kept / (3 * entries),
+                                                   "sign_conflict_rate": conflicts / entries})
+
+
+def test_a_non_finite_stored_input_is_named_by_the_float32_route(monkeypatch):
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    base, fts = _grid_task_vectors(torch.bfloat16, 3, seed=7)
+    fts[1]["mid"].view(-1)[5] = float("nan")
+    with pytest.raises(hf_merge.MergeError, match="'mid' contains NaN"):
+        hf_merge.merge(base, fts, "ties", density=0.3, scope="tensor", progress=False)
+
+
+@pytest.mark.parametrize("values", ["smooth", "tied", "dropped"])
+def test_bracketed_selection_from_stored_inputs_equals_the_radix_selection(values):
+    from hf_merge.kernels import StoredTies
+    from hf_merge.tensors import numpy_view
+
+    generator = torch.Generator().manual_seed(3)
+    n = 300_000
+    base = torch.randn(n, generator=generator).to(torch.bfloat16)
+    noise = {"smooth": lambda: torch.randn(n, generator=generator) * 1e-2,
+             "tied": lambda: torch.randint(-4, 5, (n,), generator=generator).float() * 2**-8,
+             "dropped": lambda: torch.randn(n, generator=generator) * 1e-2}[values]
+    tasks = [(base.float() + noise()).to(torch.bfloat16) for _ in range(3)]
+    arrays = [numpy_view(x) for x in (base, *tasks)]
+    drop = {"rates": [0.5, 0.9, 0.0], "seeds": [1, 2, 3], "divisors": [0.5, 0.1, 1.0]} if values == "dropped" else {}
+    ranks = [1, n // 2, n - 7]
+    for shift in range(3):  # every task gets every rank
+        ranks_now = ranks[shift:] + ranks[:shift]
+        stored = StoredTies(arrays, **drop)
+        bracketed = stored.select_all(ranks_now)
+        for t, k in enumerate(ranks_now):
+            assert bracketed[t] == StoredTies(arrays, **drop).select(t, k), (t, k)

@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..tensors import Amendment
@@ -99,6 +100,23 @@ class Merger(abc.ABC):
     ) -> torch.Tensor:
         """The merged task vector of one tensor (float32), given the float32 base and the T task vectors τ_t."""
 
+    @property
+    def reads_stored(self) -> bool:
+        """Whether :meth:`merge_stored` is defined."""
+        return type(self).merge_stored is not Merger.merge_stored
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        """Optional: θ₀ + the merged task vector of ``key`` written into ``out`` (the flat output, bfloat16 bits or
+        float32) straight from the stored inputs' flat arrays [x_0, x_1, ..., x_T] (mapped, bfloat16 bits or
+        float32) by compiled passes, with no float32 copies; returns whether it did. ``False`` sends the tensor
+        through ``merge_tensor`` (which must give the same result), also where an input holds NaN/Inf or the result
+        overflows, so that route names the cause."""
+        return False
+
+    def statistics(self) -> dict[str, float] | None:
+        """Optional: what the method measured over the merge (e.g. TIES' kept fraction), for the merge summary."""
+        return None
+
 
 
 
@@ -153,6 +171,13 @@ class ScheduledMerger(Merger):
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         return self.by_key[key].merge_tensor(key, base, deltas, info)
+
+    @property
+    def reads_stored(self) -> bool:
+        return self.merger_class.merge_stored is not Merger.merge_stored
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        return self.by_key[key].merge_stored(key, arrays, out, info)
 
 
 class OnePassMerge(abc.ABC):

@@ -37,6 +37,7 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
+from ..kernels import fused_rank_band
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tensors import stable_rank_band
@@ -130,6 +131,13 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     return stable_rank_band(delta.abs(), bottom, bottom + kept)
 
 
+def breadcrumbs_sparsify(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """m ⊙ τ with :func:`breadcrumbs_mask`'s m: one compiled band selection where available."""
+    bottom, kept, _ = breadcrumbs_counts(delta.numel(), density, gamma)
+    fused = fused_rank_band(delta, bottom, bottom + kept, absolute=True) if kept else None
+    return fused if fused is not None else delta * breadcrumbs_mask(delta, density, gamma)
+
+
 class BreadcrumbsMerger(Merger):
     uses_param_info = False
     config: BreadcrumbsConfig
@@ -142,7 +150,7 @@ class BreadcrumbsMerger(Merger):
         self.weights = resolve_weights(cfg.weights, names)
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
-        masked = [d * breadcrumbs_mask(d, density, gamma)
+        masked = [breadcrumbs_sparsify(d, density, gamma)
                   for d, density, gamma in zip(deltas, self.densities, self.gammas)]
         if self.config.rescale_norm == "l1":
             masked = [m.mul_(l1_factor(d, m)) for d, m in zip(deltas, masked)]

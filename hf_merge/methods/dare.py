@@ -17,14 +17,16 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 
 from ..config import MergeConfig, MethodCard, SearchSpace, check_fraction, per_task_items, resolve_per_task
+from ..kernels import StoredTies, counter_uniforms
 from ..params import ParamInfo
 from ..registry import register_method
 from .base import Merger
 from .task_arithmetic import TaskArithmeticConfig
-from .ties import TiesConfig, check_rescale_norm, l1_factor
+from .ties import TiesConfig, TiesMerger, check_rescale_norm, l1_factor
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -99,11 +101,11 @@ def mask_seed(seed: int, task: str, key: str) -> int:
 def dare_drop(delta: torch.Tensor, drop_rate: float, seed: int, *, rescale: bool = True,
               rescale_norm: str | None = None) -> torch.Tensor:
     """(1 − m) ⊙ τ [/ (1 − p), or · ‖τ‖₁/‖(1 − m) ⊙ τ‖₁ for ``rescale_norm="l1"``] with m ~ Bernoulli(p) drawn on the
-    CPU from ``seed`` (float32 arithmetic)."""
+    CPU from ``seed`` by a counter-based generator (:func:`hf_merge.kernels.counter_uniforms`; float32
+    arithmetic)."""
     if drop_rate == 0.0:
         return delta
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.rand(delta.shape, generator=generator) >= drop_rate
+    keep = counter_uniforms(seed, delta.shape) >= drop_rate
     kept = delta * keep.to(delta.device)
     if not rescale:
         return kept
@@ -138,6 +140,22 @@ class DareMerger(Merger):
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         dropped = [self._drop(task, key, delta) for task, delta in zip(self.task_names, deltas)]
         return self.inner.merge_tensor(key, base, dropped, info)
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        """DARE then TIES straight from the stored inputs: the drop is drawn inside TIES' compiled passes."""
+        if (not isinstance(self.inner, TiesMerger) or self.inner.config.rescale_norm is not None
+                or not StoredTies.takes(arrays, out)):
+            return False
+        cfg = self.config
+        rates = [self.drop_rates[task] for task in self.task_names]
+        stored = StoredTies(arrays, rates, [mask_seed(cfg.seed, task, key) for task in self.task_names],
+                            [1.0 - rate if cfg.rescale else 1.0 for rate in rates])
+        if cfg.rescale and cfg.rescale_norm == "l1":
+            stored.rescale_to_l1()
+        return self.inner.merge_sparsified(stored, out)
+
+    def statistics(self) -> dict[str, float] | None:
+        return self.inner.statistics()
 
 
 register_method(DareConfig, DareMerger)

@@ -50,6 +50,7 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
+from ..kernels import counter_uniforms, stable_row_ranks
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -220,9 +221,11 @@ def magprune_keep_probabilities(delta: torch.Tensor, density: float, epsilon: fl
     chunk_rows = max(1, TUNING.ties_chunk // n)
     positions = torch.arange(n, dtype=rows.dtype, device=rows.device)
     for start in range(0, num_rows, chunk_rows):
-        block = rows[start:start + chunk_rows].abs()
-        order = torch.argsort(block, dim=1, stable=True)
-        ranks = torch.empty_like(block).scatter_(1, order, positions.expand_as(block))
+        block = rows[start:start + chunk_rows]
+        ranks = stable_row_ranks(block)
+        if ranks is None:
+            order = torch.argsort(block.abs(), dim=1, stable=True)
+            ranks = torch.empty_like(block).scatter_(1, order, positions.expand_as(block))
         rank_norm = ranks / (n - 1)
         probabilities[start:start + chunk_rows] = (density - epsilon) + (2 * epsilon) * rank_norm
     return probabilities.view_as(delta)
@@ -232,12 +235,11 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, seed: int, *, 
              rescale_norm: str | None = None) -> torch.Tensor:
     """m ⊙ τ / p with m ~ Bernoulli(p), p from :func:`magprune_keep_probabilities` (Deep et al. 2024, MagPrune: drop,
     then rescale the survivors by 1/p); m ⊙ τ · ‖τ‖₁/‖m ⊙ τ‖₁ with ``rescale_norm="l1"`` (mergekit), m ⊙ τ without
-    ``rescale``; τ itself for density ≥ 1. The uniforms are drawn on the CPU from ``seed``: keep where u < p."""
+    ``rescale``; τ itself for density ≥ 1. The uniforms come from ``seed`` (:func:`hf_merge.kernels.counter_uniforms`): keep where u < p."""
     if density >= 1:
         return delta
     probabilities = magprune_keep_probabilities(delta, density, epsilon)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.rand(delta.shape, generator=generator).to(delta.device) < probabilities
+    keep = counter_uniforms(seed, delta.shape).to(delta.device) < probabilities
     if rescale and rescale_norm is None:
         return torch.where(keep, delta / probabilities, torch.zeros_like(delta))
     masked = torch.where(keep, delta, torch.zeros_like(delta))

@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from ..config import MergeConfig, MethodCard, SearchSpace, check_number
+from ..kernels import fused_magmax
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -71,8 +72,11 @@ class MagMaxConfig(MergeConfig):
 
 def magmax(deltas: list[torch.Tensor], scaling: float = 1.0) -> torch.Tensor:
     """λ τ_{t*}[j] with t* = argmax_t |τ_t[j]| per entry, the first task on ties (Marczak et al. 2024, the MagMax
-    merge); chunked over the flattened tensor."""
+    merge); one compiled pass where available, else torch in chunks over the flattened tensor."""
     flat = [d.reshape(-1) for d in deltas]
+    fused = fused_magmax(flat)
+    if fused is not None:
+        return fused.view_as(deltas[0]).mul_(scaling)
     out = torch.empty_like(flat[0])
     size = TUNING.ties_chunk
     for start in range(0, out.numel(), size):

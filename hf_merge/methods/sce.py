@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 
 from ..config import MergeConfig, MethodCard, check_choice, check_fraction, check_number
+from ..kernels import fused_elect_merge
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -127,7 +128,16 @@ def sce(deltas: list[torch.Tensor], select_topk: float = 1.0, zero_sign: str = "
     combination, Wan et al. 2024; 0 where none agrees); τ̂_t the selected task vectors, w_t from :func:`sce_weights`."""
     mask = sce_select(deltas, select_topk)
     selected = deltas if mask is None else [d * mask for d in deltas]
-    weights = torch.tensor(sce_weights(selected, epsilon), dtype=deltas[0].dtype, device=deltas[0].device).unsqueeze(1)
+    weight_list = sce_weights(selected, epsilon)
+    flat = [s.reshape(-1) for s in selected]
+    fused = fused_elect_merge(flat)
+    if fused is not None:
+        n, ones = flat[0].numel(), [1.0] * len(flat)
+        thresholds, cuts = [0.0] * len(flat), [n] * len(flat)
+        majority = 1.0 if zero_sign == "positive" else fused.majority(flat, thresholds, cuts, ones)
+        out = fused(flat, thresholds, cuts, ones, weight_list, majority, True, weigh_values=True, floor=epsilon)
+        return out.view_as(deltas[0])
+    weights = torch.tensor(weight_list, dtype=deltas[0].dtype, device=deltas[0].device).unsqueeze(1)
     out = torch.empty(deltas[0].numel(), dtype=deltas[0].dtype, device=deltas[0].device)
     for chunk, part, signs in elected_chunks(selected, zero_sign=zero_sign):
         kept = torch.sign((part * signs).clamp_(min=0)).mul_(weights)  # w_t on kept entries

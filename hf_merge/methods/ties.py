@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 
 from ..config import (
@@ -38,10 +39,10 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
-from ..kernels import fused_elect_merge
+from ..kernels import StoredTies, fused_elect_merge
 from ..params import ParamInfo
 from ..registry import register_method
-from ..tensors import kth_smallest
+from ..tensors import kth_smallest, select
 from ..tuning import TUNING
 from .base import Merger
 from .grids import arange
@@ -155,7 +156,7 @@ def trim_threshold(delta: torch.Tensor, density: float) -> float:
     rank = threshold_rank(delta.numel(), density)
     if rank == 0:
         return 0.0
-    return kth_smallest(delta.abs(), rank, scratch=True)
+    return kth_smallest(delta, rank, absolute=True)
 
 
 def trim_rule(flat: torch.Tensor, density: float, trim: str = "threshold") -> tuple[float, int]:
@@ -178,10 +179,12 @@ def largest_rule(values: torch.Tensor, keep: int) -> tuple[float, int]:
         return 0.0 if n == 0 else kth_smallest(values, 1), n
     if keep <= 0:
         return math.inf, -1
-    value = kth_smallest(values, n - keep + 1)  # the keep-th largest
-    equal = (values == value).nonzero().squeeze(1)
-    at_value = keep - int((values > value).sum())  # how many of the equal ones are kept, the first by position
-    return value, (int(equal[at_value - 1]) if at_value > 0 else -1)
+    selected = select(values, n - keep + 1)  # the keep-th largest
+    at_value = keep - (n - selected.below - selected.equal)  # how many equal ones are kept, the first by position
+    if at_value == selected.equal:
+        return selected.value, n
+    equal = (values == selected.value).nonzero().squeeze(1)
+    return selected.value, (int(equal[at_value - 1]) if at_value > 0 else -1)
 
 
 def trim_mask(flat: torch.Tensor, rule: tuple[float, int], start: int = 0) -> torch.Tensor:
@@ -195,9 +198,9 @@ def trim_mask(flat: torch.Tensor, rule: tuple[float, int], start: int = 0) -> to
 
 
 def l1_factor(delta: torch.Tensor, masked: torch.Tensor) -> float:
-    """‖τ‖₁ / ‖m ⊙ τ‖₁ (in float32), or 1 when either norm is below 1e-7: mergekit's ``rescale``, which scales a
-    masked task vector back to the L1 norm of the unmasked one."""
-    before, after = delta.abs().sum(), masked.abs().sum()
+    """‖τ‖₁ / ‖m ⊙ τ‖₁ (sums in float64), or 1 when either norm is below 1e-7: mergekit's ``rescale``, which scales
+    a masked task vector back to the L1 norm of the unmasked one."""
+    before, after = delta.abs().sum(dtype=torch.float64), masked.abs().sum(dtype=torch.float64)
     if before < L1_RESCALE_EPS or after < L1_RESCALE_EPS:
         return 1.0
     return float(before / after)
@@ -312,6 +315,7 @@ class TiesMerger(Merger):
         cfg = self.config
         self.densities = [float(d) for d in resolve_per_task("density", cfg.density, ctx.task_names)]
         self.weights = resolve_weights(cfg.weights, ctx.task_names)
+        self._kept, self._conflicts, self._entries = np.zeros(len(ctx.task_names), dtype=np.int64), 0, 0
         if cfg.scope == "global":
             # one keep count, unit weights, the majority sign: the one-pass route
             if (ctx.can_merge_in_one_pass and len(set(self.densities)) == 1 and self.weights is None
@@ -333,6 +337,41 @@ class TiesMerger(Merger):
         for key, base, deltas in ctx.iter_deltas("merging (ties)"):
             merged = base + self.merge_tensor(key, base, deltas, ctx.infos[key])
             yield key, merged.to("cpu", ctx.output_dtypes[key])
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        if self.config.rescale_norm is not None or not StoredTies.takes(arrays, out):
+            return False
+        return self.merge_sparsified(StoredTies(arrays), out)
+
+    def merge_sparsified(self, stored: StoredTies, out: np.ndarray) -> bool:
+        """:meth:`merge_tensor` of the task vectors ``stored`` gives (also DARE's dropped ones) into ``out``, counting
+        what each task kept and the sign conflicts."""
+        cfg, n = self.config, stored.numel
+        if self.thresholds is not None:
+            rules = [(threshold, n) for threshold in self.thresholds]
+        elif cfg.trim == "threshold":
+            rules = stored.threshold_rules(self.densities)
+        else:
+            rules = stored.largest_rules(self.densities)
+        scales = self.weights or [1.0] * len(rules)
+        majority = 1.0 if cfg.zero_sign == "positive" else self.majority_sign
+        if majority is None:
+            majority = stored.majority(rules, scales)
+        counts = stored.merge(rules, scales, self.weights, majority, cfg.aggregate == "mean", cfg.scaling, out)
+        if counts is None:
+            return False
+        self._kept += counts.kept
+        self._conflicts += counts.conflicts
+        self._entries += counts.numel
+        return True
+
+    def statistics(self) -> dict[str, float] | None:
+        """The fraction of task-vector entries kept (after any sparsifying and the trim) and the fraction of entries
+        where a kept value disagreed with the elected sign, over the tensors merged from the stored inputs."""
+        if not self._entries:
+            return None
+        return {"kept_fraction": float(self._kept.sum()) / (len(self._kept) * self._entries),
+                "sign_conflict_rate": self._conflicts / self._entries}
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         cfg = self.config
