@@ -36,12 +36,14 @@ COEFFICIENT_KINDS = ("linear", "affine", "per_task", "rerun")
 
 @dataclasses.dataclass(frozen=True)
 class MethodCard:
-    """What a model card says about a method: its name, a paragraph on what it does, and how to cite it."""
+    """What a model card says about a method: its name, a paragraph on what it does, how to cite it, and the card
+    template of its models in ``hf_merge/model_cards/`` (``None``: the merged-model template)."""
 
     title: str
     summary: str
     bibtex: str | None = None
     paper_url: str | None = None
+    template: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

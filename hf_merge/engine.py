@@ -30,6 +30,7 @@ from .io.deltas import DeltaSource, LowRankSource
 from .io.prefetch import Prefetcher
 from .io.sinks import Sink
 from .io.sources import TensorSource
+from .kernels import fused_add_store
 from .linalg import gram_coordinates
 from .lowrank import LowRank
 from .methods.base import Merger, ModelMerger, TaskCompressor
@@ -39,7 +40,7 @@ from .placement import release_freed_memory
 from .progress import Progress
 from .record import MergeRecord
 from .summary import MergeSummary
-from .tensors import Amendment, TensorMeta, check_output_finite
+from .tensors import Amendment, TensorMeta, check_output_finite, numpy_view
 from .tuning import TUNING
 from .vocab import vocabulary_of
 
@@ -87,12 +88,43 @@ def run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     return _finish(plan, sink, summary, options)
 
 
+@contextlib.contextmanager
+def merged_tensors(plan: Plan, options: MergeOptions) -> Iterator[Callable[[str], torch.Tensor]]:
+    """``key → merged tensor`` (output dtype, CPU) of each floating-point key of ``plan``, on demand, in any order:
+    for a caller that assembles one output from several merges (a layer stack, :mod:`hf_merge.stack`) and reads
+    ahead itself. The plan is validated and prepared (statistics passes) on entry, as :func:`run` does it, and each
+    tensor merged by the route ``run`` would take, never in one pass (nothing can be amended once handed out)."""
+    if isinstance(plan.merger, (ModelMerger, TaskCompressor)):
+        raise ValueError(f"Method {plan.merger.config.method!r} does not merge tensor by tensor from a base; it cannot "
+                         "merge part of a model.")
+    check_plan(plan)
+    ctx = _context(plan, options).nested()
+    buffers = _BufferSink()
+    buffers.begin(_output_metas(ctx.metas, options.dtype), ctx.infos, 0)
+    with ctx.tracker, contextlib.ExitStack() as stack:
+        plan.merger.prepare(ctx)
+        ctx.prefetch_depth = 0  # the caller's order is not known here: no read-ahead of keys it may ask for later
+        floating = [k for k, m in ctx.metas.items() if m.dtype.is_floating_point]
+        yield _tensor_route(plan.merger, ctx, buffers, stack, floating, buffers.metas)[1]
+
+
+class _BufferSink(Sink):
+    """Fresh output buffers for :func:`merged_tensors` (whose caller takes the tensors)."""
+
+    def put(self, key: str, value: Any) -> None:
+        raise TypeError("merged_tensors hands its tensors to the caller.")
+
+    def finish(self, record: MergeRecord | None) -> None:
+        return None
+
+
 def _finish(plan: Plan, sink: Sink, summary: MergeSummary, options: MergeOptions) -> Any:
     """Report the summary, store it with the record, and let the sink finish (publish)."""
     plan_of_vocabulary = vocabulary_of(plan.base if plan.base is not None else next(iter(plan.tasks.values())))
     if plan_of_vocabulary is not None:
         summary.vocabulary = {"tokenizer_source": plan_of_vocabulary.source,
                               "rows": plan_of_vocabulary.rows or plan_of_vocabulary.layout_rows}
+    summary.statistics = plan.merger.statistics()
     summary.report(options.progress)
     if plan.record is not None:
         plan.record.summary.update(summary.to_dict())
@@ -272,14 +304,31 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
             return ctx.combine(key, weights, out_metas[key].dtype, out=sink.buffer(key), base_scale=scale)
 
         return "Gram", stack.enter_context(ctx.prefetcher(floating, load=combined)).get
-    prefetcher = stack.enter_context(ctx.prefetcher(floating))
+    sources = [ctx.base, *tasks]
+    stored = merger.reads_stored and ctx.plain_differences
+
+    def load(key: str) -> tuple[torch.Tensor, Any]:
+        """The output buffer, and either ``None`` (merged straight from the stored inputs into it) or (θ₀, [τ_t])."""
+        out = sink.buffer(key)
+        if stored and merger.merge_stored(key, [s.flat_array(key) for s in sources], numpy_view(out.view(-1)),
+                                          ctx.infos[key]):
+            return out, None
+        return out, ctx.load(key)
+
+    prefetcher = stack.enter_context(ctx.prefetcher(floating, load=load))
 
     def merge_one(key: str) -> torch.Tensor:
-        theta0, deltas = prefetcher.get(key)
-        merged = theta0 + merger.merge_tensor(key, theta0, deltas, ctx.infos[key])
-        return check_output_finite(key, merged.to("cpu", out_metas[key].dtype), merged)
+        out, loaded = prefetcher.get(key)
+        if loaded is None:
+            return out
+        theta0, deltas = loaded
+        update = merger.merge_tensor(key, theta0, deltas, ctx.infos[key])
+        if fused_add_store(theta0, update, out):  # θ₀ + u cast once into the output, in one compiled pass
+            return out
+        merged = theta0 + update
+        return check_output_finite(key, out.copy_(merged), merged)
 
-    return "per tensor", merge_one
+    return ("stored" if stored else "per tensor"), merge_one
 
 
 def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:

@@ -22,10 +22,14 @@ Departures from mergekit (also in the README, "Coming from mergekit"):
 
 * hf_merge computes in float32 whatever ``dtype`` says (mergekit's ``dtype`` is its compute dtype); the output dtype
   is ``out_dtype``, else ``dtype``, else the base's.
-* Not supported yet, each refused naming the key: ``slices``, ``modules`` and ``passthrough`` (they arrive with layer
-  stacking). Model references are local folders or Hub repo ids
-  (``org/name@revision``); ``model+lora`` references come later. ``linear`` with ``normalize: false`` is refused
-  unless the weights sum to 1.
+* ``slices`` (``passthrough``, or any method per slice) become a layer stack (:mod:`hf_merge.stack`): the recipe's
+  ``config`` is a :class:`~hf_merge.stack.StackConfig`, ``base`` is ``None`` and ``models`` holds every model;
+  ``passthrough`` with ``models`` copies its one model. A slice's parameters resolve from its source's, then the
+  slice's, then the global ones; its θ₀ is the slice's ``base_model``, else the top-level one (one of its sources).
+  The stack's config and tokenizer are the first slice's model's (mergekit: the ``base_model``'s when given).
+* Not supported yet, each refused naming the key: ``modules`` and a slice's ``residual_weight``. Model references are
+  local folders or Hub repo ids (``org/name@revision``); ``model+lora`` references come later. ``linear`` with
+  ``normalize: false`` is refused unless the weights sum to 1.
 * Vocabularies (:mod:`hf_merge.vocab`): ``tokenizer_source`` (``base``, ``union`` or a model reference) and
   ``tokenizer: {source, tokens, pad_to_multiple_of}`` (``source`` defaults to ``union``, as in mergekit; ``tokens``,
   the per-token overrides, become ``tokenizer={"tokens": ...}`` with task names) become
@@ -45,7 +49,7 @@ Departures from mergekit (also in the README, "Coming from mergekit"):
   mergekit 0.1.5 gives them its first point, older versions the last.
 * Random masks (DARE, DELLA) are drawn from hf_merge's seeded generators, not torch's global stream.
 
-One concern in one file (~600 lines): mergekit's schema, its parameter resolution and the one mapping table.
+One concern in one file (~800 lines): mergekit's schema, its parameter resolution and the one mapping table.
 """
 
 from __future__ import annotations
@@ -65,18 +69,19 @@ MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", 
 
 #: Keys hf_merge cannot honour yet, with why: each raises when given.
 NOT_SUPPORTED_KEYS = {
-    "slices": "layer slices (frankenmerges, passthrough) arrive with layer stacking",
-    "modules": "per-module merges arrive with layer stacking",
+    "modules": "per-module merges (mergekit's modules, for multimodal models) are not hf_merge's yet",
 }
 
 #: mergekit methods hf_merge does not run (yet), with why.
 NOT_SUPPORTED_METHODS = {
-    "passthrough": "passthrough (layer stacking) arrives with layer stacking",
     "nearswap": "nearswap is not an hf_merge method yet",
     "arcee_fusion": "arcee_fusion is not an hf_merge method yet",
 }
 
 _REQUIRED = object()
+
+#: The method that stacks layer slices as they are (:mod:`hf_merge.stack`).
+PASSTHROUGH = "passthrough"
 
 
 def _aggregate(normalize: bool) -> dict[str, Any]:
@@ -193,6 +198,9 @@ METHODS: dict[str, Method] = {
                       fixed={"on": "weights"}, base="input", models=(2, None)),
 }
 
+#: ``passthrough``'s one parameter: ``scale``, multiplying the copied tensors (mergekit's default: none, i.e. 1).
+_PASSTHROUGH_PARAMS = Method(PASSTHROUGH, {"scale": Param("scale", 1.0, per_model=True)}, models=(0, 0))
+
 #: Methods that merge task vectors around the base_model, and the models' raw weights without one (mergekit's nuslerp
 #: and multislerp): without a base_model they take ``on="weights"``, the first model anchoring the arithmetic.
 _WEIGHTS_WITHOUT_BASE = ("nuslerp", "multislerp")
@@ -204,10 +212,10 @@ class MergekitRecipe:
 
     Attributes:
         base: θ₀ for :func:`hf_merge.merge` (``base_model``; for ``linear`` without one, the first model, which only
-            anchors the arithmetic: a normalized average does not depend on it).
+            anchors the arithmetic: a normalized average does not depend on it); ``None`` for a layer stack.
         models: ``{task_name: folder}`` of the models merged into it, the task name being the model reference as
-            written in the recipe.
-        config: the hf_merge :class:`~hf_merge.MergeConfig`.
+            written in the recipe (a layer stack's: every model its slices name).
+        config: the hf_merge :class:`~hf_merge.MergeConfig` (a layer stack's :class:`~hf_merge.stack.StackConfig`).
         options: :class:`~hf_merge.MergeOptions` fields the recipe sets (``dtype``: ``out_dtype``, else ``dtype``).
         vocabulary: the vocabulary options the recipe sets (``tokenizer_source``: ``"base"``, ``"union"`` or a task
             name; ``chat_template``; ``pad_to_multiple_of``; ``tokenizer``: ``{"tokens": ...}``, the per-token
@@ -225,13 +233,22 @@ class MergekitRecipe:
     vocabulary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def merge(self, output_dir: str | os.PathLike | None = None, **keywords: Any) -> Any:
-        """Run the recipe: :func:`hf_merge.merge` with its base, models, config and options (``keywords`` add or
-        override options); into ``output_dir`` (default: :attr:`output`; neither: in memory)."""
+        """Run the recipe: :func:`hf_merge.merge` with its base, models, config and options (a layer stack:
+        :func:`hf_merge.stack.build_stack`; ``keywords`` add or override options); into ``output_dir`` (default:
+        :attr:`output`; neither: in memory)."""
         from .api import merge
+        from .stack import StackConfig, build_stack
 
         output = output_dir if output_dir is not None else self.output
-        return merge(self.base, self.models, self.config, output_dir=output,
-                     **{**self.options, **self.vocabulary, **keywords})
+        keywords = {**self.options, **self.vocabulary, **keywords}
+        if isinstance(self.config, StackConfig):
+            from .options import split_options
+
+            options = split_options(keywords)
+            if keywords:
+                raise ValueError(f"Unknown option(s) {sorted(keywords)} for a layer stack.")
+            return build_stack(self.config, self.models, output_dir=output, options=options)
+        return merge(self.base, self.models, self.config, output_dir=output, **keywords)
 
 
 def load_yaml(path: str | os.PathLike) -> Any:
@@ -315,12 +332,14 @@ class _Reader:
             raise self.fail(f"merge_method must be a method name, got {name!r}.")
         if name in NOT_SUPPORTED_METHODS:
             raise self.fail(f"merge_method {name!r} is not supported yet: {NOT_SUPPORTED_METHODS[name]}.")
-        if name not in METHODS:
-            known = sorted({*METHODS, *NOT_SUPPORTED_METHODS})
+        if name not in METHODS and name != PASSTHROUGH:
+            known = sorted({*METHODS, PASSTHROUGH, *NOT_SUPPORTED_METHODS})
             raise self.fail(f"unknown merge_method {name!r}{did_you_mean(name, known)}; supported: "
-                            f"{sorted(METHODS)}.")
-        method = METHODS[name]
+                            f"{sorted({*METHODS, PASSTHROUGH})}.")
         options = self.options()
+        if data.get("slices") is not None or name == PASSTHROUGH:
+            return self.stack(name, options, output)
+        method = METHODS[name]
         base_ref = data.get("base_model")
         if base_ref is None and name in _WEIGHTS_WITHOUT_BASE:
             method = dataclasses.replace(method, base="input", fixed={**method.fixed, "on": "weights"})
@@ -337,12 +356,112 @@ class _Reader:
                   for ref, label, _ in inputs}
         if base is None:  # linear without a base: the first model anchors the (normalized) arithmetic
             base = next(iter(models.values()))
-        config = self.config(name, method, global_params, inputs)
+        config = self.config(name, method, [(global_params, "parameters")], inputs)
         vocabulary = self.vocabulary(base_ref, list(models))
         if output is not None:
             output = str(Path(output).expanduser().resolve())
         return MergekitRecipe(base=base, models=models, config=config, options=options, output=output,
                               merge_method=name, vocabulary=vocabulary)
+
+    # ------------------------------------------------------------------------------------------------ slices
+    def stack(self, name: str, options: dict[str, Any], output: str | os.PathLike | None) -> MergekitRecipe:
+        """A recipe with ``slices`` (or ``passthrough`` of one model): a layer stack (:mod:`hf_merge.stack`) whose
+        slices are copied (``passthrough``, one source each, times ``scale``) or merged with ``name``."""
+        from .stack import StackConfig
+
+        data = self.data
+        if data.get("slices") is not None and data.get("models") is not None:
+            raise self.fail("give models or slices, not both (mergekit takes exactly one of them).")
+        method = _PASSTHROUGH_PARAMS if name == PASSTHROUGH else METHODS[name]
+        if name in _WEIGHTS_WITHOUT_BASE and data.get("base_model") is None:
+            method = dataclasses.replace(method, base="input", fixed={**method.fixed, "on": "weights"})
+        global_params = self.parameters(data.get("parameters"), "parameters")
+        self.check_names(name, method, global_params, "parameters", per_model=False)
+        base_ref = data.get("base_model")
+        if base_ref is not None:
+            self.folder(base_ref, "base_model")
+        if data.get("slices") is None:  # passthrough of whole models: one model, every layer
+            entries = self.model_entries(data.get("models"))
+            if len(entries) != 1:
+                raise self.fail(f"merge_method 'passthrough' copies one model's layers (or slices of several): got "
+                                f"{len(entries)} models; give one, or slices.")
+            ref, params = entries[0]
+            raw = [{"sources": [{"model": ref, "layer_range": None, **({"parameters": params} if params else {})}]}]
+        else:
+            raw = data["slices"]
+            if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
+                raise self.fail(f"slices must be a non-empty list of {{sources: [{{model, layer_range}}]}}, got "
+                                f"{raw!r}.")
+        models: dict[str, str] = {}
+        slices = [self.stack_slice(index, entry, name, method, global_params, base_ref, models)
+                  for index, entry in enumerate(raw)]
+        try:
+            config = StackConfig(slices=slices)
+        except (TypeError, ValueError) as error:
+            raise self.fail(str(error)) from None
+        if output is not None:
+            output = str(Path(output).expanduser().resolve())
+        return MergekitRecipe(base=None, models=models, config=config, options=options, output=output,
+                              merge_method=name, vocabulary=self.vocabulary(None, list(models)))
+
+    def stack_slice(self, index: int, entry: Any, name: str, method: Method, global_params: Mapping[str, Any],
+                    base_ref: str | None, models: dict[str, str]) -> dict[str, Any]:
+        """One slice of a :class:`~hf_merge.stack.StackConfig`; its models' folders are added to ``models``.
+        Parameters resolve as in mergekit: a source's own, then the slice's, then the global ones."""
+        where = f"slices[{index}]"
+        if not isinstance(entry, Mapping) or "sources" not in entry:
+            raise self.fail(f"{where} must be a mapping with 'sources' (and optionally 'parameters', 'base_model'), "
+                            f"got {entry!r}.")
+        if entry.get("residual_weight") is not None:
+            raise self.fail(f"{where}: 'residual_weight' is not supported yet.")
+        unknown = sorted(str(key) for key in set(entry) - {"sources", "parameters", "base_model", "residual_weight"})
+        if unknown:
+            raise self.fail(f"{where}: unknown key(s) {unknown}; a slice has 'sources', 'parameters' and "
+                            "'base_model'.")
+        sources = entry["sources"]
+        if not isinstance(sources, Sequence) or isinstance(sources, str) or not sources:
+            raise self.fail(f"{where}.sources must be a non-empty list of {{model, layer_range, parameters}}, got "
+                            f"{sources!r}.")
+        slice_params = self.parameters(entry.get("parameters"), f"{where}.parameters")
+        self.check_names(name, method, slice_params, f"{where}.parameters", per_model=False)
+        picked = []
+        for j, source in enumerate(sources):
+            label = f"{where}.sources[{j}]"
+            if not isinstance(source, Mapping) or "model" not in source or "layer_range" not in source:
+                raise self.fail(f"{label} must be a mapping with 'model' and 'layer_range' (and optionally "
+                                f"'parameters'), got {source!r}.")
+            unknown = sorted(str(key) for key in set(source) - {"model", "layer_range", "parameters"})
+            if unknown:
+                raise self.fail(f"{label}: unknown key(s) {unknown}; a source has 'model', 'layer_range' and "
+                                "'parameters'.")
+            ref = source["model"]
+            models[ref] = self.folder(ref, f"{label}.model")
+            params = self.parameters(source.get("parameters"), f"{label}.parameters")
+            self.check_names(name, method, params, f"{label}.parameters", per_model=True)
+            picked.append((ref, source["layer_range"], params, f"{label}.parameters"))
+        stacked = [{"model": ref, "layer_range": layer_range} for ref, layer_range, _, _ in picked]
+        levels = [(slice_params, f"{where}.parameters"), (global_params, "parameters")]
+        if name == PASSTHROUGH:
+            if len(picked) != 1:
+                raise self.fail(f"{where}: merge_method 'passthrough' copies one source per slice, got {len(picked)} "
+                                "(a merge of several takes a merge_method that merges).")
+            _, _, params, label = picked[0]
+            chain = [(params.get("scale"), label), *((level.get("scale"), at) for level, at in levels)]
+            scale = self.value("scale", method.params["scale"], chain)
+            return {"sources": stacked, **({} if scale == 1.0 else {"scale": scale})}
+        refs = [ref for ref, _, _, _ in picked]
+        base = entry.get("base_model", base_ref)
+        if method.base == "input":  # every source is merged (the first anchors the arithmetic)
+            base = None
+        elif base is None:
+            raise self.fail(f"{where}: merge_method {name!r} needs a base_model (top-level or the slice's), one of "
+                            "the slice's sources.")
+        elif base not in refs:
+            raise self.fail(f"{where}: the base_model {base!r} is none of the slice's sources {refs} (its layers are "
+                            "taken from the slice, as in mergekit).")
+        inputs = [(ref, label, params) for ref, _, params, label in picked if ref != base]
+        self.check_count(name, method, [ref for ref, _, _ in inputs], f"{where}: ")
+        return {"sources": stacked, "base": base, "merge": self.config(name, method, levels, inputs)}
 
     def vocabulary(self, base_ref: str | None, refs: list[str]) -> dict[str, Any]:
         """``tokenizer_source`` / ``tokenizer`` / ``chat_template`` as :func:`hf_merge.merge` keywords: a model
@@ -513,29 +632,33 @@ class _Reader:
                                     "list only the two models nuslerp interpolates (the base_model must be distinct "
                                     "from them, as mergekit's nuslerp requires).")
                 inputs = [item for item in inputs if item[0] != base_ref]
-        low, high = method.models
-        count = len(inputs)
-        if count < low or (high is not None and count > high):
-            need = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
-            raise self.fail(f"merge_method {name!r} takes {need} model(s) besides the base_model, got {count}: "
-                            f"{[ref for ref, _, _ in inputs]}.")
+        self.check_count(name, method, [ref for ref, _, _ in inputs])
         return inputs
 
+    def check_count(self, name: str, method: Method, refs: list[str], where: str = "") -> None:
+        """``refs``, the models merged into the base, are as many as ``method`` takes."""
+        low, high = method.models
+        if len(refs) < low or (high is not None and len(refs) > high):
+            need = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise self.fail(f"{where}merge_method {name!r} takes {need} model(s) besides the base_model, got "
+                            f"{len(refs)}: {refs}.")
+
     # ------------------------------------------------------------------------------------------------ parameters
-    def config(self, name: str, method: Method, global_params: Mapping[str, Any],
+    def config(self, name: str, method: Method, levels: list[tuple[Mapping[str, Any], str]],
                inputs: list[tuple[str, str, dict[str, Any]]]) -> MergeConfig:
-        """The hf_merge config: every parameter resolved (model, then global, then default), renamed and converted as
-        :data:`METHODS` says, then built and validated."""
+        """The hf_merge config: every parameter resolved (model, then each of ``levels``: ``[(parameters, label)]``,
+        e.g. a slice's then the global ones, then default), renamed and converted as :data:`METHODS` says, then built
+        and validated."""
         from .registry import config_class
 
         fields: dict[str, Any] = {}
         for param_name, param in method.params.items():
+            chain = [(level.get(param_name), label) for level, label in levels]
             if param.per_model:
-                value: Any = {ref: self.value(param_name, param, [(params.get(param_name), label),
-                                                                  (global_params.get(param_name), "parameters")])
+                value: Any = {ref: self.value(param_name, param, [(params.get(param_name), label), *chain])
                               for ref, label, params in inputs}
             else:
-                value = self.value(param_name, param, [(global_params.get(param_name), "parameters")])
+                value = self.value(param_name, param, chain)
             if callable(param.to):
                 fields.update(param.to(value))
             elif param.to is not None:

@@ -24,7 +24,7 @@ def register_method(config_cls: type[MergeConfig], merger_cls: type[Merger]) -> 
 
 
 def _load_builtin_methods() -> None:
-    from . import methods  # noqa: F401  (importing the package registers every built-in method)
+    from . import methods, stack  # noqa: F401  (importing them registers every built-in method; stack: passthrough)
 
 
 def config_class(method: str) -> type[MergeConfig]:

@@ -2,8 +2,9 @@
 
 Each supported ``merge_method`` is checked for the MergeConfig it becomes; the merges whose arithmetic mergekit fixes
 without randomness (linear, task_arithmetic, ties, slerp with a per-filter gradient, model_stock, breadcrumbs_ties,
-sce, nuslerp) are also compared, tensor by tensor, with small hand-written references of mergekit's formulas. The fault rows assert that each refused
-recipe names the offending key, parameter or path, and that nothing was written.
+sce, nuslerp) are also compared, tensor by tensor, with small hand-written references of mergekit's formulas, and so are
+``slices`` recipes (layer stacks: passthrough with a scale filter, slerp per slice). The fault rows assert that each
+refused recipe names the offending key, parameter or path, and that nothing was written.
 """
 
 from __future__ import annotations
@@ -498,6 +499,63 @@ def test_mergeconfig_from_mergekit_and_read_recipe_of_a_dict_agree(refs, tmp_pat
     assert set(MERGEKIT_KEYS) >= set(recipe)
 
 
+# ----------------------------------------------------------------------------------------- slices (layer stacks)
+def _layer(key: str) -> int:
+    return int(key.split(".layers.")[1].split(".")[0])
+
+
+def _renumbered(key: str, layer: int) -> str:
+    head, tail = key.split(".layers.")
+    return f"{head}.layers.{layer}.{tail.split('.', 1)[1]}"
+
+
+def test_passthrough_slices_stack_layer_ranges_with_a_scale_filter(run, refs, states, tmp_path):
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": refs["base"], "layer_range": [0, 3]}]},
+        {"sources": [{"model": refs["m1"], "layer_range": [1, 4],
+                      "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]}}]}]}
+    code, out, err = run(recipe)
+    assert code == 0, err
+    expected = {}
+    for key, value in states["base"].items():  # layers 0-2 of the base, then 1-3 of m1; norm and head from m1
+        if ".layers." not in key:
+            expected[key] = value if "embed_tokens" in key else states["m1"][key]
+        elif _layer(key) < 3:
+            expected[key] = value
+    for key, value in states["m1"].items():
+        if ".layers." in key and _layer(key) >= 1:
+            expected[_renumbered(key, _layer(key) + 2)] = value * 0.0 if "o_proj" in key else value
+    _assert_close(out, expected, atol=0)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
+    assert isinstance(MergeConfig.from_pretrained(out), config_class("passthrough"))
+    _loadable(out)
+
+
+def test_slerp_slices_merge_each_slice_with_its_own_gradient(run, refs, states):
+    """mergekit: a gradient spans each slice (t = k / (n − 1) for its k-th of n layers); the embeddings come from
+    the first slice (t = 0), the final norm and head from the last (here a constant t)."""
+    recipe = {"merge_method": "slerp", "base_model": refs["base"], "parameters": {"t": 0.25}, "slices": [
+        {"sources": [{"model": refs["base"], "layer_range": [0, 2]}, {"model": refs["m1"], "layer_range": [0, 2]}],
+         "parameters": {"t": [0.0, 1.0]}},
+        {"sources": [{"model": refs["base"], "layer_range": [2, 4]}, {"model": refs["m1"], "layer_range": [2, 4]}]}]}
+    code, out, err = run(recipe)
+    assert code == 0, err
+    expected = {}
+    for key, base in states["base"].items():
+        if ".layers." in key:
+            t = float(_layer(key)) if _layer(key) < 2 else 0.25
+        else:
+            t = 0.0 if "embed_tokens" in key else 0.25
+        expected[key] = _slerp(t, base, states["m1"][key])
+    _assert_close(out, expected, atol=2e-6)
+
+
+def test_passthrough_of_one_model_writes_it_in_another_dtype(run, refs, states):
+    code, out, err = run({"merge_method": "passthrough", "models": [{"model": refs["m2"]}], "dtype": "bfloat16"})
+    assert code == 0, err
+    _assert_close(out, {k: v.to(torch.bfloat16) for k, v in states["m2"].items()}, atol=0)
+
+
 # ----------------------------------------------------------------------------------------- faults
 def _fault_rows():
     def models(refs):
@@ -509,12 +567,35 @@ def _fault_rows():
     def with_base(method, refs, **extra):
         return {"merge_method": method, "base_model": refs["base"], "models": models(refs), **extra}
 
+    def src(refs, name, start, end, **parameters):
+        return {"model": refs[name], "layer_range": [start, end], **({"parameters": parameters} if parameters else {})}
+
+    def passthrough(*slices):
+        return {"merge_method": "passthrough", "slices": [{"sources": sources} for sources in slices]}
+
+    def slerp_slices(refs, sources):
+        return {"merge_method": "slerp", "base_model": refs["base"], "parameters": {"t": 0.5},
+                "slices": [{"sources": sources}]}
+
     return {
         "unknown-key": (lambda r: linear(r, tokenizer_sorce="base"),
                         ["'tokenizer_sorce'", "did you mean 'tokenizer_source'"]),
         "output-key": (lambda r: linear(r, output="merged"), ["'output'", "OUT_DIR"]),
-        "slices": (lambda r: {"merge_method": "linear", "slices": [{"sources": [
-            {"model": r["m1"], "layer_range": [0, 2]}]}]}, ["'slices'", "not supported yet", "layer stacking"]),
+        "slices-passthrough-two-sources": (lambda r: passthrough([src(r, "m1", 0, 2), src(r, "m2", 0, 2)]),
+                                           ["slices[0]", "one source per slice"]),
+        "slices-and-models": (lambda r: {**passthrough([src(r, "m1", 0, 2)]), "models": models(r)},
+                              ["models or slices, not both"]),
+        "slices-empty-range": (lambda r: passthrough([src(r, "m1", 2, 2)]), ["slices[0].sources[0]", "[2, 2]"]),
+        "slices-out-of-bounds": (lambda r: passthrough([src(r, "m1", 0, 2)], [src(r, "m2", 2, 9)]),
+                                 ["slices[1].sources[0]", "out of bounds", f"{LAYERS} layers"]),
+        "slices-different-lengths": (lambda r: slerp_slices(r, [src(r, "base", 0, 2), src(r, "m1", 0, 3)]),
+                                     ["slices[0]", "different numbers of layers"]),
+        "slices-base-not-a-source": (lambda r: slerp_slices(r, [src(r, "m1", 0, 2), src(r, "m2", 0, 2)]),
+                                     ["slices[0]", "base_model", "none of the slice's sources"]),
+        "slices-scale-in-slerp": (lambda r: slerp_slices(r, [src(r, "base", 0, 2), src(r, "m1", 0, 2, scale=0.5)]),
+                                  ["slices[0].sources[1].parameters", "'scale'"]),
+        "slices-residual-weight": (lambda r: {**passthrough([src(r, "m1", 0, 2)]), "slices": [
+            {"sources": [src(r, "m1", 0, 2)], "residual_weight": 0.5}]}, ["residual_weight", "not supported yet"]),
         "modules": (lambda r: {"merge_method": "linear", "modules": {"text": {"models": models(r)}}},
                     ["'modules'", "not supported yet"]),
         "tokenizer-union-without-tokenizers": (lambda r: linear(r, tokenizer_source="union"),
@@ -526,7 +607,8 @@ def _fault_rows():
         "chat-template-without-tokenizer": (lambda r: linear(r, chat_template="chatml"),
                                             ["chat_template", "no tokenizer files"]),
         "unknown-method": (lambda r: {**linear(r), "merge_method": "tie"}, ["'tie'", "did you mean 'ties'"]),
-        "passthrough": (lambda r: {**linear(r), "merge_method": "passthrough"}, ["'passthrough'", "not supported yet"]),
+        "passthrough-two-models": (lambda r: {**linear(r), "merge_method": "passthrough"},
+                                   ["'passthrough'", "give one, or slices"]),
         "missing-model": (lambda r: {**linear(r), "models": [_model(r, "m1", weight=1.0),
                                                              {"model": "nowhere", "parameters": {"weight": 1.0}}]},
                           ["'nowhere'", "not a local path"]),  # tried as a Hub repo id too (offline here)

@@ -12,7 +12,8 @@ The YAML front matter is built with ``huggingface_hub.ModelCardData`` and the ca
   ``pipeline_tag`` when known (from the model class, or an adapter's PEFT ``task_type``), ``model-index`` when
   evaluation results are given;
 - body: what was merged and how, each method's summary and BibTeX, the exact merge config as YAML, the inputs
-  table, the evaluation table and how to load the artifact.
+  table, the evaluation table and how to load the artifact; a method's card may name its own template (a layer
+  stack's, ``stacked_model.md``, tabulates its slices from the config, given to templates as ``merge_config``).
 
 Inputs and their licenses are read offline (:mod:`hf_merge.hub.provenance`). Each method's title, summary and BibTeX
 come from its config's :attr:`~hf_merge.MergeConfig.card`.
@@ -42,6 +43,8 @@ from .provenance import (
 TEMPLATE_DIR = Path(str(importlib.resources.files("hf_merge") / "model_cards"))
 TEMPLATES = {"model": "merged_model.md", "adapter": "merged_model.md", "task_bank": "task_bank.md",
              "atm": "atm_model.md"}
+#: The template of an adapter extracted from full weights (:mod:`hf_merge.extract`).
+EXTRACTED_ADAPTER_TEMPLATE = "extracted_adapter.md"
 ARTIFACT_LIBRARIES = {"model": "transformers", "adapter": "peft", "task_bank": None, "atm": "transformers"}
 #: The Hub's ``base_model_relation`` of each artifact to the models it lists as ``base_model``.
 RELATIONS = {"model": "merge", "adapter": "adapter", "task_bank": "merge", "atm": "finetune"}
@@ -86,11 +89,13 @@ def adapter_pipeline_tag(task_type: str | None) -> str | None:
 
 
 def method_names(config: Mapping[str, Any]) -> list[str]:
-    """Every method named in a (possibly nested, e.g. DARE → TIES) merge config dict, outermost first."""
+    """Every method named in a (possibly nested, e.g. DARE → TIES, or a layer stack's slices) merge config dict,
+    outermost first."""
     names = [config["method"]] if isinstance(config.get("method"), str) else []
     for value in config.values():
-        if isinstance(value, Mapping):
-            names += [n for n in method_names(value) if n not in names]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Mapping):
+                names += [n for n in method_names(item) if n not in names]
     return names
 
 
@@ -211,6 +216,7 @@ def build_model_card(
     base_model: Mapping[str, str] | None = None,
     atm_config: Any = None,
     atm_tasks: Sequence[str] = (),
+    lora_extraction: Mapping[str, Any] | None = None,
 ) -> Any:
     """The ``huggingface_hub.ModelCard`` of a merge artifact.
 
@@ -238,6 +244,9 @@ def build_model_card(
         base_model: ``{input: hub_id}``: the Hub ids of local or in-memory inputs, each named by its path, its task
             name or ``"base"`` (a key naming no input raises ``ValueError``). The card's ``base_model`` lists Hub ids
             only; a local folder without one is left out with a warning.
+        lora_extraction: for an adapter extracted from full weights, the record's ``summary["lora_extraction"]``
+            (:mod:`hf_merge.extract`): the card is then rendered from ``extracted_adapter.md``, with the ranks and
+            energy kept per kind of module; one fine-tune extracted (``source="finetune"``) is not called a merge.
 
     Example:
         >>> card = build_model_card(TiesConfig(density=0.2), {"base": "bert-base-uncased", "models": {...}})
@@ -263,14 +272,17 @@ def build_model_card(
     license = user.license if user.license is not None else inherited_license(records)
     pipeline_tag = pipeline_tag or infer_pipeline_tag(model_class)
     results = _eval_results(eval_results, pipeline_tag) if eval_results is not None else []
-    default_name = f"{methods[0]}-{'atm' if artifact == 'atm' else 'merge'}"
+    extracted = lora_extraction is not None and artifact == "adapter"
+    one_finetune = extracted and lora_extraction.get("source") == "finetune"
+    default_name = "extracted-lora" if one_finetune else f"{methods[0]}-{'atm' if artifact == 'atm' else 'merge'}"
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else default_name)
-    own_tags = ("hf-merge", "atm") if artifact == "atm" else BASE_TAGS
+    own_tags = ("hf-merge", "atm") if artifact == "atm" else ("hf-merge",) if one_finetune else BASE_TAGS
     card_data = ModelCardData(
         base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
         base_model_relation=RELATIONS[artifact],
-        tags=list(dict.fromkeys([*own_tags, *methods, *(ADAPTER_TAGS if artifact == "adapter" else ()),
-                                 *extra_tags, *user.tags])),
+        tags=list(dict.fromkeys([*own_tags, *([] if one_finetune else methods),
+                                 *(ADAPTER_TAGS if artifact == "adapter" else ()),
+                                 *(("lora-extraction",) if extracted else ()), *extra_tags, *user.tags])),
         library_name=library_name,
         license=license,
         pipeline_tag=pipeline_tag,
@@ -279,7 +291,9 @@ def build_model_card(
     )
     base = next((r for r in records if r.role == "base"), None)
     tasks = [r for r in records if r.role != "base"]
-    path = Path(template_path) if template_path is not None else TEMPLATE_DIR / TEMPLATES[artifact]
+    own_template = method_docs(methods[0]).get("template") if artifact == "model" else None  # e.g. a layer stack's
+    template = EXTRACTED_ADAPTER_TEMPLATE if extracted else own_template or TEMPLATES[artifact]
+    path = Path(template_path) if template_path is not None else TEMPLATE_DIR / template
     if not path.is_file():
         raise FileNotFoundError(f"Model card template {path} does not exist.")
     docs = [method_docs(name) for name in methods]
@@ -287,6 +301,14 @@ def build_model_card(
         if atm_config is None:
             raise ValueError("artifact='atm' needs atm_config=... (the trainer's ATMConfig).")
         docs.insert(0, {"name": "atm", **dataclasses.asdict(type(atm_config).card)})
+    extraction_rows, extraction_bibtex = [], []
+    if extracted:
+        from ..extract import EXTRACTION_BIBTEX, summarize
+
+        modules = lora_extraction.get("modules") or {}
+        extraction_rows = summarize({m: v["rank"] for m, v in modules.items()},
+                                    {m: v["energy"] for m, v in modules.items()})
+        extraction_bibtex = list(EXTRACTION_BIBTEX)
     return ModelCard.from_template(
         card_data,
         template_path=str(path),
@@ -299,6 +321,10 @@ def build_model_card(
         atm_config_yaml=yaml.safe_dump(atm_config.to_dict(), sort_keys=False, allow_unicode=True).rstrip("\n")
         if atm_config is not None else None,
         atm_tasks=list(atm_tasks),
+        extraction=dict(lora_extraction or {}),
+        extraction_rows=extraction_rows,
+        extraction_bibtex=extraction_bibtex,
+        merge_config=config,
         merge_config_yaml=yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip("\n"),
         eval_rows=[
             {k: _cell(v) for k, v in (("dataset", r.dataset_name), ("split", r.dataset_split or "—"),
