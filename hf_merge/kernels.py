@@ -292,14 +292,19 @@ def select_kth(values: np.ndarray, k: int, absolute: bool = False) -> Selected |
     run."""
     if not kernels_enabled() or values.dtype != np.float32 or not 1 <= k <= values.shape[0]:
         return None
-    histogram = _kernel("key_histogram")
-    array = _read_only(values)
-    parts = _num_parts()
-    prefix_mask, prefix, below = 0, 0, 0
+    histogram, array = _kernel("key_histogram"), _read_only(values)
+    return _radix_select(k, lambda prefix_mask, prefix, shift, counts: histogram(array, absolute, prefix_mask,
+                                                                                 prefix, shift, counts))
+
+
+def _radix_select(k: int, histogram: Callable[[np.uint32, np.uint32, np.uint32, np.ndarray], None]) -> Selected:
+    """The k-th smallest entry by its order key, from ``histogram(prefix_mask, prefix, shift, counts)`` filling the
+    per-part digit counts of the entries whose key matches the prefix (a ``key_histogram`` kernel)."""
+    prefix_mask, prefix, below, equal = 0, 0, 0, 0
     for shift, bits in _SELECT_DIGITS:
-        counts = np.zeros((parts, 1 << bits), dtype=np.int64)
+        counts = np.zeros((_num_parts(), 1 << bits), dtype=np.int64)
         with _LAUNCH_LOCK:
-            histogram(array, absolute, np.uint32(prefix_mask), np.uint32(prefix), np.uint32(shift), counts)
+            histogram(np.uint32(prefix_mask), np.uint32(prefix), np.uint32(shift), counts)
         cumulative = np.cumsum(counts.sum(axis=0))
         digit = int(np.searchsorted(cumulative, k - below))
         below += int(cumulative[digit - 1]) if digit else 0
@@ -307,8 +312,7 @@ def select_kth(values: np.ndarray, k: int, absolute: bool = False) -> Selected |
         prefix |= digit << shift
         prefix_mask |= ((1 << bits) - 1) << shift
     bits = prefix & 0x7FFFFFFF if prefix >> 31 else ~prefix & 0xFFFFFFFF  # the order key back to float bits
-    value = np.array([bits], dtype=np.uint32).view(np.float32)[0]
-    return Selected(float(value), below, equal)
+    return Selected(float(np.array([bits], dtype=np.uint32).view(np.float32)[0]), below, equal)
 
 
 def stable_row_ranks(rows: torch.Tensor) -> torch.Tensor | None:
@@ -473,20 +477,8 @@ class StoredTies:
     def select(self, t: int, k: int) -> Selected:
         """The k-th smallest |τ̂_t| (see :func:`select_kth`)."""
         histogram = _kernel("stored_key_histogram")
-        prefix_mask, prefix, below, equal = 0, 0, 0, 0
-        for shift, bits in _SELECT_DIGITS:
-            counts = np.zeros((_num_parts(), 1 << bits), dtype=np.int64)
-            with _LAUNCH_LOCK:
-                histogram(self.base, self.tasks[t], self._drop, t, np.uint32(prefix_mask), np.uint32(prefix),
-                          np.uint32(shift), counts)
-            cumulative = np.cumsum(counts.sum(axis=0))
-            digit = int(np.searchsorted(cumulative, k - below))
-            below += int(cumulative[digit - 1]) if digit else 0
-            equal = int(cumulative[digit]) - (int(cumulative[digit - 1]) if digit else 0)
-            prefix |= digit << shift
-            prefix_mask |= ((1 << bits) - 1) << shift
-        value = np.array([prefix & 0x7FFFFFFF], dtype=np.uint32).view(np.float32)[0]
-        return Selected(float(value), below, equal)
+        return _radix_select(k, lambda prefix_mask, prefix, shift, counts: histogram(
+            self.base, self.tasks[t], self._drop, t, prefix_mask, prefix, shift, counts))
 
     def select_all(self, ranks: Sequence[int]) -> list[Selected | None]:
         """The ``ranks[t]``-th smallest |τ̂_t| of every task (``None`` for a rank 0), in one read of the inputs where a
