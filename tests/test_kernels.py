@@ -391,3 +391,16 @@ def test_bracketed_selection_from_stored_inputs_equals_the_radix_selection(value
         bracketed = stored.select_all(ranks_now)
         for t, k in enumerate(ranks_now):
             assert bracketed[t] == StoredTies(arrays, **drop).select(t, k), (t, k)
+
+
+def test_global_ties_in_one_pass_reports_the_exact_kept_fraction(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    base, fts = _grid_task_vectors(torch.float32, 3, seed=8)
+    out = hf_merge.merge(base, fts, "ties", density=0.3, output_dir=tmp_path / "out", progress=False)
+    summary = json.loads((Path(out) / "merge_config.json").read_text())["summary"]
+    assert summary["route"] == "one pass"
+    deltas = [torch.cat([(ft[k].float() - base[k].float()).reshape(-1) for k in base]) for ft in fts]
+    total = deltas[0].numel()
+    thresholds = [d.abs().kthvalue(total - int(total * 0.3)).values for d in deltas]
+    kept = sum(int((d.abs() >= th).sum()) for d, th in zip(deltas, thresholds))
+    assert summary["statistics"] == {"kept_fraction": pytest.approx(kept / (3 * total))}

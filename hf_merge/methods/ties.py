@@ -367,7 +367,11 @@ class TiesMerger(Merger):
 
     def statistics(self) -> dict[str, float] | None:
         """The fraction of task-vector entries kept (after any sparsifying and the trim) and the fraction of entries
-        where a kept value disagreed with the elected sign, over the tensors merged from the stored inputs."""
+        where a kept value disagreed with the elected sign, over the tensors merged from the stored inputs; for the
+        global one pass, the kept fraction."""
+        if self.one_pass is not None:
+            kept = self.one_pass.kept_fraction
+            return None if kept is None else {"kept_fraction": kept}
         if not self._entries:
             return None
         return {"kept_fraction": float(self._kept.sum()) / (len(self._kept) * self._entries),

@@ -61,6 +61,7 @@ class OnePassTies(OnePassMerge):
         self.rank = ties.threshold_rank(total, density)
         self.keep = total - self.rank + 1  # the threshold is the keep-th largest |τ_t|
         self.settled: bool | None = None  # after the amendments: whether the one pass settled every entry
+        self.kept_fraction: float | None = None  # after settled amendments: the fraction of |τ_t| at or above thr_t
 
     def bracket(self) -> bool:
         """Bracket each task's threshold from a sample; ``False`` when a bracket would leave too many entries
@@ -238,6 +239,10 @@ class OnePassTies(OnePassMerge):
             trimmed = [deltas * (deltas.abs() >= limits) for *_, deltas in self.open_entries]
             mass = self.decided_mass + sum(int(torch.sign(t.sum(dim=0)).sum()) for t in trimmed)
             majority = float(torch.sign(torch.tensor(float(mass))))
+            if self.rank:  # kept: at or above hi_t (counted in the pass), or open and at or above thr_t
+                kept = self.at_or_above + sum(((m >= limits) & (m < self.high)).sum(dim=1)
+                                              for *_, deltas in self.open_entries for m in (deltas.abs(),))
+                self.kept_fraction = float(kept.sum()) / (len(thresholds) * sum(self.numel.values()))
         self.settled = majority != 0
         if not self.settled:
             for key, values in self.exact_outputs(self.ctx):
