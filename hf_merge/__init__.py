@@ -20,6 +20,7 @@ _EXPORTS = {
     "merge": "api",
     "compress": "api",
     "merge_adapters": "api",
+    "extract_lora": "extract",
     "MergeError": "errors",
     "MergeContext": "context",
     "MergeOptions": "options",
@@ -28,6 +29,7 @@ _EXPORTS = {
     "MergeConfig": "config",
     "Schedule": "schedules",
     "read_recipe": "mergekit",
+    "stack_layers": "stack",
     "MERGE_METHODS": "registry",
     "get_merger": "registry",
     "register_method": "registry",
@@ -55,6 +57,9 @@ _EXPORTS = {
     "TaskBank": "bank",
     "TaskCompressor": "methods.base",
     "MergedAdapter": "io.adapter_sink",
+    "assemble_moe": "moe",
+    "read_moe_recipe": "moe",
+    "MoEConfig": "moe",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

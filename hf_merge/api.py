@@ -48,8 +48,10 @@ def merge(
             PEFT adapter (folder, Hub repo id or ``PeftModel``) counts as θ₀ + ΔW.
         config: a :class:`~hf_merge.MergeConfig`, or a method name (``"ties"``) with its parameters as keywords.
         output_dir: write a ``from_pretrained``-loadable checkpoint there (atomically) and return its path.
-        output: ``"model"`` (merged weights) or ``"lora"`` (LoRA inputs only: a merged PEFT adapter,
-            :class:`~hf_merge.MergedAdapter`, saved to ``output_dir`` when given); ``rank``/``energy`` set its ranks.
+        output: ``"model"`` (merged weights) or ``"lora"`` (a merged PEFT adapter, :class:`~hf_merge.MergedAdapter`,
+            saved to ``output_dir`` when given; ``rank``/``energy`` set its ranks). LoRA inputs are merged as factors;
+            with full models among the inputs the adapter holds (merged − base) per module, extracted by truncated SVD
+            as :func:`hf_merge.extract_lora` does, and exactly one of ``rank``/``energy`` is required.
         into: an existing model to write the merged weights into (what ``merge_with(..., inplace=True)`` uses).
         **keywords: the run options (:class:`~hf_merge.MergeOptions`, built by :func:`~hf_merge.options.make_options`):
             ``device`` (where the arithmetic runs, e.g. ``"cuda"`` while inputs stream from disk; ``compute_device``

@@ -4,6 +4,8 @@
     hf-merge check RECIPE.yaml [OUT_DIR] [--json]   check a recipe before merging: inputs, method, memory (exit 1:
                                             the merge would be refused)
     hf-merge methods                        list the methods and their default parameters
+    hf-merge extract-lora BASE FINETUNED OUT_DIR (--rank R | --energy E) [--targets NAME ...] [--embeddings MODE]
+                                            extract a PEFT LoRA adapter from a full fine-tune (hf_merge.extract_lora)
     hf-merge push DIR REPO_ID [--private] [--revision REV]   upload a merge folder to the Hub in one commit
 
 A recipe is hf_merge's own YAML or a mergekit configuration, told apart by its keys (``method`` or
@@ -244,6 +246,70 @@ def _methods_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- extract-lora
+def _parse_rank(values: Sequence[str] | None) -> int | dict[str, int] | None:
+    """``--rank R`` → R; ``--rank PATTERN=R`` (repeatable) → ``{pattern: R}``, a plain ``R`` beside them standing for
+    every other module (``".*"``, matched last)."""
+    if not values:
+        return None
+
+    def number(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--rank {text!r}: expected an integer R or PATTERN=R.") from None
+
+    patterns = {pattern: number(value) for pattern, equals, value in (v.rpartition("=") for v in values) if equals}
+    plain = [number(v) for v in values if "=" not in v]
+    if len(plain) > 1:
+        raise ValueError(f"--rank: give one plain rank R (others as PATTERN=R), got {plain}.")
+    if not patterns:
+        return plain[0]
+    return {**patterns, **({".*": plain[0]} if plain else {})}
+
+
+def _extract_lora_command(args: argparse.Namespace) -> int:
+    from .extract import extract_lora
+
+    options = {key: value for key, value in (("dtype", args.dtype), ("device", args.device)) if value is not None}
+    output = extract_lora(args.base, args.finetuned, rank=_parse_rank(args.rank), energy=args.energy,
+                          targets=args.targets if args.targets is not None else args.target_regex,
+                          embeddings=args.embeddings, output_dir=args.out_dir, progress=not args.quiet,
+                          allow_pickle=args.allow_pickle, **({"overwrite": True} if args.overwrite else {}), **options)
+    if not args.quiet:
+        print(f"Extracted a LoRA adapter of {args.finetuned} (base {args.base}) into {output}")
+    return 0
+
+
+def _add_extract_lora_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "extract-lora", help="extract a PEFT LoRA adapter from a full fine-tune (truncated SVD of W_ft - W_0 per "
+                             "linear module)")
+    parser.add_argument("base", help="the base model: a checkpoint folder or a Hub repo id")
+    parser.add_argument("finetuned", help="the full fine-tune of the base: a checkpoint folder or a Hub repo id")
+    parser.add_argument("out_dir", help="output folder for the adapter (PEFT format, with merge_config.json and card)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", action="append", metavar="R|PATTERN=R",
+                      help="LoRA rank of every module, or of the modules matching PATTERN (repeatable, PEFT "
+                           "rank_pattern matching; a plain R then covers the rest)")
+    size.add_argument("--energy", type=float, metavar="E",
+                      help="per module, the smallest rank keeping this fraction of the squared singular values")
+    targets = parser.add_mutually_exclusive_group()
+    targets.add_argument("--targets", nargs="+", metavar="NAME",
+                         help="linear modules to extract, by the name their path ends with (default: all)")
+    targets.add_argument("--target-regex", metavar="REGEX", help="linear modules whose whole path matches REGEX")
+    parser.add_argument("--embeddings", choices=("lora", "save", "skip"), default="lora",
+                        help="embedding tables as LoRA factors, saved whole (modules_to_save) or left out "
+                             "(default: lora)")
+    parser.add_argument("--dtype", default=None, help="dtype of the factors (default: the base's)")
+    parser.add_argument("--device", default=None, help="where the SVDs run, e.g. cuda (default: cpu)")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing folder hf-merge did not write (your files are kept)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    parser.set_defaults(func=_extract_lora_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-merge", description="Merge Hugging Face models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.set_defaults(func=_check_command)
     methods_parser = commands.add_parser("methods", help="list merge methods and their defaults")
     methods_parser.set_defaults(func=_methods_command)
+    _add_extract_lora_parser(commands)
     from .hub.cli_push import add_push_parser
 
     add_push_parser(commands)

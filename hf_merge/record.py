@@ -82,6 +82,8 @@ class MergeRecord:
                       **({SUMMARY_KEY: self.summary} if self.summary else {})}
             write_json(folder, self.config.config_file_name, record)
         record = self.with_card(**{k: card_options.pop(k) for k in ("license", "tags", "base_model") if k in card_options})
+        if "lora_extraction" in self.summary:  # an adapter extracted from full weights (hf_merge.extract)
+            card_options.setdefault("lora_extraction", self.summary["lora_extraction"])
         write_card(folder, self.config, dict(self.inputs), artifact=self.artifact, **record.card_options(),
                    **card_options)
 

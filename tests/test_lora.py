@@ -211,9 +211,9 @@ def test_rank_option_truncates_every_module(tmp_path):
         hf_merge.merge(base, folders, "task_arithmetic", scaling=1.0, output="lora", rank=0, progress=False)
 
 
-def test_lora_output_needs_adapter_inputs(tmp_path):
-    base = tiny_bert()
-    with pytest.raises(hf_merge.MergeError, match="needs LoRA adapters"):
+def test_lora_output_of_full_models_needs_a_rank_or_an_energy(tmp_path):
+    base = tiny_bert()  # full models are extracted (tests/test_extract_lora.py): a rank or an energy is required
+    with pytest.raises(ValueError, match="output='lora' of full fine-tuned models"):
         hf_merge.merge(base, [copy.deepcopy(base)], "task_arithmetic", scaling=1.0, output="lora", progress=False)
 
 
