@@ -13,7 +13,9 @@ The YAML front matter is built with ``huggingface_hub.ModelCardData`` and the ca
   evaluation results are given;
 - body: what was merged and how, each method's summary and BibTeX, the exact merge config as YAML, the inputs
   table, the evaluation table and how to load the artifact; a method's card may name its own template (a layer
-  stack's, ``stacked_model.md``, tabulates its slices from the config, given to templates as ``merge_config``).
+  stack's, ``stacked_model.md``, tabulates its slices from the config, given to templates as ``merge_config``); an
+  adapter extracted from full weights (:mod:`hf_merge.extract`) is rendered from ``extracted_adapter.md``: what it was
+  extracted from, the ranks and energy kept per kind of module, what was saved whole or left out.
 
 Inputs and their licenses are read offline (:mod:`hf_merge.hub.provenance`). Each method's title, summary and BibTeX
 come from its config's :attr:`~hf_merge.MergeConfig.card`.
