@@ -103,10 +103,15 @@ def _check_merge_spec(path: Path, spec: Any, output: str | Path | None) -> dict[
 
 
 def _read_recipe(path: Path) -> tuple[Any, bool]:
-    """``(parsed recipe, whether it is mergekit's)``; a recipe of neither schema raises."""
+    """``(parsed recipe, whether it is mergekit's)``; a recipe of neither schema raises, and so does a mergekit-moe
+    recipe (:func:`_merge_command` runs those before)."""
     from .mergekit import is_mergekit_recipe, load_yaml
+    from .moe import is_moe_recipe
 
     data = load_yaml(path)
+    if is_moe_recipe(data):
+        raise ValueError(f"{path}: a mergekit-moe recipe (experts) is assembled by hf-merge merge {path} OUT_DIR; "
+                         "hf-merge check and --dry-run do not check MoE recipes yet.")
     if isinstance(data, Mapping) and "merge_method" in data and "method" in data:
         raise ValueError(f"{path}: has both 'method' (hf_merge's recipe) and 'merge_method' (mergekit's); give one.")
     if isinstance(data, Mapping) and "merge_method" not in data and "method" not in data and not is_mergekit_recipe(data):
@@ -120,6 +125,8 @@ def _merge_command(args: argparse.Namespace) -> int:
         print(report)
         return 0 if report.ok else 1
     path = Path(args.config)
+    if _run_moe_recipe(path, args):
+        return 0
     data, mergekit = _read_recipe(path)
     if mergekit:
         return _merge_mergekit(path, data, args)
@@ -133,6 +140,23 @@ def _merge_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"Merged {len(spec['models'])} model(s) with {config.method} into {output}")
     return 0
+
+
+def _run_moe_recipe(path: Path, args: argparse.Namespace) -> bool:
+    """Assemble a mergekit-moe recipe (:mod:`hf_merge.moe`) into ``OUT_DIR``; ``False`` for any other recipe."""
+    from .mergekit import load_yaml
+    from .moe import is_moe_recipe, run_moe_recipe
+
+    if not is_moe_recipe(load_yaml(path)):
+        return False
+    if args.out_dir is None:
+        raise ValueError(f"{path}: an MoE recipe has no output key: give the output folder, "
+                         f"hf-merge merge {args.config} OUT_DIR.")
+    output = run_moe_recipe(path, args.out_dir, progress=not args.quiet,
+                            **({"overwrite": True} if args.overwrite else {}))
+    if not args.quiet:
+        print(f"Assembled a mixture of experts into {output}")
+    return True
 
 
 def _merge_mergekit(path: Path, data: Mapping[str, Any], args: argparse.Namespace) -> int:
@@ -190,6 +214,9 @@ def _check_mergekit(path: Path, data: Mapping[str, Any], out_dir: str | None, fl
     except ValueError as error:
         recipe_error = error
     else:
+        if recipe.config.method == "passthrough":
+            raise ValueError(f"{path}: hf-merge check and --dry-run do not check layer stacks (slices) yet; "
+                             "hf-merge merge validates every slice before writing.")
         return check(recipe.base, recipe.models, recipe.config, output_dir=recipe.output,
                      tokenizer_source=recipe.vocabulary.get("tokenizer_source", data.get("tokenizer_source")),
                      **{**recipe.options, **flags})

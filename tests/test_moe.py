@@ -354,7 +354,7 @@ def test_in_memory_output_is_the_model(models) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-def test_mergekit_moe_recipe(folders, tmp_path) -> None:
+def test_mergekit_moe_recipe(folders, tmp_path, capsys) -> None:
     import os
 
     import yaml
@@ -377,6 +377,14 @@ def test_mergekit_moe_recipe(folders, tmp_path) -> None:
     out = run_moe_recipe(path, tmp_path / "out", progress=False)
     model = _load(Path(out))
     assert model.config.num_experts_per_tok == 1 and model.dtype == torch.bfloat16
+
+    from hf_merge.cli import main  # the same recipe through hf-merge merge, detected by its keys
+
+    assert main(["merge", str(path), str(tmp_path / "cli"), "--quiet"]) == 0
+    state, from_cli = _load(Path(out)).state_dict(), _load(tmp_path / "cli").state_dict()
+    assert all(torch.equal(from_cli[k], state[k]) for k in state)
+    assert main(["check", str(path)]) == 2
+    assert "do not check MoE recipes yet" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("change", "message"), [
