@@ -751,13 +751,18 @@ def _bracket_part(base, tasks, drop, low, high, begin, end, counts, buffer):
             _sparsified_row(tasks[t][start : start + size], theta0, start, size, t, drop, row)
             lo, hi = low[t], high[t]
             below, inside = counts[t, 0], counts[t, 1]
-            for j in range(size):
-                magnitude = abs(row[j])
-                below += magnitude < lo
-                if (magnitude >= lo) & (magnitude <= hi):
-                    if inside < capacity:
-                        buffer[t, inside] = magnitude
-                    inside += 1
+            if lo == hi:  # one value: the counts say all
+                for j in range(size):
+                    magnitude = abs(row[j])
+                    below += magnitude < lo
+                    inside += magnitude == lo
+            else:  # branch-free compaction: every entry is written at the next slot, which advances for those inside
+                target = buffer[t]
+                for j in range(size):
+                    magnitude = abs(row[j])
+                    below += magnitude < lo
+                    target[min(inside, capacity - 1)] = magnitude
+                    inside += (magnitude >= lo) & (magnitude <= hi)
             counts[t, 0], counts[t, 1] = below, inside
 
 

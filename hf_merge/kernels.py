@@ -522,7 +522,7 @@ class StoredTies:
             if low[t] == high[t]:  # one value (common: differences of bfloat16 weights are coarse): the counts say all
                 found[t] = Selected(float(low[t]), below, int(inside.sum()))
                 continue
-            if (inside > capacity).any():
+            if (inside >= capacity).any():  # (the last slot takes every entry past the others)
                 continue  # more entries inside than were gathered: the radix selection
             values = np.concatenate([buffers[p, t, : inside[p]] for p in range(len(inside))])
             value = np.partition(values, k - below - 1)[k - below - 1]
