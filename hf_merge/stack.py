@@ -39,6 +39,7 @@ import torch
 
 from .config import MergeConfig, MethodCard, load_json
 from .errors import MergeError, warn
+from .hub.provenance import describe_origin
 from .io.sources import ModelSource, TensorMeta, TensorSource
 from .methods.base import Merger
 from .params import BLOCK_PATTERN
@@ -522,7 +523,7 @@ def build_stack(config: StackConfig, models: Mapping[str, Any], *, output_dir: s
     base, tasks = reconcile_vocabularies(opened[layout], others, options,
                                          references={"base": models[layout], **{n: models[n] for n in names}})
     sources = {layout: base, **tasks}
-    record = MergeRecord(config, describe_inputs(None, opened), card=options.card)
+    record = MergeRecord(_published(config), describe_inputs(None, opened), card=options.card)
     with tempfile.TemporaryDirectory(prefix="hf_merge-stack-") as side, contextlib.ExitStack() as stack:
         out_layers = _output_layers(config)
         out_config = _write_side_files(opened[layout], Path(side),
@@ -550,6 +551,17 @@ def _layer_stacks(sources: Mapping[str, TensorSource], configs: Mapping[str, dic
             raise MergeError(f"model {name!r} keeps its layers in {found.container!r}, model {layout!r} in "
                              f"{layers[layout].container!r}: different architectures cannot be stacked.")
     return layers
+
+
+def _published(config: StackConfig) -> StackConfig:
+    """The config as ``merge_config.json`` and the card record it: a local folder by its folder name (full paths are
+    never published, as for every input), a Hub id as it is."""
+    def shown(model: Any) -> Any:
+        return describe_origin(model)[0] if isinstance(model, str) else model
+
+    slices = [{**entry, "sources": [{**source, "model": shown(source["model"])} for source in entry["sources"]],
+               **({"base": shown(entry["base"])} if "base" in entry else {})} for entry in config.slices]
+    return config.replace(slices=slices, embeddings_from=shown(config.embeddings_from))
 
 
 def _resolved(index: int, entry: dict[str, Any], layers: Mapping[str, _Layers]) -> dict[str, Any]:

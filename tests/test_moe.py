@@ -286,6 +286,8 @@ def test_a_folder_output_is_pushed_with_its_card(moe, monkeypatch) -> None:
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == ["org/tiny-llama", "org/tiny-alpha"] and card.data.license == "mit"
     assert "License of this model: `mit`." in card.text
+    published = card.text + files["merge_config.json"].decode()
+    assert str(moe.parent) not in published and "/tmp/" not in published  # no local path is published
 
 
 # ------------------------------------------------------------------------------------------------ gate modes
