@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .inputs import Inputs
     from .io.adapter_sink import MergedAdapter
     from .io.sources import TensorSource
+    from .linalg import EigensolveOrder
     from .tensors import TensorMeta
 
 EMBEDDING_MODES = ("lora", "save", "skip")
@@ -261,16 +262,17 @@ class LoraExtraction:
             raise ValueError(f"targets {unmatched} match no linear module of the model; its linear modules end "
                              f"with {kinds}.")
 
-    def factor(self, module: str, update: torch.Tensor | LowRank, device: torch.device | None = None
-               ) -> tuple[LowRank, float]:
+    def factor(self, module: str, update: torch.Tensor | LowRank, device: torch.device | None = None,
+               order: EigensolveOrder | None = None) -> tuple[LowRank, float]:
         """``(factors, energy fraction kept)`` of one module's update in the stored layout: the truncated SVD of a
-        dense ΔW (:func:`truncated_factors`), or the Eckart–Young truncation of an update given as factors."""
+        dense ΔW (:func:`truncated_factors`, ``order`` carried over the run's modules), or the Eckart–Young
+        truncation of an update given as factors."""
         if isinstance(update, LowRank):
             kept = truncate(update, self.rank_of(module), self.energy)
             total = _squared_norm(update)
             return kept, min(_squared_norm(kept) / total, 1.0) if total else 1.0
         return truncated_factors(update.to(device) if device is not None else update, self.rank_of(module),
-                                 self.energy)
+                                 self.energy, order)
 
 
 def _squared_norm(update: LowRank) -> float:
@@ -325,18 +327,19 @@ def energy_rank(delta: torch.Tensor, energy: float) -> int:
                squares.numel())
 
 
-def truncated_factors(delta: torch.Tensor, rank: int | None = None, energy: float | None = None
-                      ) -> tuple[LowRank, float]:
+def truncated_factors(delta: torch.Tensor, rank: int | None = None, energy: float | None = None,
+                      order: EigensolveOrder | None = None) -> tuple[LowRank, float]:
     """``(LowRank(B, A), energy fraction kept)``: ΔW ≈ U_r S_r V_rᵀ (Eckart–Young), B = U_r √S_r, A = √S_r V_rᵀ
     (Hu et al. 2021, eq. 3 with scaling 1), r = ``rank`` (at most min(m, n)) or :func:`energy_rank`; float32 factors
-    on ``delta``'s device through :func:`hf_merge.linalg.top_k_svd`. A zero ΔW gives rank 0."""
+    on ``delta``'s device through :func:`hf_merge.linalg.top_k_svd` (``order``: its eigensolve order over a run).
+    A zero ΔW gives rank 0."""
     from .linalg import top_k_svd
 
     delta = delta.to(torch.float32)
     if not delta.any():  # an unchanged module
         return LowRank.zero(*delta.shape), 1.0
     total = float(torch.linalg.vector_norm(delta)) ** 2
-    u, s, v = top_k_svd(delta, min(rank, *delta.shape) if rank is not None else energy_rank(delta, energy))
+    u, s, v = top_k_svd(delta, min(rank, *delta.shape) if rank is not None else energy_rank(delta, energy), order)
     root = s.sqrt()
     return LowRank(u * root, (v * root).transpose(0, 1)), min(float(s.double().square().sum()) / total, 1.0)
 

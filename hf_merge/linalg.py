@@ -22,6 +22,7 @@ Inputs are upcast to float32; outputs are float32 on the input's device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -49,11 +50,23 @@ def _top_eigh(grams: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w[..., n - k :].flip(-1), q[..., n - k :].flip(-1)
 
 
-def top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclasses.dataclass
+class EigensolveOrder:
+    """Which Gram eigensolve :func:`top_k_svd` tries first over a run of similar matrices (e.g. the modules of one
+    LoRA extraction): float64 first once a matrix's float32 solve was refused for its conditioning, float32 again
+    once a float64 solve shows float32 would have been accepted. Every result stays the truncated SVD to float32
+    accuracy; a matrix float32 would have served may get the (more accurate) float64 answer."""
+
+    double_first: bool = False
+
+
+def top_k_svd(matrix: torch.Tensor, k: int, order: EigensolveOrder | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets (U_k, s_k, V_k) of a matrix (m×n) or a batch of matrices (B×m×n).
 
     Returns float32 tensors with U_k: (…, m, k), s_k: (…, k) in descending order and V_k: (…, n, k), such that
-    U_k diag(s_k) V_kᵀ is the best rank-k approximation (Eckart–Young), equal to the truncated full SVD.
+    U_k diag(s_k) V_kᵀ is the best rank-k approximation (Eckart–Young), equal to the truncated full SVD. ``order``
+    carries which eigensolve to try first from one call to the next (:class:`EigensolveOrder`).
     """
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"matrix must be a torch.Tensor, got {type(matrix).__name__}.")
@@ -73,7 +86,7 @@ def top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     pending = list(range(batch)) if k > 0 else []
     tiers = [(torch.float64, TUNING.eigh_double_min_ratio)]
     if k <= r // 4:  # float32 Gram eigenpairs lose accuracy deep into the spectrum (Iso-CTS's common space)
-        tiers.insert(0, (torch.float32, TUNING.eigh_fast_min_ratio))
+        tiers.insert(1 if order is not None and order.double_first else 0, (torch.float32, TUNING.eigh_fast_min_ratio))
     for dtype, min_ratio in tiers:
         if not pending:
             break
@@ -83,6 +96,8 @@ def top_k_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
         for i, index in enumerate(pending):
             top, kth = eigenvalues[i, 0].item(), eigenvalues[i, -1].item()
             (accepted if top > 0 and kth >= min_ratio * top else still).append((i, index))
+            if order is not None and len(tiers) > 1:  # would float32 be (or was it) accepted for this matrix?
+                order.double_first = not (top > 0 and kth >= TUNING.eigh_fast_min_ratio * top)
         if accepted:
             rows_in, rows_out = [i for i, _ in accepted], [index for _, index in accepted]
             v = eigenvectors[rows_in].to(device=stack.device, dtype=torch.float32)

@@ -146,3 +146,22 @@ def test_polar_skips_the_gram_route_for_an_ill_conditioned_matrix(monkeypatch) -
     matrix = _with_spectrum(64, 64, torch.logspace(0, -4, 64))
     p64, qh64 = torch.linalg.svd(matrix.double(), full_matrices=False)[::2]
     assert rel_error(polar(matrix), p64 @ qh64) < 1e-4 and not calls
+
+
+def test_the_eigensolve_order_moves_to_float64_for_ill_conditioned_runs_and_back():
+    from hf_merge.linalg import EigensolveOrder, top_k_svd
+
+    generator = torch.Generator().manual_seed(11)
+    u, _ = torch.linalg.qr(torch.randn(300, 120, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(120, 120, generator=generator, dtype=torch.float64))
+    decaying = ((u * 0.7 ** torch.arange(120, dtype=torch.float64)) @ v.T).float()  # σ_8²/σ_1² ≈ 7e-3, σ_20²… < 1e-3
+    flat = torch.randn(300, 120, generator=generator)
+    order = EigensolveOrder()
+    for matrix, double_first in [(flat, False), (decaying, True), (decaying, True), (flat, False)]:
+        reference = torch.linalg.svd(matrix.double(), full_matrices=False)
+        u_k, s_k, v_k = top_k_svd(matrix, 24, order)
+        assert order.double_first is double_first
+        torch.testing.assert_close(s_k.double(), reference.S[:24], rtol=1e-5, atol=1e-6 * reference.S[0].item())
+        approximation = (u_k * s_k) @ v_k.T
+        best = (reference.U[:, :24] * reference.S[:24]) @ reference.Vh[:24]
+        torch.testing.assert_close(approximation.double(), best, rtol=0, atol=1e-5 * reference.S[0].item())

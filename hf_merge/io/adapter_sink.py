@@ -24,6 +24,7 @@ import torch
 
 from ..errors import MergeError
 from ..extract import LoraExtraction, Target, adapter_rank
+from ..linalg import EigensolveOrder
 from ..lowrank import LowRank, truncate
 from ..tensors import TensorMeta
 from .publish import check_output_dir, publish_folder
@@ -186,6 +187,7 @@ class AdapterSink(Sink):
         self.base, self.tasks = base, dict(tasks)
         self.rank, self.energy, self.output_dir = rank, energy, output_dir
         self.extraction, self.device = extraction, options.device
+        self.eigensolves = EigensolveOrder()  # carried from module to module of one extraction
         self.updates: dict[str, LowRank] = {}
         self.full_values: dict[str, torch.Tensor] = {}
         self.energy_kept: dict[str, float] = {}
@@ -221,7 +223,8 @@ class AdapterSink(Sink):
             return
         update = value.to("cpu") if isinstance(value, LowRank) else value.float() - self.base.get(key).float()
         if self.extraction is not None:
-            update, self.energy_kept[key] = self.extraction.factor(self.layout[key].module, update, self.device)
+            update, self.energy_kept[key] = self.extraction.factor(self.layout[key].module, update, self.device,
+                                                                   self.eigensolves)
         elif isinstance(update, LowRank):
             update = truncate(update, self.rank, self.energy)
         else:  # a densely merged weight: its update, factored exactly, then truncated
