@@ -327,6 +327,8 @@ def stable_row_ranks(rows: torch.Tensor) -> torch.Tensor | None:
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: Entries per piece of the numpy uniforms (8-byte temporaries).
+_UNIFORMS_PIECE = 1 << 20
 
 
 def counter_uniforms(seed: int, shape: Sequence[int]) -> torch.Tensor:
@@ -339,13 +341,15 @@ def counter_uniforms(seed: int, shape: Sequence[int]) -> torch.Tensor:
     if kernels_enabled():
         with _LAUNCH_LOCK:
             _kernel("counter_uniforms")(seed64, out)
-    else:
-        with np.errstate(over="ignore"):
-            x = seed64 + np.arange(1, numel + 1, dtype=np.uint64) * _GOLDEN
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x ^= x >> np.uint64(31)
-        out[:] = (x >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+    else:  # numpy, in pieces: bounded uint64 temporaries
+        for start in range(0, numel, _UNIFORMS_PIECE):
+            stop = min(numel, start + _UNIFORMS_PIECE)
+            with np.errstate(over="ignore"):
+                x = seed64 + np.arange(start + 1, stop + 1, dtype=np.uint64) * _GOLDEN
+                x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+                x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+                x ^= x >> np.uint64(31)
+            out[start:stop] = (x >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / 16777216.0)
     return torch.from_numpy(out).view(tuple(shape))
 
 
@@ -492,7 +496,7 @@ class StoredTies:
 
     def _bracketed(self, ranks: Sequence[int]) -> dict[int, Selected]:
         n, tasks = self.numel, len(self.tasks)
-        stride = max(1, n // max(_BRACKET_SAMPLE, n // 64))
+        stride = max(1, n // min(max(_BRACKET_SAMPLE, n // 64), _BRACKET_SAMPLE_MAX))
         sample = np.empty((tasks, n // stride), dtype=np.float32)
         with _LAUNCH_LOCK:
             _kernel("stored_sample")(self.base, self.tasks, self._drop, stride, sample)
@@ -589,8 +593,8 @@ class StoredTies:
 
 #: Tensors smaller than this are selected by the radix passes alone; larger ones first try a sampled bracket.
 _BRACKET_MIN_NUMEL = 1 << 16
-#: The smallest strided sample a bracket is estimated from.
-_BRACKET_SAMPLE = 1 << 12
+#: The smallest and the largest strided sample a bracket is estimated from (1/64 of the tensor in between).
+_BRACKET_SAMPLE, _BRACKET_SAMPLE_MAX = 1 << 12, 1 << 20
 
 
 def _rule_arrays(rules: Sequence[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:

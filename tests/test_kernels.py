@@ -404,3 +404,13 @@ def test_global_ties_in_one_pass_reports_the_exact_kept_fraction(monkeypatch, tm
     thresholds = [d.abs().kthvalue(total - int(total * 0.3)).values for d in deltas]
     kept = sum(int((d.abs() >= th).sum()) for d, th in zip(deltas, thresholds))
     assert summary["statistics"] == {"kept_fraction": pytest.approx(kept / (3 * total))}
+
+
+def test_numpy_uniforms_in_pieces_equal_the_kernel_across_piece_boundaries(monkeypatch):
+    from hf_merge import kernels
+
+    monkeypatch.setattr(kernels, "_UNIFORMS_PIECE", 1000)
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    compiled = kernels.counter_uniforms(99, (37, 101))
+    monkeypatch.setenv("HF_MERGE_KERNELS", "0")
+    assert torch.equal(compiled, kernels.counter_uniforms(99, (37, 101)))
