@@ -369,44 +369,48 @@ def key_histogram(values, absolute, prefix_mask, prefix, shift, counts):
         _digit_counts(values[p * per : min(n, (p + 1) * per)], absolute, prefix_mask, prefix, shift, counts[p])
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _stable_row_order(row, ranks):
+    """``ranks[j]`` = the position of |row[j]| in the stable ascending order of the row's magnitudes (equal magnitudes
+    by position), as float32: a least-significant-digit radix sort of the magnitude bits, 8 bits a pass, passes whose
+    digit is the same for the whole row skipped."""
+    n = row.shape[0]
+    keys = np.empty(n, np.uint32)
+    order = np.empty(n, np.int64)
+    scratch_keys = np.empty(n, np.uint32)
+    scratch_order = np.empty(n, np.int64)
+    counts = np.empty(256, np.int64)
+    for j in range(n):
+        keys[j] = float32_to_bits(row[j]) & np.uint32(0x7FFFFFFF)
+        order[j] = j
+    for shift in range(0, 32, 8):
+        counts[:] = 0
+        for j in range(n):
+            counts[(keys[j] >> np.uint32(shift)) & np.uint32(255)] += 1
+        if counts.max() == n:
+            continue
+        total = 0
+        for d in range(256):
+            count = counts[d]
+            counts[d] = total
+            total += count
+        for j in range(n):
+            digit = (keys[j] >> np.uint32(shift)) & np.uint32(255)
+            slot = counts[digit]
+            counts[digit] = slot + 1
+            scratch_keys[slot] = keys[j]
+            scratch_order[slot] = order[j]
+        keys, scratch_keys = scratch_keys, keys
+        order, scratch_order = scratch_order, order
+    for position in range(n):
+        ranks[order[position]] = np.float32(position)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 def stable_row_ranks(rows, ranks):
-    """``ranks[r, j]`` = the position of |rows[r, j]| in the stable ascending order of row r's magnitudes (equal
-    magnitudes by position), as float32: a least-significant-digit radix sort of each row's magnitude bits, 8 bits a
-    pass, passes whose digit is the same for the whole row skipped."""
-    num_rows, n = rows.shape
-    for r in numba.prange(num_rows):
-        keys = np.empty(n, np.uint32)
-        order = np.empty(n, np.int64)
-        scratch_keys = np.empty(n, np.uint32)
-        scratch_order = np.empty(n, np.int64)
-        counts = np.empty(256, np.int64)
-        row = rows[r]
-        for j in range(n):
-            keys[j] = float32_to_bits(row[j]) & np.uint32(0x7FFFFFFF)
-            order[j] = j
-        for shift in range(0, 32, 8):
-            counts[:] = 0
-            for j in range(n):
-                counts[(keys[j] >> np.uint32(shift)) & np.uint32(255)] += 1
-            if counts.max() == n:
-                continue
-            total = 0
-            for d in range(256):
-                count = counts[d]
-                counts[d] = total
-                total += count
-            for j in range(n):
-                digit = (keys[j] >> np.uint32(shift)) & np.uint32(255)
-                slot = counts[digit]
-                counts[digit] = slot + 1
-                scratch_keys[slot] = keys[j]
-                scratch_order[slot] = order[j]
-            keys, scratch_keys = scratch_keys, keys
-            order, scratch_order = scratch_order, order
-        out = ranks[r]
-        for position in range(n):
-            out[order[position]] = np.float32(position)
+    """``ranks[r]`` = :func:`_stable_row_order` of ``rows[r]``, the rows in parallel."""
+    for r in numba.prange(rows.shape[0]):
+        _stable_row_order(rows[r], ranks[r])
 
 
 @numba.njit(inline="always")
@@ -777,3 +781,21 @@ def stored_bracket(base, tasks, drop, low, high, counts, buffers):
         begin, end = p * per, min(n, (p + 1) * per)
         counts[p, :, :] = 0
         _bracket_part(base, tasks, drop, low, high, begin, end, counts[p], buffers[p])
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def magprune_rows(rows, low, span, seed, divide, out):
+    """DELLA's MagPrune of each row: p = low + span · r / (n − 1) (r the stable ascending rank of |τ| in the row),
+    u from :func:`counter_uniforms`' stream at the entry's flat index, out = τ / p (``divide``) or τ where u < p,
+    else 0 — the float32 operations of ``della.magprune``."""
+    num_rows, n = rows.shape
+    last = np.float32(n - 1)
+    for r in numba.prange(num_rows):
+        ranks = np.empty(n, np.float32)
+        row, target = rows[r], out[r]
+        _stable_row_order(row, ranks)
+        for j in range(n):
+            p = low + span * (ranks[j] / last)
+            keep = uniform(seed, r * n + j) < p
+            value = row[j] / p if divide else row[j]
+            target[j] = value if keep else np.float32(0.0)

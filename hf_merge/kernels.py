@@ -600,3 +600,16 @@ _BRACKET_SAMPLE, _BRACKET_SAMPLE_MAX = 1 << 12, 1 << 20
 def _rule_arrays(rules: Sequence[tuple[float, int]]) -> tuple[np.ndarray, np.ndarray]:
     return (np.asarray([rule[0] for rule in rules], dtype=np.float32),
             np.asarray([rule[1] for rule in rules], dtype=np.int64))
+
+
+def fused_magprune(rows: torch.Tensor, density: float, epsilon: float, seed: int, divide: bool) -> torch.Tensor | None:
+    """DELLA's MagPrune of a 2-D float32 CPU tensor, row by row in one compiled pass (ranks, keep probabilities,
+    :func:`counter_uniforms`' draws, the drop and the 1/p rescale with ``divide``), or ``None`` for the torch route."""
+    if (not kernels_enabled() or rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.dim() != 2
+            or rows.shape[1] < 2):
+        return None
+    out = np.empty(tuple(rows.shape), dtype=np.float32)
+    with _LAUNCH_LOCK:
+        _kernel("magprune_rows")(_read_only(rows.contiguous().numpy()), np.float32(density - epsilon),
+                                 np.float32(2 * epsilon), np.uint64(seed % (1 << 64)), divide, out)
+    return torch.from_numpy(out)

@@ -299,11 +299,15 @@ def test_counter_uniforms_are_the_same_bits_from_the_kernel_and_numpy_and_unifor
     assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]) < 0.01
 
 
-@pytest.mark.parametrize("method", ["magmax", "sce", "breadcrumbs", "della", "dare"])
+@pytest.mark.parametrize("method", ["magmax", "sce", "breadcrumbs", "della", "della-l1", "della_linear-unscaled",
+                                    "dare"])
 def test_the_compiled_sparsifiers_equal_the_torch_route(monkeypatch, method):
     base, fts = _grid_task_vectors(torch.float32, 3, seed=11)
     options = {"magmax": {}, "sce": {"select_topk": 0.5}, "breadcrumbs": {"density": 0.5, "gamma": 0.1},
-               "della": {"density": 0.4}, "dare": {"drop_rate": 0.5, "then": hf_merge.TiesConfig(density=1.0)}}[method]
+               "della": {"density": 0.4}, "della-l1": {"density": 0.4, "rescale_norm": "l1"},
+               "della_linear-unscaled": {"density": 0.3, "epsilon": 0.1, "rescale": False},
+               "dare": {"drop_rate": 0.5, "then": hf_merge.TiesConfig(density=1.0)}}[method]
+    method = method.split("-")[0]
     results = []
     for kernels in ("1", "0"):
         monkeypatch.setenv("HF_MERGE_KERNELS", kernels)

@@ -50,7 +50,7 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
-from ..kernels import counter_uniforms, stable_row_ranks
+from ..kernels import counter_uniforms, fused_magprune, stable_row_ranks
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -238,6 +238,11 @@ def magprune(delta: torch.Tensor, density: float, epsilon: float, seed: int, *, 
     ``rescale``; τ itself for density ≥ 1. The uniforms come from ``seed`` (:func:`hf_merge.kernels.counter_uniforms`): keep where u < p."""
     if density >= 1:
         return delta
+    divide = rescale and rescale_norm is None
+    fused = fused_magprune(_rows(delta), density, epsilon, seed, divide) if delta.numel() else None
+    if fused is not None:
+        fused = fused.view_as(delta)
+        return fused if divide or not rescale else fused.mul_(l1_factor(delta, fused))
     probabilities = magprune_keep_probabilities(delta, density, epsilon)
     keep = counter_uniforms(seed, delta.shape).to(delta.device) < probabilities
     if rescale and rescale_norm is None:
