@@ -1,6 +1,9 @@
 """The numba kernels behind :mod:`hf_merge.kernels` (imported only when they run: importing numba costs ~0.3 s).
 
 Compiled on first use and cached on disk by numba (``cache=True``).
+
+One concern in one file (~800 lines): the compiled loops, which share the bfloat16 load/store overloads, the
+order keys and the counter-based random stream (numba compiles a module's kernels against one another).
 """
 
 import numba
@@ -404,13 +407,6 @@ def _stable_row_order(row, ranks):
         order, scratch_order = scratch_order, order
     for position in range(n):
         ranks[order[position]] = np.float32(position)
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def stable_row_ranks(rows, ranks):
-    """``ranks[r]`` = :func:`_stable_row_order` of ``rows[r]``, the rows in parallel."""
-    for r in numba.prange(rows.shape[0]):
-        _stable_row_order(rows[r], ranks[r])
 
 
 @numba.njit(inline="always")

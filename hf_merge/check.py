@@ -320,7 +320,8 @@ class _Checker:
             config = make_config(config, **keywords)
             report.method = config.method
             report.config = config.to_dict()
-            return get_merger(config)
+            if config.not_checked is None:
+                return get_merger(config)
         except (ValueError, TypeError, KeyError) as error:
             if isinstance(config, MergeConfig):
                 report.method = config.method
@@ -330,6 +331,8 @@ class _Checker:
                 report.method = config
             report.error("method", f"config: {_message(error)}")
             return None
+        raise ValueError(f"hf-merge check and --dry-run do not check {config.not_checked} yet; hf-merge merge "
+                         "validates it before writing.")
 
     def check_plan(self, merger: Any, base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> None:
         from .engine import Plan, check_plan

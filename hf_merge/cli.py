@@ -214,9 +214,6 @@ def _check_mergekit(path: Path, data: Mapping[str, Any], out_dir: str | None, fl
     except ValueError as error:
         recipe_error = error
     else:
-        if recipe.config.method == "passthrough":
-            raise ValueError(f"{path}: hf-merge check and --dry-run do not check layer stacks (slices) yet; "
-                             "hf-merge merge validates every slice before writing.")
         return check(recipe.base, recipe.models, recipe.config, output_dir=recipe.output,
                      tokenizer_source=recipe.vocabulary.get("tokenizer_source", data.get("tokenizer_source")),
                      **{**recipe.options, **flags})

@@ -150,6 +150,9 @@ class MergeConfig(SerializableConfig):
     method: str = dataclasses.field(default="", init=False)
     #: The model card's description of the method (``None``: the card names the method only).
     card: ClassVar[MethodCard | None] = None
+    #: What :func:`hf_merge.check` cannot check yet in this method's merges, e.g. "layer stacks (slices)" (it then
+    #: refuses); ``None``: it checks them.
+    not_checked: ClassVar[str | None] = None
 
     def search_space(self) -> SearchSpace | None:
         """The coefficient the method's papers choose on validation data, with their grid (``None``: none)."""

@@ -10,6 +10,9 @@ intermediate in registers. Each kernel here has a torch twin computing the same 
 same order, round-to-nearest-even casts), and tests compare them. Kernels run when numba is importable and the
 environment does not set ``HF_MERGE_KERNELS=0``; the inputs they take are bfloat16 (as uint16 bit patterns) and
 float32 arrays, anything else keeps the torch route.
+
+One concern in one file (~600 lines): the Python side of every compiled kernel — the dtype gate, the scratch
+buffers and the launch lock they share.
 """
 
 from __future__ import annotations
@@ -313,17 +316,6 @@ def _radix_select(k: int, histogram: Callable[[np.uint32, np.uint32, np.uint32, 
         prefix_mask |= ((1 << bits) - 1) << shift
     bits = prefix & 0x7FFFFFFF if prefix >> 31 else ~prefix & 0xFFFFFFFF  # the order key back to float bits
     return Selected(float(np.array([bits], dtype=np.uint32).view(np.float32)[0]), below, equal)
-
-
-def stable_row_ranks(rows: torch.Tensor) -> torch.Tensor | None:
-    """The float32 ranks of |rows| within each row of a 2-D float32 CPU tensor (stable: equal magnitudes by
-    position, what scattering ``argsort(rows.abs(), dim=1, stable=True)`` gives), or ``None`` for the torch route."""
-    if not kernels_enabled() or rows.dtype != torch.float32 or rows.device.type != "cpu" or rows.dim() != 2:
-        return None
-    ranks = np.empty(tuple(rows.shape), dtype=np.float32)
-    with _LAUNCH_LOCK:
-        _kernel("stable_row_ranks")(_read_only(rows.contiguous().numpy()), ranks)
-    return torch.from_numpy(ranks)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -27,6 +27,9 @@ Departures from mergekit-moe: the output keeps the base's sliding-window attenti
 and Qwen2-MoE); ``hidden_avg`` averages over each prompt's tokens, not its padding; random gates come from a
 generator seeded by ``seed``; experts' ``noise_scale`` / ``residual_scale`` are refused (not supported yet); an
 expert whose tensors differ in shape from the base's anywhere is refused, naming the tensor.
+
+One concern in one file (~780 lines): the output architecture's names, the gates from prompts and the streamed
+expert tensors must agree on every layer and expert index.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ How it runs: every model is a lazy source; a merged slice is a source whose tens
 renaming and selecting their tensors, streamed into the output by one engine run of the ``passthrough`` method (its
 θ₀ passes through as it is), so a stack gets merge()'s outputs, output-folder rules and record
 (``merge_config.json`` holds the :class:`StackConfig`; the card a table of the slices).
+
+One concern in one file (~820 lines): reading slices, renumbering layers and rewriting the config must agree on
+every layer index.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class StackConfig(MergeConfig):
     """
 
     method: str = dataclasses.field(default="passthrough", init=False)
+    not_checked: ClassVar[str] = "layer stacks (slices)"
     slices: list[dict[str, Any]]
     embeddings_from: str | None = None
 

@@ -4,6 +4,8 @@ reference, and the permutation-symmetry models (model factories of the merge tes
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -119,3 +121,18 @@ def run_push_cli(argv: list[str]) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         code = args.func(args)
     return code, out.getvalue(), err.getvalue()
+
+
+def push_to_test_hub(folder: str | Path, repo_id: str, *flags: str, monkeypatch: Any) -> dict[str, bytes]:
+    """``hf-merge push FOLDER REPO_ID FLAGS`` to a fresh local test Hub (online for this test only); the pushed
+    files ``{path_in_repo: bytes}``. Fails the test if the push fails."""
+    import huggingface_hub.constants
+
+    from tests.hub_server import HubTestServer
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with HubTestServer(token="hf_test") as hub:
+        code, _, stderr = run_push_cli(["push", str(folder), repo_id, "--token", "hf_test", "--endpoint",
+                                        hub.endpoint, *flags])
+        assert code == 0, stderr
+        return hub.files(repo_id)

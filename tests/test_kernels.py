@@ -272,15 +272,6 @@ def test_the_fused_rank_band_keeps_what_the_stable_sort_keeps(seed, absolute):
         assert torch.equal(fused_rank_band(values, start, stop, absolute), expected), (start, stop)
 
 
-def test_stable_row_ranks_equal_the_stable_argsort():
-    from hf_merge.kernels import stable_row_ranks
-
-    rows = torch.stack([_tied_values(seed)[:700] for seed in range(40) if _tied_values(seed).numel() >= 700])
-    expected = torch.empty_like(rows).scatter_(1, torch.argsort(rows.abs(), dim=1, stable=True),
-                                               torch.arange(rows.shape[1], dtype=rows.dtype).expand_as(rows))
-    assert torch.equal(stable_row_ranks(rows), expected)
-
-
 def test_counter_uniforms_are_the_same_bits_from_the_kernel_and_numpy_and_uniform(monkeypatch):
     from hf_merge.kernels import counter_uniforms
 

@@ -23,7 +23,7 @@ from hf_merge.io.publish import OutputFolderError
 from hf_merge.io.sources import FolderSource
 from hf_merge.moe import MoEConfig, gate_vectors, is_moe_recipe, read_moe_recipe, run_moe_recipe
 from tests import tiny_models
-from tests.helpers import run_push_cli
+from tests.helpers import push_to_test_hub
 
 FAMILIES = {name: [f"{name[0]}{i}" for i in range(12)] for name in ("alpha", "beta", "gamma")}
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -270,18 +270,10 @@ def test_record_card_and_tokenizer(moe) -> None:
 
 
 def test_a_folder_output_is_pushed_with_its_card(moe, monkeypatch) -> None:
-    import huggingface_hub.constants
     from huggingface_hub import ModelCard
 
-    from tests.hub_server import HubTestServer
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with HubTestServer(token="hf_test") as hub:
-        code, _, stderr = run_push_cli(["push", str(moe), "me/tiny-moe", "--token", "hf_test", "--endpoint",
-                                        hub.endpoint, "--base-model", "base=org/tiny-llama", "--base-model",
-                                        "alpha=org/tiny-alpha", "--license", "mit"])
-        assert code == 0, stderr
-        files = hub.files("me/tiny-moe")
+    files = push_to_test_hub(moe, "me/tiny-moe", "--base-model", "base=org/tiny-llama", "--base-model",
+                             "alpha=org/tiny-alpha", "--license", "mit", monkeypatch=monkeypatch)
     assert {"model.safetensors", "config.json", "merge_config.json", "README.md", "tokenizer.json"} <= set(files)
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == ["org/tiny-llama", "org/tiny-alpha"] and card.data.license == "mit"

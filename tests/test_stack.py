@@ -319,21 +319,14 @@ def test_passthrough_is_not_a_merge_of_fine_tuned_models(zoo):
 
 
 def test_a_stacked_folder_is_pushed_with_its_slices_card(zoo, tmp_path, monkeypatch):
-    import huggingface_hub.constants
     from huggingface_hub import ModelCard
 
-    from tests.helpers import run_push_cli
-    from tests.hub_server import HubTestServer
+    from tests.helpers import push_to_test_hub
 
     out = hf_merge.stack_layers([(str(zoo["a"]), 0, 6), (str(zoo["b"]), 2, 8)], output_dir=tmp_path / "dus",
                                 progress=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    with HubTestServer(token="hf_test") as hub:
-        code, _, stderr = run_push_cli(["push", str(out), "me/tiny-dus", "--token", "hf_test", "--endpoint",
-                                        hub.endpoint, "--base-model", "a=org/tiny-a", "--base-model",
-                                        "b=org/tiny-b", "--license", "mit"])
-        assert code == 0, stderr
-        files = hub.files("me/tiny-dus")
+    files = push_to_test_hub(out, "me/tiny-dus", "--base-model", "a=org/tiny-a", "--base-model", "b=org/tiny-b",
+                             "--license", "mit", monkeypatch=monkeypatch)
     assert {"model.safetensors", "config.json", "merge_config.json", "README.md"} <= set(files)
     card = ModelCard(files["README.md"].decode())
     assert sorted(card.data.base_model) == ["org/tiny-a", "org/tiny-b"] and card.data.license == "mit"

@@ -50,7 +50,7 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
-from ..kernels import counter_uniforms, fused_magprune, stable_row_ranks
+from ..kernels import counter_uniforms, fused_magprune
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -221,11 +221,9 @@ def magprune_keep_probabilities(delta: torch.Tensor, density: float, epsilon: fl
     chunk_rows = max(1, TUNING.ties_chunk // n)
     positions = torch.arange(n, dtype=rows.dtype, device=rows.device)
     for start in range(0, num_rows, chunk_rows):
-        block = rows[start:start + chunk_rows]
-        ranks = stable_row_ranks(block)
-        if ranks is None:
-            order = torch.argsort(block.abs(), dim=1, stable=True)
-            ranks = torch.empty_like(block).scatter_(1, order, positions.expand_as(block))
+        block = rows[start:start + chunk_rows].abs()
+        order = torch.argsort(block, dim=1, stable=True)
+        ranks = torch.empty_like(block).scatter_(1, order, positions.expand_as(block))
         rank_norm = ranks / (n - 1)
         probabilities[start:start + chunk_rows] = (density - epsilon) + (2 * epsilon) * rank_norm
     return probabilities.view_as(delta)
