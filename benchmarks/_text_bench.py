@@ -416,6 +416,32 @@ def summarize(accuracies: Mapping[str, float], reference: Mapping[str, Mapping[s
     }
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """The peak resident memory a block adds to the process (``megabytes``; ``None`` off Linux): the kernel's
+    high-water mark (VmHWM), reset on entry through ``/proc/self/clear_refs``, minus the resident memory on entry."""
+
+    megabytes: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start: int | None = _status_bytes("VmRSS")
+        except OSError:
+            self.start = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.start is not None:
+            self.megabytes = (_status_bytes("VmHWM") - self.start) / 2**20
+
+
 def save_plot(fig: Any, ax: Any, title: str, path: Path, legend_size: int = 8) -> None:
     """Title, legend and layout of a benchmark figure, written as a PNG and closed."""
     import matplotlib.pyplot as plt

@@ -56,6 +56,12 @@ SPARSE_DENSITY = 0.2
 SLERP_T = 0.5
 PAIR_REASON = ("needs exactly two models: run on the pair of tasks whose experts gain most over the base on "
                "validation (see the pair table)")
+#: Training examples per task the data-aware methods (RegMean, Fisher, AdaMerging) see: FusionBench's 256.
+DATA_EXAMPLES = 256
+#: AdaMerging's budget here: each step is a forward and backward pass on a batch of every task, about 2–3 s for
+#: MiniLM × 5 tasks on 2 cores, so the paper's 500 steps (FusionBench: 1000) would take ~20 min; 100 steps at a 5×
+#: larger learning rate let λ travel as far (Adam moves each λ by at most ~lr per step).
+ADAMERGING_BUDGET = {"steps": 100, "lr": 5e-3}
 #: Methods that merge whole models without a shared base (permutation alignment): not multi-task merges of
 #: fine-tunes of one pre-trained model, so they are listed as skipped.
 BASELESS_REASON = "merges independently trained models without a base (permutation alignment); not a task-vector merge"
@@ -73,6 +79,7 @@ class MethodSpec:
     search: bool = True
     note: str = ""  # fixed settings shown next to the coefficient (e.g. a density that is not searched)
     endpoints: bool = False  # kind "pair" only: merge the two experts' weights (the first in the base's place)
+    data: bool = False  # a data-aware method: merge(..., data=) with DATA_EXAMPLES training examples per task
 
 
 def method_specs(grid_mode: str) -> tuple[list[MethodSpec], dict[str, str]]:
@@ -102,6 +109,10 @@ def method_specs(grid_mode: str) -> tuple[list[MethodSpec], dict[str, str]]:
         return [MethodSpec(label, config, search=False, note=note or "defaults (no search space)")]
 
     sparse = f"density={SPARSE_DENSITY:g} (fixed)"
+
+    def with_data(label: str, config: Any, note: str) -> list[MethodSpec]:
+        return [MethodSpec(label, config, search=False, data=True,
+                           note=f"{note}; {DATA_EXAMPLES} training examples per task")]
 
     builders: dict[str, Callable[[type], list[MethodSpec]]] = {
         "average": lambda cls: [MethodSpec("average", cls(), search=False)],
@@ -133,6 +144,17 @@ def method_specs(grid_mode: str) -> tuple[list[MethodSpec], dict[str, str]]:
                                             f"{sparse}, γ={cls(density=0.5).gamma:g}"),
         "breadcrumbs_ties": lambda cls: searched("breadcrumbs_ties", cls(density=SPARSE_DENSITY),
                                                  f"{sparse}, γ={cls(density=0.5).gamma:g}"),
+        # data-aware methods (learn from each task's training examples) and WUDI (data-free)
+        "regmean": lambda cls: with_data("regmean", cls(), f"defaults: α={cls().alpha:g}"),
+        "regmean_plus": lambda cls: with_data("regmean_plus", cls(), f"defaults: α={cls().alpha:g}"),
+        "fisher": lambda cls: with_data("fisher", cls(), "defaults: normalized Fishers, labels"),
+        "adamerging": lambda cls: [
+            spec for granularity in ("task", "layer")
+            for spec in with_data(f"adamerging ({granularity})", cls(granularity=granularity, **ADAMERGING_BUDGET),
+                                  f"λ{' per block' if granularity == 'layer' else ''} learned: init {cls().init:g}, "
+                                  f"{ADAMERGING_BUDGET['steps']} Adam steps at lr {ADAMERGING_BUDGET['lr']:g} "
+                                  f"(budgeted; defaults {cls().steps} at {cls().lr:g}), no labels")],
+        "wudi": lambda cls: defaults("wudi", cls(), f"defaults (data-free, no search space): {cls().steps} Adam steps"),
         # exactly two models: a pair of tasks (run_pair)
         "slerp": lambda cls: [MethodSpec("slerp", cls(t=SLERP_T), kind="pair", search=False, endpoints=True,
                                          note=f"t={SLERP_T:g} (no search space, no default t): expert A in the base's "
@@ -208,17 +230,21 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
         search_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if spec.kind == "merge":
-            merged = hf_merge.merge(base.encoder, experts, config, progress=False)
+            data = task_data(base, setups) if spec.data else None
+            with tb.PeakMemory() as peak:
+                merged = hf_merge.merge(base.encoder, experts, config, progress=False,
+                                        **({"data": data} if data else {}))
             merge_seconds = time.perf_counter() - start
             accuracies = tb.score_encoder(merged, setups, "test", pad_id)
         else:
-            bank = compress(base.encoder, experts, config, progress=False)
+            with tb.PeakMemory() as peak:
+                bank = compress(base.encoder, experts, config, progress=False)
             merge_seconds = time.perf_counter() - start
             accuracies = {n: tb.accuracy_of(bank.load_task(n), s.head, s.test, pad_id) for n, s in setups.items()}
             result_extra = {"storage_ratio": bank.storage_ratio()}
         row = {"method": config.method, "kind": spec.kind, "config": config.to_dict(), "search": search_record,
-               "search_seconds": search_seconds, "merge_seconds": merge_seconds, "note": spec.note,
-               "test": tb.summarize(accuracies, tb.references(setups))}
+               "search_seconds": search_seconds, "merge_seconds": merge_seconds, "merge_peak_mb": peak.megabytes,
+               "note": spec.note, "test": tb.summarize(accuracies, tb.references(setups))}
         if spec.kind != "merge":
             row.update(result_extra)
         result["methods"][spec.label] = row
@@ -229,6 +255,23 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
     if pair_specs:
         result["pair"] = run_pair(base, setups, pair_specs, args, log, lambda: checkpoint(result), result)
     return result
+
+
+def task_data(base: tb.BaseModel, setups: Mapping[str, Any]) -> dict[str, Any]:
+    """``{task: TaskData}`` for the data-aware methods: DATA_EXAMPLES training examples of each task (a seeded
+    shuffle), with the task's frozen head on the mean-pooled encoder output as its logits."""
+    import datasets
+
+    from hf_merge import TaskData
+
+    data = {}
+    for name, setup in setups.items():
+        order = torch.randperm(len(setup.train), generator=torch.Generator().manual_seed(0))[:DATA_EXAMPLES].tolist()
+        examples = datasets.Dataset.from_dict({"input_ids": [setup.train.input_ids[i] for i in order],
+                                               "label": [setup.train.labels[i] for i in order]})
+        data[name] = TaskData(examples, tokenizer=base.tokenizer, logits=lambda outputs, batch, head=setup.head: head(
+            tb.mean_pool(outputs.last_hidden_state, batch["attention_mask"])))
+    return data
 
 
 def choose_pair(setups: Mapping[str, Any], requested: list[str] | None) -> tuple[list[str], str]:
@@ -321,11 +364,13 @@ def _coefficient(row: Mapping[str, Any]) -> str:
 def _method_table(res: Mapping[str, Any], tasks: list[str], rows: list[tuple[str, Any, Any]]) -> list[str]:
     """Average accuracy, normalized accuracy, retained gain, normalized accuracy per task, coefficient, merge s."""
     lines = ["| method | avg acc | normalized acc | retained gain | "
-             + " | ".join(f"norm {n}" for n in tasks) + " | coefficient (validation) | merge s |",
-             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+             + " | ".join(f"norm {n}" for n in tasks) + " | coefficient (validation) | merge s | merge peak MB |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
     for label, summary, row in rows:
         per_task = " | ".join(tb.percent(summary["per_task"][n]["normalized"]) for n in tasks)
-        extra = f"{_coefficient(row)} | {row['merge_seconds']:.1f}" if row else "— | —"
+        peak = row.get("merge_peak_mb") if row else None
+        extra = (f"{_coefficient(row)} | {row['merge_seconds']:.1f} | {'—' if peak is None else f'{peak:.0f}'}"
+                 if row else "— | — | —")
         if row and row["kind"] not in ("merge", "pair"):
             label += f" (1 model/task, {100 * row['storage_ratio']:.0f}% storage)"
         lines.append(f"| {label} | {tb.percent(summary['accuracy'])} | {tb.percent(summary['normalized'])} | "
@@ -426,6 +471,27 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
                  "accuracy", path)
 
 
+def plot_cost(results: Mapping[str, Any], path: Path) -> None:
+    """Retained fine-tuning gain against merge wall time (log scale), one point per method and variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, res in results["variants"].items():
+        rows = [(label, row) for label, row in res["methods"].items() if row["kind"] == "merge"]
+        xs = [max(row["merge_seconds"], 1e-2) for _, row in rows]
+        ys = [100 * row["test"]["retained_gain"] for _, row in rows]
+        ax.scatter(xs, ys, label=f"{variant} fine-tuning", s=18)
+        for (label, _), x, y in zip(rows, xs, ys):
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("merge wall time, s (log; data-aware methods include their forward passes)")
+    ax.set_ylabel("retained fine-tuning gain, %")
+    tb.save_plot(fig, ax, f"{results['meta']['model']}: accuracy against merge cost", path)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def resummarize(results: Mapping[str, Any]) -> None:
     """Recompute every summary of a results dict from its per-task accuracies (for ``--render``)."""
@@ -454,6 +520,7 @@ def write_outputs(results: Mapping[str, Any], out_dir: Path, name: str, *, plot_
     (out_dir / f"{name}.md").write_text(table + "\n")
     if plot_figure:
         plot(results, out_dir / f"{name}.png")
+        plot_cost(results, out_dir / f"{name}_cost.png")
     return table
 
 

@@ -24,6 +24,7 @@ _EXPORTS = {
     "MergeError": "errors",
     "MergeContext": "context",
     "MergeOptions": "options",
+    "TaskData": "data",
     "MethodCard": "config",
     "SearchSpace": "config",
     "MergeConfig": "config",

@@ -335,12 +335,17 @@ class _Checker:
                          "validates it before writing.")
 
     def check_plan(self, merger: Any, base: TensorSource | None, tasks: Mapping[str, TensorSource]) -> None:
+        from .data import check_data_for
         from .engine import Plan, check_plan
 
         try:
             check_plan(Plan(base, tasks, merger))
         except (ValueError, TypeError) as error:
             self.report.error("method", error)
+        try:
+            check_data_for(merger, self.options.data, list(tasks))
+        except ValueError as error:
+            self.report.error("data", error)
 
     def per_task_values(self, merger: Any, task_names: list[str]) -> None:
         """Per-task config values (``{task: value}``) must name exactly the tasks; linear methods' weights resolve."""

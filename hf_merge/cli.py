@@ -11,7 +11,8 @@
 A recipe is hf_merge's own YAML or a mergekit configuration, told apart by its keys (``method`` or
 ``merge_method``). hf_merge's keys are ``method``, ``base``, ``models`` (a list or a ``{task: path}`` mapping),
 ``parameters``, ``output``, and optionally any field of :class:`~hf_merge.options.MergeOptions` (``dtype``, ``device``,
-``memory_budget``, ``max_shard_size``, ``allow_pickle``, ...). mergekit's are read by :mod:`hf_merge.mergekit`. Relative
+``memory_budget``, ``max_shard_size``, ``allow_pickle``, ..., and ``data: {task: path}`` for the data-aware methods,
+each a saved dataset folder or a .txt/.json/.jsonl/.csv/.parquet file). mergekit's are read by :mod:`hf_merge.mergekit`. Relative
 paths in a recipe are resolved against the YAML file's folder; ``OUT_DIR`` (relative to the working directory)
 overrides ``output`` and is required for mergekit recipes, which have no output key.
 """
@@ -89,6 +90,13 @@ def _check_merge_spec(path: Path, spec: Any, output: str | Path | None) -> dict[
     for key in _PATH_OPTIONS:
         if options.get(key) is not None:
             options[key] = resolve(options[key], key)
+    if options.get("data") is not None:  # {task: a saved dataset folder or a data file, relative to the recipe}
+        from .data import load_examples
+
+        if not isinstance(options["data"], Mapping):
+            raise ValueError(f"{path}: data must be a mapping {{task: path}}, got {options['data']!r}.")
+        options["data"] = {str(task): load_examples(resolve(value, f"data.{task}"))
+                           for task, value in options["data"].items()}
     for key in _REFERENCE_OPTIONS:  # an input or a folder relative to the recipe, else as written (a name, "union")
         if isinstance(options.get(key), str):
             options[key] = reference(options[key], key)

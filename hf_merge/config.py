@@ -365,6 +365,21 @@ def resolve_per_task(name: str, value: PerTask, task_names: Sequence[str]) -> li
     return [value] * len(task_names)
 
 
+def check_positive(name: str, value: Any, why: str = "") -> None:
+    """Raise unless ``value`` is a finite number > 0 (``why`` is added to the message)."""
+    check_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0{f' ({why})' if why else ''}, got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
+    """Raise unless ``value`` is an integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}.")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")

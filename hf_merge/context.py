@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .data import TaskData, TaskModels, check_task_data
 from .errors import MergeError
 from .io.deltas import DeltaSource
 from .io.prefetch import Prefetcher
@@ -40,6 +41,7 @@ class MergeContext:
         bounded_memory: bool = False,
         merge_keys: Sequence[str] | None = None,
         tracker: Progress | None = None,
+        data: Mapping[str, TaskData] | None = None,
     ) -> None:
         self.base = base
         self.tasks = dict(tasks)
@@ -56,6 +58,8 @@ class MergeContext:
                            else [k for k, m in metas.items() if m.dtype.is_floating_point])
         self.output_dtypes = output_dtypes
         self.bounded_memory = bounded_memory
+        #: ``{task: TaskData}`` given to the merge (``merge(data=...)``), for data-aware methods.
+        self.data = data
 
     @property
     def plain_differences(self) -> bool:
@@ -87,8 +91,14 @@ class MergeContext:
     def _view(self, **changes: Any) -> MergeContext:
         settings = dict(device=self.device, progress=self.progress, transforms=self._transforms,
                         prefetch_depth=self.prefetch_depth, output_dtypes=self.output_dtypes,
-                        bounded_memory=self.bounded_memory, merge_keys=self.merge_keys, tracker=self.tracker)
+                        bounded_memory=self.bounded_memory, merge_keys=self.merge_keys, tracker=self.tracker,
+                        data=self.data)
         return MergeContext(self.base, self.tasks, self.infos, self.metas, **{**settings, **changes})
+
+    def task_models(self, method: str) -> TaskModels:
+        """The forward passes of a data-aware ``method`` over every task's data (refused when a task has none)."""
+        return TaskModels(self.base, self.tasks, check_task_data(self.data, self.task_names, method), self.device,
+                          method)
 
     def _load(self, source: TensorSource, key: str) -> torch.Tensor:
         tensor = source.get(key).to(self.device, torch.float32)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .context import MergeContext
+from .data import check_data_for
 from .errors import MergeError
 from .inputs import bind_deltas, classify_sources, reconcile_tied_embeddings, validate_sources
 from .io.deltas import DeltaSource, LowRankSource
@@ -133,6 +134,7 @@ def _finish(plan: Plan, sink: Sink, summary: MergeSummary, options: MergeOptions
 
 def _context(plan: Plan, options: MergeOptions) -> MergeContext:
     base, tasks = plan.base, plan.tasks
+    check_data_for(plan.merger, options.data, list(tasks))
     bind_deltas(base, tasks)
     reconcile_tied_embeddings(base, tasks)
     metas = validate_sources(base, tasks, dtype=options.dtype)
@@ -145,6 +147,7 @@ def _context(plan: Plan, options: MergeOptions) -> MergeContext:
         base, tasks, infos, metas, device=options.device, progress=options.progress,
         prefetch_depth=read_ahead_depth(metas, len(tasks) + 1, options),
         output_dtypes={k: m.dtype for k, m in out_metas.items()}, bounded_memory=options.memory_budget is not None,
+        data=options.data,
     )
 
 

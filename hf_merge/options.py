@@ -70,6 +70,8 @@ class MergeOptions:
             template to take; ``None``: the tokenizer source's.
         pad_to_multiple_of: pad the output's embedding rows to a multiple of this (mergekit's
             ``tokenizer.pad_to_multiple_of``).
+        data: ``{task: TaskData}``, the examples data-aware methods (RegMean, Fisher, AdaMerging) run the models on
+            (see :mod:`hf_merge.data`); every other method refuses it.
     """
 
     device: torch.device | None = None
@@ -92,6 +94,7 @@ class MergeOptions:
     tokenizer: Any = dataclasses.field(default=None, repr=False)
     chat_template: str | None = None
     pad_to_multiple_of: int | None = None
+    data: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def card(self) -> Any:
@@ -139,6 +142,7 @@ def make_options(
     tokenizer: Any = None,
     chat_template: str | None = None,
     pad_to_multiple_of: int | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> MergeOptions:
     """The one way to build :class:`MergeOptions` from user keywords.
 
@@ -176,6 +180,7 @@ def make_options(
         raise TypeError(f"token must be a string or a bool, got {type(token).__name__}.")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a path, got {cache_dir!r}.")
+    from .data import task_data_of
     from .hub.provenance import CardMetadata
 
     card = CardMetadata(license=license, tags=tags, base_model=base_model)  # checked before any work
@@ -208,6 +213,7 @@ def make_options(
         tokenizer=tokenizer,
         chat_template=chat_template,
         pad_to_multiple_of=pad_to_multiple_of,
+        data=task_data_of(data),
     )
 
 
@@ -215,7 +221,7 @@ def make_options(
 OPTION_KEYWORDS = ("device", "compute_device", "dtype", "progress", "allow_pickle", "memory_budget", "device_map",
                    "max_memory", "offload_folder", "max_shard_size", "overwrite", "revision", "token", "cache_dir",
                    "license", "tags", "base_model", "tokenizer_source", "tokenizer", "chat_template",
-                   "pad_to_multiple_of")
+                   "pad_to_multiple_of", "data")
 
 
 def split_options(keywords: dict[str, Any], **defaults: Any) -> MergeOptions:

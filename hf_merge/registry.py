@@ -27,6 +27,12 @@ def _load_builtin_methods() -> None:
     from . import methods, stack  # noqa: F401  (importing them registers every built-in method; stack: passthrough)
 
 
+def data_aware_methods() -> list[str]:
+    """The registered methods whose merger runs the models on the tasks' data (``Merger.uses_data``)."""
+    _load_builtin_methods()
+    return sorted(name for name, (_, merger_cls) in MERGE_METHODS.items() if getattr(merger_cls, "uses_data", False))
+
+
 def config_class(method: str) -> type[MergeConfig]:
     _load_builtin_methods()
     try:

@@ -585,6 +585,25 @@ def _tensors(base: dict, finetuned: Any, config: str = "task_arithmetic", **kwar
                                               **kwargs)
 
 
+def _data_merge(method: str, data: Any, base_kind: str = "folder", **kwargs: Any) -> Callable[[Path], Any]:
+    """A data-aware (or other) merge of saved tiny BERT folders (or, with ``base_kind="state_dict"``, of bare state
+    dicts) with ``data`` (a function of the example batches) into ``out``."""
+    def setup(tmp: Path) -> Callable[[], Any]:
+        base = tiny_bert()
+        models = {"base": base, "a": finetuned_copy(base, 1), "b": finetuned_copy(base, 2)}
+        if base_kind == "folder":
+            for name, model in models.items():
+                model.save_pretrained(tmp / name)
+            inputs: dict[str, Any] = {name: tmp / name for name in models}
+        else:
+            inputs = {name: dict(model.state_dict()) for name, model in models.items()}
+        examples = [{"input_ids": torch.arange(4, 12)} for _ in range(4)]
+        loader = torch.utils.data.DataLoader(examples, batch_size=2)
+        return lambda: hf_merge.merge(inputs["base"], {"a": inputs["a"], "b": inputs["b"]}, method,
+                                      data=data(loader), output_dir=tmp / "out", progress=False, **kwargs)
+    return setup
+
+
 NAN = float("nan")
 FAULTS = [
     # output folders
@@ -719,6 +738,23 @@ FAULTS = [
           "value": 2}]), ValueError, "can never apply", target=None),
     Fault("schedule with NaN", lambda tmp: lambda: hf_merge.Schedule([0.1, NAN]), ValueError, "finite", target=None),
     Fault("schedule splitting global TIES statistics", _scheduled_global_ties, ValueError, "scope='tensor'"),
+    # data-aware merges
+    Fault("data-aware merge without data", _data_merge("regmean", lambda loader: None), ValueError,
+          r"'regmean' learns from data"),
+    Fault("data-aware merge missing a task's data", _data_merge("fisher", lambda loader: {"a": loader}), ValueError,
+          r"none was given for \['b'\]"),
+    Fault("data for a task that is not an input", _data_merge("regmean", lambda loader: {"a": loader, "b": loader,
+          "c": loader}), ValueError, r"not among the inputs"),
+    Fault("data given to a method that uses none", _data_merge("task_arithmetic", lambda loader: {"a": loader,
+          "b": loader}, scaling=0.5), ValueError, r"'task_arithmetic' uses no data"),
+    Fault("data-aware merge of bare state dicts", _data_merge("regmean_plus", lambda loader: {"a": loader, "b": loader},
+          base_kind="state_dict"), ValueError, r"needs its architecture"),
+    Fault("raw text without a tokenizer", _data_merge("regmean", lambda loader: {"a": ["red"], "b": ["blue"]}),
+          ValueError, r"task 'a' is raw text, but no tokenizer"),
+    Fault("AdaMerging learning rate of zero", _bad_config("adamerging", lr=0.0), ValueError, "lr must be > 0",
+          target=None),
+    Fault("WUDI unknown solver", _bad_config("wudi", solver="lbfgs"), ValueError, "solver must be one of",
+          target=None),
 ]
 
 
@@ -768,6 +804,8 @@ _CONFIGS = st.one_of(
               _FINITE, st.booleans()),
     st.builds(lambda k: hf_merge.SCEConfig(select_topk=k), st.floats(0.1, 1.0)),
     st.builds(lambda s: hf_merge.MagMaxConfig(scaling=s), _FINITE),
+    st.builds(lambda steps, solver: hf_merge.WUDIConfig(steps=steps, solver=solver), st.integers(0, 5),
+              st.sampled_from(["adam", "closed_form"])),
 )
 
 

@@ -34,7 +34,8 @@ TOKEN = "hf_test"
 CARD_METHODS = (
     "average", "task_arithmetic", "ties", "dare", "tsv_m", "tsv_c", "consensus", "tall_masks", "iso_c", "iso_cts",
     "lines", "c2m3", "weight_matching", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "della",
-    "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "magmax",
+    "della_linear", "breadcrumbs", "breadcrumbs_ties", "sce", "magmax", "wudi", "regmean", "regmean_plus", "fisher",
+    "adamerging",
 )
 
 

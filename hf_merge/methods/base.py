@@ -42,6 +42,9 @@ class Merger(abc.ABC):
     #: Set by ``prepare`` (only where ``ctx.can_merge_in_one_pass``) to merge reading every input once; ``None``:
     #: the engine merges tensor by tensor with ``merge_tensor``.
     one_pass: OnePassMerge | None = None
+    #: Whether ``prepare`` runs the models on the tasks' data (``merge(data=...)``, :meth:`MergeContext.task_models`);
+    #: the engine refuses data given to a method that does not.
+    uses_data: ClassVar[bool] = False
 
     def __init__(self, config: MergeConfig) -> None:
         if not isinstance(config, self.config_class):
@@ -132,6 +135,7 @@ class ScheduledMerger(Merger):
         self.config = config
         self.merger_class = merger_class
         self.uses_param_info = merger_class.uses_param_info  # type: ignore[misc]
+        self.uses_data = merger_class.uses_data  # type: ignore[misc]
         self.by_key: dict[str, Merger] = {}
 
     def prepare(self, ctx: MergeContext) -> None:
