@@ -182,9 +182,9 @@ class TaskModels:
                 out[key] = source.get(key).float()
         return out
 
-    def build(self, weights: Callable[[str], torch.Tensor]) -> torch.nn.Module:
+    def build(self, weights: Callable[[str], torch.Tensor], device: torch.device | str | None = None) -> torch.nn.Module:
         """The architecture with ``weights(key)`` (float32) assigned to every floating-point parameter and buffer, in
-        eval mode on the compute device, with gradients off."""
+        eval mode on ``device`` (default: the compute device), with gradients off."""
         model = _empty_copy(self.template)
         state, assigned = {}, set()
         for name, tensor in model.state_dict().items():
@@ -202,7 +202,7 @@ class TaskModels:
                              f"inputs ({self.base.label}).")
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False
-        return model.to(self.device).eval().requires_grad_(False)
+        return model.to(self.device if device is None else device).eval().requires_grad_(False)
 
     def tokenizer(self, task: str) -> Any:
         if task not in self._tokenizers:

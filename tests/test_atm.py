@@ -1,10 +1,12 @@
 """ATM (Alternating Tuning and Merging): configuration, equivalence with multi-task gradient descent, any merger,
-per-task heads and losses, evaluation logging, resumable round checkpoints, DDP, and the runnable example."""
+per-task heads and losses, evaluation logging, resumable round checkpoints, refinement of a merge (``init_from``),
+DDP, and the runnable example."""
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -340,6 +342,210 @@ def test_saved_model_loads_with_from_pretrained_and_keeps_task_heads(tmp_path):
     assert ATMConfig.from_pretrained(tmp_path / "saved") == trainer.atm_config
     saved_heads = load_file(tmp_path / "saved" / "task_heads.safetensors")
     assert torch.equal(saved_heads["weight@task_1"], trainer.task_heads["task_1"].weight.detach())
+
+
+# --------------------------------------------------------------------------------------------- refining a merge
+def experts_of(model: torch.nn.Module, tasks: dict, lr: float = 0.5) -> dict[str, torch.nn.Module]:
+    """One full-batch SGD step of ``model`` on each task: tiny fine-tuned experts."""
+    return {name: multitask_gradient_descent(copy.deepcopy(model), {name: data}, lr, steps=1, loss_weight=1.0)
+            for name, data in tasks.items()}
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    expected = b.state_dict()
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def merged_weights(tmp_path: Path, kind: str):
+    """A 'merged model' (a seed-7 model) as init_from of ``kind``, and that model."""
+    merged = tiny_classifier(seed=7)
+    if kind == "model":
+        return merged, merged
+    if kind == "state_dict":
+        return {name: tensor.clone() for name, tensor in merged.state_dict().items()}, merged
+    merged.save_pretrained(tmp_path / "merged")
+    return str(tmp_path / "merged"), merged
+
+
+@pytest.mark.parametrize("kind", ["model", "state_dict", "checkpoint"])
+def test_init_from_merged_weights_makes_them_theta0(tmp_path, kind):
+    """θ⁰ is the merged model's weights as soon as the trainer is built; a round with learning rate 0 keeps them
+    (the rounds start from θ⁰), and the record says where they came from."""
+    from hf_merge.training import ATMTrainer
+
+    init_from, merged = merged_weights(tmp_path, kind)
+    trainer = ATMTrainer(tiny_classifier(), training_args(tmp_path / "run", learning_rate=0.0),
+                         task_datasets=synthetic_tasks(2), atm_config=ATMConfig(rounds=1, steps_per_round=1),
+                         init_from=init_from)
+    assert_same_weights(trainer.model, merged)
+    trainer.train()
+    assert_same_weights(trainer.model, merged)
+    assert trainer.init_record["init_from"] == kind
+    if kind == "checkpoint":
+        assert trainer.init_record["origin"] == "merged"  # a local folder by name, as merge records do
+
+
+@pytest.mark.parametrize("architecture", ["tiny_llama", "tiny_mixtral"], ids=["tied_embeddings", "fused_experts"])
+def test_init_from_places_weights_as_checkpoints_store_them(tmp_path, architecture):
+    """Tied copies stored once (Llama) and weights transformers converts on loading (Mixtral's per-expert matrices,
+    fused in memory) are placed from a model, a folder and a state dict under either naming, in the model's dtype."""
+    import tiny_models
+
+    from hf_merge.training import ATMTrainer
+
+    factory = getattr(tiny_models, architecture)
+    merged = factory()
+    merged.save_pretrained(tmp_path / "merged")
+    for init_from in (merged, str(tmp_path / "merged"), merged.state_dict()):
+        model = factory().to(torch.bfloat16)
+        ATMTrainer(model, training_args(tmp_path / "run"), task_datasets={"t": [{"input_ids": [1]}]},
+                   atm_config=ATMConfig(rounds=1, steps_per_round=1), init_from=init_from)
+        assert_same_weights(model, copy.deepcopy(merged).to(torch.bfloat16))
+
+
+def test_atm_from_init_from_is_atm_from_the_merged_model(tmp_path):
+    from hf_merge.training import ATMTrainer
+
+    tasks, config = synthetic_tasks(2), ATMConfig(rounds=2, steps_per_round=2)
+    merged = tiny_classifier(seed=7)
+    refined = ATMTrainer(tiny_classifier(), training_args(tmp_path / "a", learning_rate=1e-2), task_datasets=tasks,
+                         atm_config=config, init_from=merged)
+    refined.train()
+    direct = ATMTrainer(copy.deepcopy(merged), training_args(tmp_path / "b", learning_rate=1e-2), task_datasets=tasks,
+                        atm_config=config)
+    direct.train()
+    assert_same_weights(refined.model, direct.model)
+    assert max_difference(refined.model, merged) > 1e-4  # it did train
+
+
+@pytest.mark.parametrize("config", ["tsv_m config", "tsv_m", {"method": "ties", "density": 0.3, "scaling": 1.0}],
+                         ids=["merge_config", "method_name", "config_dict"])
+def test_init_from_a_merge_config_is_that_merge_of_init_experts_into_the_model(tmp_path, config):
+    import json
+
+    import hf_merge
+    from hf_merge.training import ATMTrainer
+
+    tasks = synthetic_tasks(2)
+    base = tiny_classifier()
+    experts = experts_of(base, tasks)
+    config = hf_merge.TSVMergeConfig() if config == "tsv_m config" else config
+    as_config = hf_merge.TSVMergeConfig() if config == "tsv_m" else (
+        hf_merge.MergeConfig.from_dict(config) if isinstance(config, dict) else config)
+    expected = hf_merge.merge(base, experts, as_config, progress=False)
+    given = experts
+    if isinstance(config, dict):  # experts as checkpoint folders
+        for name, expert in experts.items():
+            expert.save_pretrained(tmp_path / f"expert-{name}")
+        given = {name: str(tmp_path / f"expert-{name}") for name in experts}
+    model = copy.deepcopy(base)
+    trainer = ATMTrainer(model, training_args(tmp_path / "run", learning_rate=1e-2), task_datasets=tasks,
+                         atm_config=ATMConfig(rounds=1, steps_per_round=1), init_from=config, init_experts=given)
+
+    assert trainer.model is model  # the model given is θ₀ of the merge and is overwritten in place with θ⁰
+    assert_same_weights(trainer.model, expected)
+    assert max_difference(trainer.model, base) > 1e-4
+    assert not hasattr(model, "merge_config")  # the merge's record is the trainer's, not attached to the model
+    assert trainer.init_record["init_from"] == "merge"
+    assert trainer.init_record["merge_config"] == as_config.to_dict()
+    # inputs by folder name (local paths are not recorded, as in merge_config.json), None in memory
+    assert trainer.init_record["experts"] == {name: f"expert-{name}" if given is not experts else None for name in experts}
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "atm_init.json").read_text())
+    assert hf_merge.MergeConfig.from_dict(saved["merge_config"]) == as_config
+
+
+def test_init_from_rejects_inputs_it_cannot_use_before_training(tmp_path):
+    import hf_merge
+    from hf_merge.training import ATMTrainer
+
+    tasks = synthetic_tasks(2)
+
+    def build(**init):
+        return ATMTrainer(tiny_classifier(), training_args(tmp_path), task_datasets=tasks,
+                          atm_config=ATMConfig(rounds=1, steps_per_round=1), **init)
+
+    state = tiny_classifier(seed=7).state_dict()
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    with pytest.raises(TypeError, match="init_from must be .* got int"):
+        build(init_from=3)
+    with pytest.raises(TypeError, match="init_from must be .* got list"):
+        build(init_from=[state])
+    with pytest.raises(ValueError, match=rf"'{key}' has shape \(8, 16\), the model's is \(16, 16\)"):
+        build(init_from={**state, key: torch.zeros(8, 16)})
+    with pytest.raises(ValueError, match=rf"'{key}' \(shape \(16, 16\)\) is missing"):
+        build(init_from={k: v for k, v in state.items() if k != key})
+    with pytest.raises(ValueError, match=r"'extra.weight' \(shape \(2,\)\) is not a tensor of the model"):
+        build(init_from={**state, "extra.weight": torch.zeros(2)})
+    with pytest.raises(TypeError, match="entry 'bert.pooler.dense.bias' is a str"):
+        build(init_from={**state, "bert.pooler.dense.bias": "zeros"})
+    with pytest.raises(ValueError, match="neither an existing checkpoint folder nor a merge method.*'tsv_n'"):
+        build(init_from="tsv_n")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        build(init_from=tmp_path / "missing")
+    experts = {"a": tiny_classifier(seed=1)}
+    with pytest.raises(ValueError, match="init_experts are merged by the merge config.*init_from is missing"):
+        build(init_experts=experts)
+    with pytest.raises(ValueError, match="init_experts are merged by the merge config.*init_from is a state dict"):
+        build(init_from=state, init_experts=experts)
+    with pytest.raises(ValueError, match="init_from='tsv_m' merges init_experts into the model.*give init_experts"):
+        build(init_from=hf_merge.TSVMergeConfig())
+    with pytest.raises(TypeError, match="init_from='task_arithmetic': .*'scaling'.* config dict"):
+        build(init_from="task_arithmetic", init_experts=experts)
+    with pytest.raises(TypeError, match="init_experts must be a non-empty"):
+        build(init_from="tsv_m", init_experts=[tiny_classifier(seed=1)])
+
+    # with task heads, the model's own head may be left out of the merged weights
+    heads = {t: torch.nn.Linear(16, 3) for t in tasks}
+    body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    trainer = build(init_from=body, task_heads=heads)
+    assert torch.equal(trainer.model.bert.pooler.dense.weight, state["bert.pooler.dense.weight"])
+    with pytest.raises(ValueError, match="'classifier.weight' .* is missing"):
+        build(init_from=body)
+
+
+def test_resuming_a_refinement_reproduces_the_uninterrupted_run(tmp_path):
+    """The checkpoint's weights are loaded over θ⁰, whether init_from is given again or not; a different init_from
+    is refused."""
+    import hf_merge
+    from hf_merge.training import ATMTrainer
+
+    tasks = synthetic_tasks(2, size=12, with_eval=True)
+    config = ATMConfig(rounds=3, steps_per_round=2)
+    args = {"per_device_train_batch_size": 4, "learning_rate": 1e-2, "save_strategy": "epoch", "eval_strategy": "epoch"}
+    base = tiny_classifier(dropout=0.1)
+    experts = experts_of(base, synthetic_tasks(2))
+    init = {"init_from": hf_merge.TSVMergeConfig(), "init_experts": experts}
+    full = ATMTrainer(copy.deepcopy(base), training_args(tmp_path / "full", **args), task_datasets=tasks,
+                      atm_config=config, **init)
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-1" / "atm_init.json").is_file()
+
+    checkpoint = str(tmp_path / "full" / "checkpoint-1")
+    again = ATMTrainer(tiny_classifier(dropout=0.1, seed=99), training_args(tmp_path / "again", **args),
+                       task_datasets=tasks, atm_config=config, **init)
+    without = ATMTrainer(tiny_classifier(dropout=0.1, seed=98), training_args(tmp_path / "without", **args),
+                         task_datasets=tasks, atm_config=config)
+    for resumed in (again, without):
+        assert resumed.train(resume_from_checkpoint=checkpoint).global_step == 12
+        assert_same_weights(resumed.model, full.model)
+        assert resumed.init_record == full.init_record  # adopted from the checkpoint when not given
+    assert (tmp_path / "without" / "checkpoint-3" / "atm_init.json").is_file()
+
+    other = ATMTrainer(copy.deepcopy(base), training_args(tmp_path / "other", **args), task_datasets=tasks,
+                       atm_config=config, init_from={"method": "task_arithmetic", "scaling": 0.5},
+                       init_experts=experts)
+    with pytest.raises(ValueError, match="started from a merge with .*tsv_m.* but this trainer's init_from is "
+                                         ".*task_arithmetic"):
+        other.train(resume_from_checkpoint=checkpoint)
+    plain = tmp_path / "plain" / "checkpoint-1"  # a run that started from the model given to its trainer
+    shutil.copytree(checkpoint, plain)
+    (plain / "atm_init.json").unlink()
+    refined = ATMTrainer(tiny_classifier(), training_args(tmp_path / "plain", **args), task_datasets=tasks,
+                         atm_config=config, init_from=tiny_classifier(seed=7))
+    with pytest.raises(ValueError, match="started from the model given to the trainer, but .* is model weights"):
+        refined.train(resume_from_checkpoint=True)
 
 
 # --------------------------------------------------------------------------------------------- DDP and example

@@ -11,7 +11,8 @@ parameter is averaged. The models run block by block: each task's inputs to the 
 once, then every block runs on the inputs of the one before, so only one block's Gram matrices are held at a time.
 RegMean takes block ℓ's inputs from task i's own blocks < ℓ; RegMean++ from the already merged blocks < ℓ (its
 inputs to the first block from the averaged embeddings), so that each layer's statistics see the merged model's
-representation. A model without one recognised stack of blocks runs whole (RegMean++ is then RegMean).
+representation. A model without one recognised stack of blocks runs whole (RegMean++ is then RegMean). Only the
+block being fitted sits on the compute device (with the embeddings and head); the others wait on the CPU.
 """
 
 from __future__ import annotations
@@ -168,14 +169,26 @@ class RegMeanMerger(Merger):
     def prepare(self, ctx: MergeContext) -> None:
         models = ctx.task_models(self.config.method)
         keys = [k for k in ctx.merge_keys if models.base.has(k)]
-        work = models.build(lambda key: models.base.get(key).float())
-        self.slots = {models.key_of(name): tensor for name, tensor in work.state_dict().items()}
+        work = models.build(lambda key: models.base.get(key).float(), device="cpu")
+        self.work, self.models = work, models
         self.merged: dict[str, torch.Tensor] = {}
         self.ridges: dict[str, float] = {}
         blocks = _blocks(work, models, set(keys))
+        if blocks[0].module is work:
+            work.to(ctx.device)
+        else:  # only one block at a time on the compute device: the rest of the model there, the blocks on the CPU
+            in_blocks = {id(t) for block in blocks for t in (*block.module.parameters(), *block.module.buffers())}
+            with torch.no_grad():
+                for tensor in (*work.parameters(), *work.buffers()):
+                    if id(tensor) not in in_blocks:
+                        tensor.data = tensor.data.to(ctx.device)
         calls = self._first_calls(ctx, models, work, blocks, keys)
         for block in ctx.tracker.track(blocks, f"{self.config.method} (blocks)"):
+            block.module.to(ctx.device)
             calls = self._merge_block(ctx, models, block, calls)
+            if block.module is not work:
+                block.module.to("cpu")
+        del self.work, self.models
 
     def _first_calls(self, ctx: MergeContext, models: TaskModels, work: torch.nn.Module, blocks: list[_Block],
                      keys: list[str]) -> dict[str, list[_Call]]:
@@ -251,10 +264,12 @@ class RegMeanMerger(Merger):
         return {task: _run(block.module, calls[task], ()) for task in ctx.task_names}
 
     def _load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy ``weights`` (by input key) into the working model, wherever its tensors are now."""
         with torch.no_grad():
-            for key, value in weights.items():
-                if key in self.slots:
-                    self.slots[key].copy_(value)
+            for name, tensor in self.work.state_dict().items():
+                key = self.models.key_of(name)
+                if key in weights:
+                    tensor.copy_(weights[key])
 
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         if key in self.merged:

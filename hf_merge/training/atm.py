@@ -1,6 +1,8 @@
 """``ATMTrainer``: Alternating Tuning and Merging (Zhou et al. 2024, arXiv 2411.03055) on ``transformers.Trainer``.
 
-θ⁰ is the model given to the trainer. Round k = 1..K, for every task t: fine-tune θ^{k−1} on D_t for the per-round
+θ⁰ is the model given to the trainer, or — ATM as refinement of a merge (the paper's second application) —
+``init_from``: a merged model's weights, or a merge (e.g. TSV-M) of ``init_experts`` with the given model as its base,
+computed when the trainer is built. Round k = 1..K, for every task t: fine-tune θ^{k−1} on D_t for the per-round
 budget (fresh optimizer and scheduler, seed ``args.seed + (k−1)·T + t``), take τ_t^k = θ_t^k − θ^{k−1}, restore θ^{k−1}.
 Then θ^k = θ^{k−1} + α · merge(τ_1^k, …, τ_T^k) (:mod:`hf_merge.training.merge_step`). With one full-batch SGD step
 per task and α = 1 this is gradient descent on Σ_t L_t; α = 1/T gives the mean loss.
@@ -16,17 +18,18 @@ model, a copy of θ^{k−1} and a running sum of task vectors (float32, or float
 models. Any other merge method keeps the T fine-tuned models of the round (plus θ^{k−1}) until the round's merge:
 T + 2 models.
 
-(This module is ~450 lines: ``ATMTrainer`` overrides the ``Trainer`` hooks one round of ATM touches — loss, prediction,
-evaluation, logging, optimizer creation, training — and they share its per-(round, task) state; the merge step and
-the round checkpoints live in their own modules.)
-
-One concern in one file (~480 lines): the trainer's rounds, their checkpoints and resumption share its state.
+One concern in one file (~700 lines): ``ATMTrainer`` overrides the ``Trainer`` hooks one round of ATM touches — loss,
+prediction, evaluation, logging, optimizer creation, training — and they share its per-(round, task) state, as do
+resumption and the starting point θ⁰ (``init_from``, the helpers at the end); the merge step and the round
+checkpoints live in their own modules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -40,28 +43,49 @@ from transformers.trainer_utils import (
     SaveStrategy,
     TrainOutput,
     enable_full_determinism,
+    get_last_checkpoint,
     set_seed,
 )
 
+from ..config import MergeConfig, load_json
 from ..registry import get_merger
 from .checkpoints import RoundCheckpoints
 from .config import ATMConfig
 from .merge_step import accumulate_task_vector, accumulation_dtype, apply_running_sum, merge_round
 
 LossFn = Callable[[nn.Module, dict[str, Any]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
+#: What θ⁰ was made from (``ATMTrainer.init_record``), saved next to the model and in every round checkpoint.
+INIT_RECORD_NAME = "atm_init.json"
 
 
 class ATMTrainer(RoundCheckpoints, transformers.Trainer):
     """A :class:`transformers.Trainer` that runs ATM over several tasks.
 
     Args:
-        model: the shared model θ⁰ (a ``PreTrainedModel`` or any module the ``Trainer`` accepts).
+        model: the shared model θ⁰ (a ``PreTrainedModel`` or any module the ``Trainer`` accepts); with ``init_from``,
+            the model whose weights θ⁰ replaces (in place), and with a merge config the base θ₀ of that merge.
         args: ``TrainingArguments``. Optimizer, learning rate and its schedule, batch size, gradient accumulation,
             logging and ``report_to`` apply to every (round, task) fine-tune; the schedule spans one such budget.
             Any ``eval_strategy``/``save_strategy`` other than ``"no"`` means "at every round boundary";
             ``save_total_limit`` keeps the newest round checkpoints.
         task_datasets: ``{task: train_dataset}`` or ``{task: (train_dataset, eval_dataset_or_None)}``.
         atm_config: the :class:`ATMConfig` (rounds, per-round budget, α, merge method).
+        init_from: where θ⁰ comes from when ATM refines a merge instead of starting from ``model``'s weights:
+
+            - merged weights: a model (``PreTrainedModel``/``nn.Module``), a state dict or a local checkpoint folder
+              (``save_pretrained`` output) with exactly ``model``'s tensors (names and shapes; with ``task_heads`` the
+              model's own head may be left out) — copied into ``model``;
+            - a merge: a :class:`~hf_merge.MergeConfig`, a method name (``"tsv_m"``) or a config dict
+              (``{"method": "ties", "density": 0.2}``, as in ``merge_config.json``), applied to ``init_experts`` with
+              ``model`` as the base: ``hf_merge.merge(model, init_experts, config)`` written into ``model`` (default
+              run options: arithmetic on the CPU; compute the merge yourself to pass others).
+
+            θ⁰ is set when the trainer is built (``trainer.evaluate()`` before ``train()`` scores it) and recorded in
+            :attr:`init_record` (saved as ``atm_init.json`` with the model and in every round checkpoint). Resuming
+            from a round checkpoint loads the checkpoint's weights over θ⁰ (so ``init_from`` may be left out then; if
+            given, it must be of the kind — and for a merge, the config — that the checkpoint records).
+        init_experts: ``{name: model, checkpoint folder, Hub id or state dict}``, the fine-tuned models of an
+            ``init_from`` merge (required with a merge, rejected without one). They need not be named like the tasks.
         compute_loss_fns: optional ``{task: fn(model, inputs) -> loss or (loss, logits)}``; tasks without one use the
             ``Trainer``'s loss (the model's ``loss`` output). ``fn`` must call ``model`` (it may be the DDP-wrapped
             model) rather than a saved reference. Returning ``(loss, logits)`` makes logits available to
@@ -91,6 +115,8 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
         *,
         task_datasets: Mapping[str, Any],
         atm_config: ATMConfig,
+        init_from: Any = None,
+        init_experts: Mapping[str, Any] | None = None,
         compute_loss_fns: Mapping[str, LossFn] | None = None,
         task_heads: Mapping[str, nn.Module] | None = None,
         head_attribute: str = "classifier",
@@ -136,6 +162,12 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
             self.task_heads = nn.ModuleDict({task: task_heads[task] for task in tasks})
         if args is not None and args.load_best_model_at_end:
             raise ValueError("load_best_model_at_end is not supported by ATMTrainer (rounds are merged, not selected).")
+        # θ⁰: every argument and (for merged weights) every name and shape is checked before anything is built
+        init_merge = _init_merge_config(init_from, init_experts)
+        init_weights = None
+        if init_from is not None and init_merge is None:
+            optional = self.head_attribute + "." if self.task_heads is not None else None
+            init_weights = _open_init_weights(init_from, model, optional)
 
         eval_sets = {task: ev for task, (_, ev) in self.task_datasets.items() if ev is not None}
         super().__init__(
@@ -147,6 +179,13 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
         )
         if self.task_heads is not None:
             self.task_heads.to(self.args.device)
+        #: What θ⁰ was made from: ``None`` (the given model), or ``{"init_from": "model" | "checkpoint" |
+        #: "state_dict" | "merge", ...}`` with the merge config and its inputs' origins for a merge.
+        self.init_record: dict[str, Any] | None = None
+        if init_merge is not None:
+            self.init_record = _merge_into(self.model, init_experts, init_merge, progress=not self.args.disable_tqdm)
+        elif init_weights is not None:
+            self.init_record = _load_init_weights(self.model, *init_weights)
         self._current_task: str | None = None
         self._atm_position: tuple[int, int | None] | None = None  # (round, task index) tagged onto logs
         self._in_fine_tune = False
@@ -395,8 +434,9 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
                    license: str | None = None, tags: Any = None, base_model: Any = None) -> None:
         """``Trainer.save_model`` (plus the task heads and ``atm_config.json``), ``merge_config.json`` (the merge
-        step of every round, a :class:`~hf_merge.MergeConfig`) and a model card (``README.md``) naming the starting
-        model, the tasks, the ATM schedule and the merge config. ``license`` (a Hub license id), ``tags`` and
+        step of every round, a :class:`~hf_merge.MergeConfig`), ``atm_init.json`` (what θ⁰ was made from, when
+        ``init_from`` was given: :attr:`init_record`) and a model card (``README.md``) naming the starting model, the
+        tasks, the ATM schedule and the merge config. ``license`` (a Hub license id), ``tags`` and
         ``base_model`` (``{"base": "org/name"}``: the starting model's Hub id when it was loaded from a local folder)
         set the card's metadata; they are checked before anything is written."""
         from ..hub.provenance import CardMetadata
@@ -414,9 +454,29 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
         from ..hub.cards import write_card
 
         self.atm_config.merge.save_pretrained(output_dir)
+        if self.init_record is not None:
+            with open(os.path.join(output_dir, INIT_RECORD_NAME), "w", encoding="utf-8") as fh:
+                json.dump(self.init_record, fh, indent=2)
         write_card(output_dir, self.atm_config.merge, inputs, artifact="atm", atm_config=self.atm_config,
                    atm_tasks=list(self.task_datasets), license=card.license, tags=list(card.tags),
                    base_model=dict(card.base_model))
+
+    def _load_round_checkpoint(self, checkpoint: str | bool) -> int:
+        """Check that the checkpoint started from the θ⁰ this trainer was given (if it was given one), restore it
+        (:class:`RoundCheckpoints`), and adopt its record of θ⁰."""
+        folder = get_last_checkpoint(self.args.output_dir) if checkpoint is True else checkpoint
+        saved = None
+        if folder is not None and os.path.isfile(os.path.join(folder, INIT_RECORD_NAME)):
+            saved = load_json(os.path.join(folder, INIT_RECORD_NAME))
+        if self.init_record is not None and _init_identity(saved) != _init_identity(self.init_record):
+            raise ValueError(
+                f"Checkpoint {os.fspath(folder)!r} started from {_init_identity(saved)}, but this trainer's init_from "
+                f"is {_init_identity(self.init_record)}; resume without init_from (the checkpoint's weights are "
+                "loaded over θ⁰ anyway) or with the one the run started from."
+            )
+        completed = super()._load_round_checkpoint(checkpoint)
+        self.init_record = saved  # what this run's θ⁰ was (equal to ours, when we were given one)
+        return completed
 
     def _merged_tensors(self) -> dict[str, torch.Tensor]:
         """The live tensors ATM merges: trainable parameters and floating-point buffers of the shared model (tied
@@ -479,3 +539,161 @@ def _split_loss(result: Any, task: str | None) -> tuple[torch.Tensor, torch.Tens
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise TypeError(f"compute_loss_fns[{task!r}] must return a scalar loss tensor (or (loss, logits)).")
     return loss, logits
+
+
+# ---------------------------------------------------------------------------------------------- θ⁰ (init_from)
+_MERGE_RECORD_ATTRIBUTES = ("merge_config", "merge_inputs", "merge_card", "save_pretrained", "push_to_hub")
+
+
+def _init_merge_config(init_from: Any, init_experts: Mapping[str, Any] | None) -> MergeConfig | None:
+    """The merge config ``init_from`` names (``None`` for merged weights or no ``init_from``), with the
+    ``init_experts`` pairing and the types checked."""
+    from ..registry import make_config
+
+    if isinstance(init_from, MergeConfig):
+        config = init_from
+    elif isinstance(init_from, Mapping) and isinstance(init_from.get("method"), str):
+        config = MergeConfig.from_dict(init_from)
+    elif isinstance(init_from, str) and not os.path.exists(init_from):
+        try:
+            config = make_config(init_from)
+        except ValueError as error:
+            raise ValueError(f"init_from={init_from!r} is neither an existing checkpoint folder nor a merge method: "
+                             f"{error}") from None
+        except TypeError as error:  # a method with required fields
+            raise TypeError(f"init_from={init_from!r}: {error}; give the method's fields in a config dict "
+                            f"({{'method': {init_from!r}, ...}}) or a MergeConfig.") from None
+    elif init_from is None or isinstance(init_from, (nn.Module, Mapping, str, os.PathLike)):
+        config = None
+    else:
+        raise TypeError(
+            "init_from must be a model, a state dict or a checkpoint folder (merged weights), or a MergeConfig, "
+            f"a merge method name or a merge config dict (a merge of init_experts), got {type(init_from).__name__}."
+        )
+    if config is None and init_experts is not None:
+        given = ("missing" if init_from is None else "a model" if isinstance(init_from, nn.Module)
+                 else "a state dict" if isinstance(init_from, Mapping) else "a checkpoint folder")
+        raise ValueError(
+            "init_experts are merged by the merge config given as init_from (e.g. init_from=hf_merge.TSVMergeConfig()"
+            f" or 'tsv_m'); init_from is {given} (merged weights, nothing to merge)."
+        )
+    if config is not None:
+        if init_experts is None:
+            raise ValueError(f"init_from={config.method!r} merges init_experts into the model (its base): give "
+                             "init_experts={name: fine-tuned model or checkpoint folder}.")
+        if not isinstance(init_experts, Mapping) or not init_experts:
+            raise TypeError("init_experts must be a non-empty {name: model, checkpoint folder or state dict} mapping, "
+                            f"got {type(init_experts).__name__}.")
+    return config
+
+
+def _open_init_weights(init_from: Any, model: nn.Module, optional_prefix: str | None) -> tuple[Any, ...]:
+    """``(source, [(model tensor, source key, its TensorMeta in the model)], kind, in_memory_names)`` for merged
+    weights, after checking that they
+    hold exactly the model's tensors with the model's shapes (keys under ``optional_prefix`` may be missing).
+
+    Names are matched as checkpoints store them (``save_pretrained``'s names, tied copies once; what a model, a folder
+    and most state dicts give), or — for a state dict with every one of them — as ``model.state_dict()`` names them
+    (which differ where transformers converts weights on loading, e.g. Mixtral's fused experts)."""
+    from ..io.sources import ModelSource, TensorMeta, open_source
+
+    kind = "model" if isinstance(init_from, nn.Module) else "state_dict" if isinstance(init_from, Mapping) else "checkpoint"
+    if kind == "checkpoint" and not os.path.isdir(init_from) and not os.fspath(init_from).endswith(".safetensors"):
+        raise FileNotFoundError(f"init_from={os.fspath(init_from)!r} is not a checkpoint folder.")
+    source = open_source(init_from, "init_from")
+    own = model.state_dict()
+    in_memory = kind == "state_dict" and all(
+        name in init_from for name in own if optional_prefix is None or not name.startswith(optional_prefix))
+    target = None if in_memory else ModelSource(model, "the model")
+    expected = {name: TensorMeta(tuple(t.shape), t.dtype) for name, t in own.items()} if in_memory else {
+        key: target.meta(key) for key in target.keys()}
+    pairs: list[tuple[str, str, Any]] = []
+    problems: list[str] = []
+    used: set[str] = set()
+    for key, meta in expected.items():
+        shape = tuple(meta.shape)
+        name = key if in_memory else target.memory_names.get(key, key)
+        found = next((k for k in (key, name) if source.has(k)), None)
+        if found is None:
+            if optional_prefix is None or not name.startswith(optional_prefix):
+                problems.append(f"{key!r} (shape {shape}) is missing")
+            continue
+        used.add(source.resolve(found))
+        given = tuple(source.meta(found).shape)
+        if given != shape:
+            problems.append(f"{key!r} has shape {given}, the model's is {shape}")
+            continue
+        pairs.append((key, found, meta))
+    tied = set() if in_memory else set(target.aliases)  # the model's tied copies, which the source may store too
+    problems += [f"{key!r} (shape {tuple(source.meta(key).shape)}) is not a tensor of the model"
+                 for key in source.keys() if key not in used and key not in tied]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"init_from ({source.label}) does not match the model ({type(model).__name__}): {shown}.")
+    return source, pairs, kind, in_memory
+
+
+@torch.no_grad()
+def _load_init_weights(model: nn.Module, source: Any, pairs: list[tuple[str, str, Any]], kind: str,
+                       in_memory: bool) -> dict[str, Any]:
+    """Copy the checked tensors into ``model`` one at a time, in the model's dtypes (checkpoint names are placed as
+    a merge's output is: :class:`~hf_merge.io.sinks.ModelSink`, transformers' weight conversions included); the
+    record of where they came from."""
+    from ..io.sinks import ModelSink
+
+    if in_memory:
+        state = model.state_dict(keep_vars=True)
+        for name, key, _ in pairs:
+            state[name].copy_(source.get(key))
+    else:
+        sink = ModelSink(model)
+        found = {key: (source_key, meta) for key, source_key, meta in pairs}
+        for key in sink.begin({key: meta for key, (_, meta) in found.items()}, {}, 0):
+            source_key, meta = found[key]
+            sink.put(key, source.get(source_key).to(meta.dtype))
+    record: dict[str, Any] = {"init_from": kind}
+    if kind == "model":
+        record["model_class"] = type(source.model).__name__
+    if source.origin is not None:
+        record["origin"] = _origin_name(source.origin)
+    return record
+
+
+def _merge_into(model: nn.Module, experts: Mapping[str, Any], config: MergeConfig, *, progress: bool
+                ) -> dict[str, Any]:
+    """θ⁰ = ``hf_merge.merge(model, experts, config)``, written into ``model`` (which keeps its own methods: the
+    merge's record — config, inputs by Hub id or folder name, Hub commits — is returned instead of being attached to
+    it)."""
+    from ..api import merge
+
+    kept = {name: model.__dict__[name] for name in _MERGE_RECORD_ATTRIBUTES if name in model.__dict__}
+    try:
+        merge(model, dict(experts), config, into=model, progress=progress)
+        inputs = dict(getattr(model, "merge_inputs", None) or {})
+    except Exception as error:
+        if hasattr(error, "add_note"):
+            error.add_note(f"(while merging init_experts into the model with init_from={config.method!r})")
+        raise
+    finally:
+        for name in _MERGE_RECORD_ATTRIBUTES:
+            model.__dict__.pop(name, None)
+        model.__dict__.update(kept)
+    record = {"init_from": "merge", "merge_config": config.to_dict(), "base": _origin_name(inputs.get("base")),
+              "experts": {name: _origin_name(origin) for name, origin in dict(inputs.get("models") or {}).items()}}
+    return {**record, **({"hub": inputs["hub"]} if inputs.get("hub") else {})}
+
+
+def _origin_name(origin: Any) -> str | None:
+    """A Hub id, a local folder's name (local paths are not recorded, as in ``merge_config.json``) or ``None``."""
+    from ..hub.provenance import describe_origin
+
+    return describe_origin(origin)[0]
+
+
+def _init_identity(record: Mapping[str, Any] | None) -> str:
+    """What a resumed run must agree on: the kind of θ⁰ and, for a merge, its config (paths may move)."""
+    if record is None:
+        return "the model given to the trainer"
+    if record.get("init_from") == "merge":
+        return f"a merge with {json.dumps(record.get('merge_config'), sort_keys=True)}"
+    return f"{record.get('init_from')} weights"
