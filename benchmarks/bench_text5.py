@@ -228,22 +228,27 @@ def run_variant(base: tb.BaseModel, tasks: Mapping[str, Any], budget: tb.Budget,
             found = search(base.encoder, experts, config, validation_score, grid=spec.grid, progress=False)
             config, search_record = found.best_config, found.to_dict()
         search_seconds = time.perf_counter() - start
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if spec.kind == "merge":
             data = task_data(base, setups) if spec.data else None
             with tb.PeakMemory() as peak:
                 merged = hf_merge.merge(base.encoder, experts, config, progress=False,
                                         **({"data": data} if data else {}))
             merge_seconds = time.perf_counter() - start
+            score_start = time.process_time()
             accuracies = tb.score_encoder(merged, setups, "test", pad_id)
+            score_cpu = time.process_time() - score_start
         else:
             with tb.PeakMemory() as peak:
                 bank = compress(base.encoder, experts, config, progress=False)
             merge_seconds = time.perf_counter() - start
+            score_start = time.process_time()
             accuracies = {n: tb.accuracy_of(bank.load_task(n), s.head, s.test, pad_id) for n, s in setups.items()}
+            score_cpu = time.process_time() - score_start
             result_extra = {"storage_ratio": bank.storage_ratio()}
         row = {"method": config.method, "kind": spec.kind, "config": config.to_dict(), "search": search_record,
-               "search_seconds": search_seconds, "merge_seconds": merge_seconds, "merge_peak_mb": peak.megabytes,
+               "search_seconds": search_seconds, "merge_seconds": merge_seconds,
+               "merge_cpu_seconds": time.process_time() - cpu_start - score_cpu, "merge_peak_mb": peak.megabytes,
                "note": spec.note, "test": tb.summarize(accuracies, tb.references(setups))}
         if spec.kind != "merge":
             row.update(result_extra)
@@ -364,13 +369,14 @@ def _coefficient(row: Mapping[str, Any]) -> str:
 def _method_table(res: Mapping[str, Any], tasks: list[str], rows: list[tuple[str, Any, Any]]) -> list[str]:
     """Average accuracy, normalized accuracy, retained gain, normalized accuracy per task, coefficient, merge s."""
     lines = ["| method | avg acc | normalized acc | retained gain | "
-             + " | ".join(f"norm {n}" for n in tasks) + " | coefficient (validation) | merge s | merge peak MB |",
-             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+             + " | ".join(f"norm {n}" for n in tasks) + " | coefficient (validation) | merge s | merge CPU s | "
+             "merge peak MB |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for label, summary, row in rows:
         per_task = " | ".join(tb.percent(summary["per_task"][n]["normalized"]) for n in tasks)
-        peak = row.get("merge_peak_mb") if row else None
-        extra = (f"{_coefficient(row)} | {row['merge_seconds']:.1f} | {'—' if peak is None else f'{peak:.0f}'}"
-                 if row else "— | — | —")
+        peak, cpu = (row.get("merge_peak_mb"), row.get("merge_cpu_seconds")) if row else (None, None)
+        extra = (f"{_coefficient(row)} | {row['merge_seconds']:.1f} | {'—' if cpu is None else f'{cpu:.0f}'} | "
+                 f"{'—' if peak is None else f'{peak:.0f}'}" if row else "— | — | — | —")
         if row and row["kind"] not in ("merge", "pair"):
             label += f" (1 model/task, {100 * row['storage_ratio']:.0f}% storage)"
         lines.append(f"| {label} | {tb.percent(summary['accuracy'])} | {tb.percent(summary['normalized'])} | "
@@ -472,7 +478,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 
 
 def plot_cost(results: Mapping[str, Any], path: Path) -> None:
-    """Retained fine-tuning gain against merge wall time (log scale), one point per method and variant."""
+    """Retained fine-tuning gain against merge CPU time (log scale), one point per method and variant."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -481,13 +487,13 @@ def plot_cost(results: Mapping[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, res in results["variants"].items():
         rows = [(label, row) for label, row in res["methods"].items() if row["kind"] == "merge"]
-        xs = [max(row["merge_seconds"], 1e-2) for _, row in rows]
+        xs = [max(row.get("merge_cpu_seconds", row["merge_seconds"]), 1e-2) for _, row in rows]
         ys = [100 * row["test"]["retained_gain"] for _, row in rows]
         ax.scatter(xs, ys, label=f"{variant} fine-tuning", s=18)
         for (label, _), x, y in zip(rows, xs, ys):
             ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("merge wall time, s (log; data-aware methods include their forward passes)")
+    ax.set_xlabel("merge CPU time, s (log; data-aware methods include their forward passes)")
     ax.set_ylabel("retained fine-tuning gain, %")
     tb.save_plot(fig, ax, f"{results['meta']['model']}: accuracy against merge cost", path)
 

@@ -361,3 +361,8 @@ def test_check_reports_missing_or_unwanted_data(models, data) -> None:
     assert not hf_merge.check(base, experts, "regmean", data=data).errors
     unwanted = hf_merge.check(base, experts, "ties", data=data).errors
     assert [p.topic for p in unwanted] == ["data"] and "'ties' uses no data" in unwanted[0].message
+
+
+def test_atm_refuses_a_data_aware_merge_step() -> None:
+    with pytest.raises(ValueError, match="'regmean' learns from data"):
+        hf_merge.ATMConfig(rounds=1, steps_per_round=1, merge=hf_merge.RegMeanConfig())

@@ -102,6 +102,9 @@ class ATMConfig(SerializableConfig):
         from ..methods.base import ModelMerger
         from ..registry import get_merger
 
+        if get_merger(self.merge).uses_data:
+            raise ValueError(f"merge={self.merge.method!r} learns from data; ATM merges each round's task vectors "
+                             "without data: use a data-free method (task_arithmetic, ties, tsv_m, ...).")
         if isinstance(get_merger(self.merge), ModelMerger):
             raise ValueError(  # noqa: TRY004 (a method of the wrong kind, not a wrong type)
                 f"merge={self.merge.method!r} merges models without a shared base; ATM merges task vectors relative "
