@@ -2,7 +2,7 @@
 
 Compiled on first use and cached on disk by numba (``cache=True``).
 
-One concern in one file (~800 lines): the compiled loops, which share the bfloat16 load/store overloads, the
+One concern in one file (~1100 lines): the compiled loops, which share the bfloat16 load/store overloads, the
 order keys and the counter-based random stream (numba compiles a module's kernels against one another).
 """
 
@@ -375,38 +375,49 @@ def key_histogram(values, absolute, prefix_mask, prefix, shift, counts):
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _stable_row_order(row, ranks):
     """``ranks[j]`` = the position of |row[j]| in the stable ascending order of the row's magnitudes (equal magnitudes
-    by position), as float32: a least-significant-digit radix sort of the magnitude bits, 8 bits a pass, passes whose
-    digit is the same for the whole row skipped."""
+    by position), as float32 (see ``_stable_row_order_into``)."""
     n = row.shape[0]
-    keys = np.empty(n, np.uint32)
-    order = np.empty(n, np.int64)
-    scratch_keys = np.empty(n, np.uint32)
-    scratch_order = np.empty(n, np.int64)
-    counts = np.empty(256, np.int64)
+    _stable_row_order_into(row, ranks, (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty((4, 256), np.int64)))
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _stable_row_order_into(row, ranks, scratch):
+    """``ranks[j]`` = the position of |row[j]| in the stable ascending order of the row's magnitudes (equal magnitudes
+    by position), as float32: a least-significant-digit radix sort of the magnitude bits, 8 bits a pass, of items
+    (magnitude bits << 32 | position); the four digit histograms are counted in one read, and passes whose digit is
+    the same for the whole row are skipped. ``scratch``: two uint64 buffers of (at least) the row's length and a
+    (4, 256) int64 one."""
+    n = row.shape[0]
+    items, spare, counts = scratch
+    items, spare = items[:n], spare[:n]
+    counts[:, :] = 0
+    low_byte = np.uint32(255)
     for j in range(n):
-        keys[j] = float32_to_bits(row[j]) & np.uint32(0x7FFFFFFF)
-        order[j] = j
-    for shift in range(0, 32, 8):
-        counts[:] = 0
-        for j in range(n):
-            counts[(keys[j] >> np.uint32(shift)) & np.uint32(255)] += 1
-        if counts.max() == n:
+        key = float32_to_bits(row[j]) & np.uint32(0x7FFFFFFF)
+        items[j] = (np.uint64(key) << np.uint64(32)) | np.uint64(j)
+        counts[0, key & low_byte] += 1
+        counts[1, (key >> np.uint32(8)) & low_byte] += 1
+        counts[2, (key >> np.uint32(16)) & low_byte] += 1
+        counts[3, key >> np.uint32(24)] += 1
+    for d in range(4):
+        digit_counts = counts[d]
+        if digit_counts.max() == n:
             continue
         total = 0
-        for d in range(256):
-            count = counts[d]
-            counts[d] = total
+        for b in range(256):
+            count = digit_counts[b]
+            digit_counts[b] = total
             total += count
+        shift = np.uint64(32 + 8 * d)
         for j in range(n):
-            digit = (keys[j] >> np.uint32(shift)) & np.uint32(255)
-            slot = counts[digit]
-            counts[digit] = slot + 1
-            scratch_keys[slot] = keys[j]
-            scratch_order[slot] = order[j]
-        keys, scratch_keys = scratch_keys, keys
-        order, scratch_order = scratch_order, order
+            item = items[j]
+            digit = (item >> shift) & np.uint64(255)
+            slot = digit_counts[digit]
+            digit_counts[digit] = slot + 1
+            spare[slot] = item
+        items, spare = spare, items
     for position in range(n):
-        ranks[order[position]] = np.float32(position)
+        ranks[items[position] & np.uint64(0xFFFFFFFF)] = np.float32(position)
 
 
 @numba.njit(inline="always")
@@ -563,52 +574,150 @@ def _sparsified_row(part, theta0, begin, size, t, drop, out):
             out[j] = load(part, j) - theta0[j]
 
 
+def trim_row(trim, t, begin, size, row, scale, values, elected):
+    """values[j] = s_t · row[j] where task t's trim keeps entry begin + j, else 0; elected[j] += values[j]. ``trim``
+    is TIES' (thresholds, cuts) — keep |τ̂| above the threshold, or at it up to position ``cut`` — or a rank band
+    (lows, firsts, highs, lasts, factors) — keep low < |τ̂| < high, |τ̂| = low from position ``first`` on and
+    |τ̂| = high up to position ``last``, then scaled by ``factor`` before s_t (Breadcrumbs' band and its L1 rescale).
+    A non-finite |τ̂| is kept by both, so that it reaches the elected sum and the caller's finiteness check.
+    (Compiled: the overload below, chosen by the length of ``trim``.)"""
+
+
+@overload(trim_row, inline="always")
+def _trim_row(trim, t, begin, size, row, scale, values, elected):
+    if len(trim) == 2:
+
+        def ties_trim(trim, t, begin, size, row, scale, values, elected):
+            thresholds, cuts = trim
+            threshold, cut = thresholds[t], cuts[t] - begin
+            for j in range(size):
+                magnitude = abs(row[j])
+                keep = (magnitude > threshold) | ((magnitude == threshold) & (j <= cut)) | (magnitude != magnitude)
+                values[j] = row[j] * scale if keep else np.float32(0.0)
+                elected[j] += values[j]
+
+        return ties_trim
+
+    def band_trim(trim, t, begin, size, row, scale, values, elected):
+        lows, firsts, highs, lasts, factors = trim
+        low, first, high, last, factor = lows[t], firsts[t] - begin, highs[t], lasts[t] - begin, factors[t]
+        for j in range(size):
+            magnitude = abs(row[j])
+            keep = ((((magnitude > low) | ((magnitude == low) & (j >= first)))
+                     & ((magnitude < high) | ((magnitude == high) & (j <= last))))
+                    | (not (magnitude < np.float32(np.inf))))
+            values[j] = (row[j] * factor) * scale if keep else np.float32(0.0)
+            elected[j] += values[j]
+
+    return band_trim
+
+
 @numba.njit(inline="always")
 def _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected):
-    """theta0 = x_0; values[t] = s_t τ̂_t where τ̂_t (the sparsified τ_t) passes the trim (|τ̂| above the threshold,
-    or at it up to position ``cut``), else 0; elected = Σ_t values[t] (in task order)."""
-    thresholds, cuts = trim
+    """theta0 = x_0; values[t] = s_t τ̂_t where τ̂_t (the sparsified τ_t) passes the trim (:func:`trim_row`), else 0;
+    elected = Σ_t values[t] (in task order, from 0)."""
     base_part = base[begin : begin + size]
     for j in range(size):
         theta0[j] = load(base_part, j)
         elected[j] = np.float32(0.0)
     for t in range(len(tasks)):
         _sparsified_row(tasks[t][begin : begin + size], theta0, begin, size, t, drop, row)
-        threshold, cut, scale = thresholds[t], cuts[t] - begin, scales[t]
+        trim_row(trim, t, begin, size, row, scales[t], values[t], elected)
+
+
+@numba.njit(inline="always")
+def _elect_store(values, elected, theta0, size, weights, weighted, majority, mean, scaling, out_part, negative_part,
+                 limit, total, divisor, negative_total, negative_divisor, conflict, zero, counts_row):
+    """θ₀ + λ · TIES' elect and disjoint merge of the weighted values (rows of ``values``, their sum in ``elected``)
+    stored into ``out_part``: γ = sign(Σ_t v_t), an exact 0 taking ``majority``; Σ_{t∈A} v_t over A = {t : v_t γ > 0},
+    divided for ``mean`` by Σ_{t∈A} w_t (``weighted``; 1 when 0) or by max(|A|, 1) — the float32 operations of
+    ``ties.disjoint_merge``. ``majority`` NaN (not known yet): exact zeros take +1 in ``out_part`` and −1 in
+    ``negative_part`` (the other entries alike in both), and ``counts_row[-1]`` gets Σ_j sign(Σ_t v_t[j]).
+    ``counts_row``: [kept entries per task (v_t ≠ 0), entries where a kept v_t disagrees with γ, results not finite
+    once stored, mass]."""
+    num_tasks = values.shape[0]
+    both = majority != majority
+    provisional = majority if not both else np.float32(1.0)
+    bad, conflicts, mass = 0, 0, 0
+    for j in range(size):
+        bad += not (abs(elected[j]) < np.inf)  # NaN/Inf in an input, or a sum overflowing float32
+        sign = np.float32((elected[j] > 0) - (elected[j] < 0))
+        mass += (elected[j] > 0) - (elected[j] < 0)
+        zero[j] = sign == 0
+        elected[j] = sign if sign != 0 else provisional
+        total[j] = np.float32(0.0)
+        divisor[j] = np.float32(0.0)
+        negative_total[j] = np.float32(0.0)
+        negative_divisor[j] = np.float32(0.0)
+        conflict[j] = 0
+    for t in range(num_tasks):
+        weight = weights[t] if weighted else np.float32(1.0)
+        row = values[t]
+        kept = 0
         for j in range(size):
-            magnitude = abs(row[j])
-            # NaN is kept, so that it reaches the elected sum and the caller's finiteness check
-            keep = (magnitude > threshold) | ((magnitude == threshold) & (j <= cut)) | (magnitude != magnitude)
-            values[t, j] = row[j] * scale if keep else np.float32(0.0)
-            elected[j] += values[t, j]
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def stored_elect_mass(base, tasks, drop, trim, scales, mass):
-    """``mass[c]`` = Σ_j sign(Σ_t s_t τ̂_t[j]) over chunk c, τ̂_t from the stored inputs (see ``_stored_segment``)."""
-    n = base.shape[0]
-    for chunk in numba.prange(mass.shape[0]):
-        theta0 = np.empty(SEGMENT, np.float32)
-        row = np.empty(SEGMENT, np.float32)
-        values = np.empty((len(tasks), SEGMENT), np.float32)
-        elected = np.empty(SEGMENT, np.float32)
-        total = 0
-        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
-            size = min(SEGMENT, n - begin)
-            _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected)
+            agreeing = row[j] * elected[j]
+            total[j] += agreeing if agreeing > 0 else np.float32(0.0)
+            divisor[j] += weight if agreeing > 0 else np.float32(0.0)
+            kept += row[j] != 0
+            conflict[j] |= agreeing < 0
+        counts_row[t] += kept
+        if both:  # the disjoint sums for γ = −1 (used where Σ_t v_t is exactly 0)
             for j in range(size):
-                total += (elected[j] > 0) - (elected[j] < 0)
-        mass[chunk] = total
+                opposed = -row[j]
+                negative_total[j] += opposed if opposed > 0 else np.float32(0.0)
+                negative_divisor[j] += weight if opposed > 0 else np.float32(0.0)
+    for j in range(size):
+        result = total[j] * elected[j]
+        if mean:
+            if weighted:
+                result = result / (divisor[j] if divisor[j] != 0 else np.float32(1.0))
+            else:
+                result = result / max(divisor[j], np.float32(1.0))
+        result = theta0[j] + result * scaling
+        bad += not (abs(result) < limit)
+        conflicts += conflict[j]
+        store(out_part, j, result)
+    if both:
+        for j in range(size):
+            other = negative_total[j] * np.float32(-1.0)
+            if mean:
+                if weighted:
+                    other = other / (negative_divisor[j] if negative_divisor[j] != 0 else np.float32(1.0))
+                else:
+                    other = other / max(negative_divisor[j], np.float32(1.0))
+            other = theta0[j] + other * scaling
+            bad += not (abs(other) < limit)
+            store(negative_part, j, other)
+        for j in range(size):  # where the sign was elected, the same result
+            if not zero[j]:
+                negative_part[j] = out_part[j]
+    counts_row[num_tasks] += conflicts
+    counts_row[num_tasks + 1] += bad
+    counts_row[num_tasks + 2] += mass
+
+
+@numba.njit(inline="always")
+def _sum_store(elected, theta0, size, divisor, scaling, out_part, limit):
+    """out = θ₀ + (Σ_t v_t / divisor) · λ stored in ``out``'s dtype (``masked_merge`` without sign election; divisor 1
+    for the sum); returns how many results are not finite once stored."""
+    bad = 0
+    for j in range(size):
+        result = theta0[j] + (elected[j] / divisor) * scaling
+        bad += not (abs(result) < limit)
+        store(out_part, j, result)
+    return bad
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, majority, mean, scaling, out, limit,
-                       counts):
-    """θ₀ + λ · TIES' elect and disjoint merge of v_t = s_t τ̂_t (see :func:`elect_merge`) stored in ``out``'s dtype,
+def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, majority, mean, scaling, out, negative,
+                       limit, counts):
+    """θ₀ + λ · TIES' elect and disjoint merge of v_t = s_t τ̂_t (see ``_elect_store``) stored in ``out``'s dtype,
     τ̂_t from the stored inputs; chunk c's ``counts`` row: [kept entries per task (v_t ≠ 0), entries where a kept
-    v_t disagrees with γ, results not finite once stored]."""
+    v_t disagrees with γ, results not finite once stored, mass]. ``majority`` NaN: exact zeros of the elected sum take
+    +1 in ``out`` and −1 in ``negative`` (shaped like ``out``), for the caller to choose once the mass is known."""
     n = base.shape[0]
     num_tasks = len(tasks)
+    both = majority != majority
     for chunk in numba.prange(counts.shape[0]):
         theta0 = np.empty(SEGMENT, np.float32)
         row = np.empty(SEGMENT, np.float32)
@@ -616,43 +725,76 @@ def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, major
         elected = np.empty(SEGMENT, np.float32)
         total = np.empty(SEGMENT, np.float32)
         divisor = np.empty(SEGMENT, np.float32)
+        negative_total = np.empty(SEGMENT, np.float32)
+        negative_divisor = np.empty(SEGMENT, np.float32)
         conflict = np.empty(SEGMENT, np.uint8)
+        zero = np.empty(SEGMENT, np.uint8)
         counts[chunk, :] = 0
         for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
             size = min(SEGMENT, n - begin)
             _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected)
-            bad, conflicts = 0, 0
-            for j in range(size):
-                bad += not (abs(elected[j]) < np.inf)  # NaN/Inf in an input, or a sum overflowing float32
-                sign = np.float32((elected[j] > 0) - (elected[j] < 0))
-                elected[j] = sign if sign != 0 else majority
-                total[j] = np.float32(0.0)
-                divisor[j] = np.float32(0.0)
-                conflict[j] = 0
+            negative_part = negative[begin : begin + size] if both else negative[:0]
+            _elect_store(values, elected, theta0, size, weights, weighted, majority, mean, scaling,
+                         out[begin : begin + size], negative_part, limit, total, divisor, negative_total,
+                         negative_divisor, conflict, zero, counts[chunk])
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_masked_sum(base, tasks, drop, trim, scales, divisor, scaling, out, limit, counts):
+    """θ₀ + λ · (Σ_t v_t) / divisor, v_t = s_t τ̂_t summed in task order from 0 (``masked_merge`` without sign
+    election), stored in ``out``'s dtype; chunk c's ``counts`` row as :func:`stored_elect_merge`'s (no conflicts,
+    no mass)."""
+    n = base.shape[0]
+    num_tasks = len(tasks)
+    for chunk in numba.prange(counts.shape[0]):
+        theta0 = np.empty(SEGMENT, np.float32)
+        row = np.empty(SEGMENT, np.float32)
+        values = np.empty((num_tasks, SEGMENT), np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        counts[chunk, :] = 0
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected)
             for t in range(num_tasks):
-                weight = weights[t] if weighted else np.float32(1.0)
                 kept = 0
                 for j in range(size):
-                    agreeing = values[t, j] * elected[j]
-                    total[j] += agreeing if agreeing > 0 else np.float32(0.0)
-                    divisor[j] += weight if agreeing > 0 else np.float32(0.0)
                     kept += values[t, j] != 0
-                    conflict[j] |= agreeing < 0
                 counts[chunk, t] += kept
-            part = out[begin : begin + size]
+            counts[chunk, num_tasks + 1] += _sum_store(elected, theta0, size, divisor, scaling,
+                                                       out[begin : begin + size], limit)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_trim_l1_norms(base, tasks, drop, trim, norms):
+    """``norms[c, t]`` = (‖τ̂_t‖₁, ‖trimmed τ̂_t‖₁) over chunk c in float64 (``trim`` with factors 1: mergekit's L1
+    rescale of a masked task vector)."""
+    n = base.shape[0]
+    num_tasks = len(tasks)
+    ones = np.ones(num_tasks, np.float32)
+    for chunk in numba.prange(norms.shape[0]):
+        theta0 = np.empty(SEGMENT, np.float32)
+        row = np.empty(SEGMENT, np.float32)
+        kept = np.empty(SEGMENT, np.float32)
+        elected = np.empty(SEGMENT, np.float32)
+        full_norms = np.zeros(num_tasks, np.float64)
+        kept_norms = np.zeros(num_tasks, np.float64)
+        for begin in range(chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK), SEGMENT):
+            size = min(SEGMENT, n - begin)
+            base_part = base[begin : begin + size]
             for j in range(size):
-                result = total[j] * elected[j]
-                if mean:
-                    if weighted:
-                        result = result / (divisor[j] if divisor[j] != 0 else np.float32(1.0))
-                    else:
-                        result = result / max(divisor[j], np.float32(1.0))
-                result = theta0[j] + result * scaling
-                bad += not (abs(result) < limit)
-                conflicts += conflict[j]
-                store(part, j, result)
-            counts[chunk, num_tasks] += conflicts
-            counts[chunk, num_tasks + 1] += bad
+                theta0[j] = load(base_part, j)
+            for t in range(num_tasks):
+                _sparsified_row(tasks[t][begin : begin + size], theta0, begin, size, t, drop, row)
+                trim_row(trim, t, begin, size, row, ones[t], kept, elected)
+                full, inside = 0.0, 0.0
+                for j in range(size):
+                    full += abs(row[j])
+                    inside += abs(kept[j])
+                full_norms[t] += full
+                kept_norms[t] += inside
+        for t in range(num_tasks):
+            norms[chunk, t, 0] = full_norms[t]
+            norms[chunk, t, 1] = kept_norms[t]
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -684,14 +826,13 @@ def stored_key_histogram(base, task, drop, t, prefix_mask, prefix, shift, counts
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def stored_equal_position(base, task, drop, t, value, nth):
-    """The position of the ``nth`` (1-based) entry with |τ̂_t| == ``value``, or −1."""
+def stored_equal_position(base, task, drop, t, value, nth, begin, end):
+    """The position of the ``nth`` (1-based) entry with |τ̂_t| == ``value`` among the entries [begin, end), or −1."""
     theta0 = np.empty(SEGMENT, np.float32)
     row = np.empty(SEGMENT, np.float32)
-    n = base.shape[0]
     seen = 0
-    for start in range(0, n, SEGMENT):
-        size = min(SEGMENT, n - start)
+    for start in range(begin, end, SEGMENT):
+        size = min(SEGMENT, end - start)
         base_part = base[start : start + size]
         for j in range(size):
             theta0[j] = load(base_part, j)
@@ -702,6 +843,39 @@ def stored_equal_position(base, task, drop, t, value, nth):
                 if seen == nth:
                     return start + j
     return -1
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _equal_counts_part(base, tasks, drop, query_tasks, values, begin, end, counts):
+    theta0 = np.empty(SEGMENT, np.float32)
+    row = np.empty(SEGMENT, np.float32)
+    for start in range(begin, end, SEGMENT):
+        size = min(SEGMENT, end - start)
+        base_part = base[start : start + size]
+        for j in range(size):
+            theta0[j] = load(base_part, j)
+        previous = -1
+        for q in range(query_tasks.shape[0]):
+            t = query_tasks[q]
+            if t != previous:
+                _sparsified_row(tasks[t][start : start + size], theta0, start, size, t, drop, row)
+                previous = t
+            value, equal = values[q], 0
+            for j in range(size):
+                equal += abs(row[j]) == value
+            counts[q] += equal
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_equal_counts(base, tasks, drop, query_tasks, values, counts):
+    """``counts[p, q]`` = how many of part p's entries have |τ̂_t| == ``values[q]``, t = ``query_tasks[q]`` (queries
+    grouped by task; parts as in :func:`key_histogram`)."""
+    n = base.shape[0]
+    parts = counts.shape[0]
+    per = -(-n // parts)
+    for p in numba.prange(parts):
+        counts[p, :] = 0
+        _equal_counts_part(base, tasks, drop, query_tasks, values, p * per, min(n, (p + 1) * per), counts[p])
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
@@ -738,45 +912,58 @@ def stored_sample(base, tasks, drop, stride, out):
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def _bracket_part(base, tasks, drop, low, high, begin, end, counts, buffer):
+def _bracket_part(base, tasks, drop, query_tasks, low, high, begin, end, counts, buffer, segments):
     theta0 = np.empty(SEGMENT, np.float32)
     row = np.empty(SEGMENT, np.float32)
     capacity = buffer.shape[1]
     for start in range(begin, end, SEGMENT):
         size = min(SEGMENT, end - start)
+        segment = start // SEGMENT
         base_part = base[start : start + size]
         for j in range(size):
             theta0[j] = load(base_part, j)
-        for t in range(len(tasks)):
-            _sparsified_row(tasks[t][start : start + size], theta0, start, size, t, drop, row)
-            lo, hi = low[t], high[t]
-            below, inside = counts[t, 0], counts[t, 1]
-            if lo == hi:  # one value: the counts say all
+        previous = -1
+        for q in range(query_tasks.shape[0]):
+            t = query_tasks[q]
+            if t != previous:
+                _sparsified_row(tasks[t][start : start + size], theta0, start, size, t, drop, row)
+                previous = t
+            lo, hi, target = low[q], high[q], buffer[q]
+            below, at_low, at_high, inside = 0, 0, 0, 0
+            for j in range(size):  # counting (vectorised)
+                magnitude = abs(row[j])
+                below += magnitude < lo
+                at_low += magnitude == lo
+                at_high += magnitude == hi
+                inside += (magnitude > lo) & (magnitude < hi)
+            if inside:  # gathering the few inside (a narrow bracket: the branch is mostly not taken)
+                gathered = counts[q, 2]
                 for j in range(size):
                     magnitude = abs(row[j])
-                    below += magnitude < lo
-                    inside += magnitude == lo
-            else:  # branch-free compaction: every entry is written at the next slot, which advances for those inside
-                target = buffer[t]
-                for j in range(size):
-                    magnitude = abs(row[j])
-                    below += magnitude < lo
-                    target[min(inside, capacity - 1)] = magnitude
-                    inside += (magnitude >= lo) & (magnitude <= hi)
-            counts[t, 0], counts[t, 1] = below, inside
+                    if (magnitude > lo) & (magnitude < hi):
+                        target[min(gathered, capacity - 1)] = magnitude
+                        gathered += 1
+            counts[q, 0] += below
+            counts[q, 1] += at_low
+            counts[q, 2] += inside
+            counts[q, 3] += at_high
+            segments[q, 0, segment] = at_low
+            segments[q, 1, segment] = at_high
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def stored_bracket(base, tasks, drop, low, high, counts, buffers):
-    """One read of every input: for part p and task t, ``counts[p, t]`` = (#|τ̂_t| < low_t, #low_t ≤ |τ̂_t| ≤ high_t)
-    and the first ``buffers.shape[2]`` of the latter in ``buffers[p, t]`` (parts as in :func:`key_histogram`)."""
+def stored_bracket(base, tasks, drop, query_tasks, low, high, counts, buffers, segments):
+    """One read of every input: for part p and query q (of task t = ``query_tasks[q]``, queries grouped by task),
+    ``counts[p, q]`` = (#|τ̂_t| < low_q, #|τ̂_t| = low_q, #low_q < |τ̂_t| < high_q, #|τ̂_t| = high_q) and the first
+    ``buffers.shape[2]`` of those strictly inside in ``buffers[p, q]``, in order; ``segments[q]`` = (#|τ̂_t| = low_q,
+    #|τ̂_t| = high_q) per ``SEGMENT`` entries (parts: contiguous, whole segments)."""
     n = base.shape[0]
     parts = counts.shape[0]
-    per = -(-n // parts)
+    per = -(-(-(-n // parts)) // SEGMENT) * SEGMENT
     for p in numba.prange(parts):
-        begin, end = p * per, min(n, (p + 1) * per)
+        begin, end = min(n, p * per), min(n, (p + 1) * per)
         counts[p, :, :] = 0
-        _bracket_part(base, tasks, drop, low, high, begin, end, counts[p], buffers[p])
+        _bracket_part(base, tasks, drop, query_tasks, low, high, begin, end, counts[p], buffers[p], segments)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
@@ -795,3 +982,131 @@ def magprune_rows(rows, low, span, seed, divide, out):
             keep = uniform(seed, r * n + j) < p
             value = row[j] / p if divide else row[j]
             target[j] = value if keep else np.float32(0.0)
+
+
+# ------------------------------------------------------------------ DELLA's MagPrune read straight from the stored inputs
+@numba.njit(inline="always")
+def _magprune_values(row, offset, t, prune, divide, scale, scratch, ranks, values, elected):
+    """values[j] = s_t · MagPrune(τ_t)[j] of one row (entries offset + j of the tensor; see :func:`magprune_rows`;
+    then times the task's L1 factor), or s_t τ_t[j] for a task kept whole; elected[j] += values[j]. ``prune`` =
+    (lows, spans, densities, seeds, whole, factors) per task; a one-entry row keeps with p = density."""
+    lows, spans, densities, seeds, whole, factors = prune
+    n = row.shape[0]
+    if whole[t]:
+        for j in range(n):
+            values[j] = row[j] * scale
+            elected[j] += values[j]
+        return
+    low, span, seed, factor = lows[t], spans[t], seeds[t], factors[t]
+    if n > 1:
+        _stable_row_order_into(row, ranks, scratch)
+        last = np.float32(n - 1)
+        for j in range(n):
+            p = low + span * (ranks[j] / last)
+            keep = uniform(seed, offset + j) < p
+            value = row[j] / p if divide else row[j]
+            values[j] = ((value if keep else np.float32(0.0)) * factor) * scale
+            elected[j] += values[j]
+    else:
+        p = densities[t]
+        keep = uniform(seed, offset) < p
+        value = row[0] / p if divide else row[0]
+        values[0] = ((value if keep else np.float32(0.0)) * factor) * scale
+        elected[0] += values[0]
+
+
+@numba.njit(inline="always")
+def _task_row(task, theta0, offset, row):
+    """row = x_t − x_0 over one row (x_0 in ``theta0``); returns how many entries are not finite."""
+    part = task[offset : offset + row.shape[0]]
+    bad = 0
+    for j in range(row.shape[0]):
+        row[j] = load(part, j) - theta0[j]
+        bad += not (abs(row[j]) < np.inf)
+    return bad
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_magprune_merge(base, tasks, n, prune, divide, scales, weights, weighted, elect, majority, mean, divisor,
+                          scaling, out, negative, limit, counts):
+    """θ₀ + λ · the merge of v_t = s_t MagPrune(τ_t) (``_magprune_values``) over rows of ``n`` entries, τ_t from the
+    stored inputs: with ``elect`` TIES' elect and disjoint merge (``_elect_store``; ``majority`` NaN: both results, see
+    :func:`stored_elect_merge`), else (Σ_t v_t) / divisor (``_sum_store``); stored in ``out``'s dtype. Block b of
+    rows has ``counts[b]`` = [kept entries per task, sign conflicts, entries not finite (inputs or results), mass]."""
+    num_tasks = len(tasks)
+    num_rows = base.shape[0] // n
+    per = -(-num_rows // counts.shape[0])
+    both = elect and majority != majority
+    for block in numba.prange(counts.shape[0]):
+        theta0 = np.empty(n, np.float32)
+        row = np.empty(n, np.float32)
+        ranks = np.empty(n, np.float32)
+        values = np.empty((num_tasks, n), np.float32)
+        elected = np.empty(n, np.float32)
+        total = np.empty(n, np.float32)
+        divisors = np.empty(n, np.float32)
+        negative_total = np.empty(n, np.float32)
+        negative_divisor = np.empty(n, np.float32)
+        conflict = np.empty(n, np.uint8)
+        zero = np.empty(n, np.uint8)
+        scratch = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty((4, 256), np.int64))
+        counts[block, :] = 0
+        for r in range(block * per, min(num_rows, (block + 1) * per)):
+            offset = r * n
+            base_part = base[offset : offset + n]
+            for j in range(n):
+                theta0[j] = load(base_part, j)
+                elected[j] = np.float32(0.0)
+            bad = 0
+            for t in range(num_tasks):
+                bad += _task_row(tasks[t], theta0, offset, row)
+                _magprune_values(row, offset, t, prune, divide, scales[t], scratch, ranks, values[t], elected)
+            out_part = out[offset : offset + n]
+            if elect:
+                negative_part = negative[offset : offset + n] if both else negative[:0]
+                _elect_store(values, elected, theta0, n, weights, weighted, majority, mean, scaling, out_part,
+                             negative_part, limit, total, divisors, negative_total, negative_divisor, conflict, zero,
+                             counts[block])
+            else:
+                for t in range(num_tasks):
+                    kept = 0
+                    for j in range(n):
+                        kept += values[t, j] != 0
+                    counts[block, t] += kept
+                bad += _sum_store(elected, theta0, n, divisor, scaling, out_part, limit)
+            counts[block, num_tasks + 1] += bad
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_magprune_norms(base, tasks, n, prune, norms):
+    """``norms[b, t]`` = (‖τ_t‖₁, ‖m_t ⊙ τ_t‖₁) in float64 over block b of rows, m_t MagPrune's keep mask (``prune``
+    with factors 1): mergekit's L1 rescale of DELLA's masked task vectors."""
+    num_tasks = len(tasks)
+    num_rows = base.shape[0] // n
+    per = -(-num_rows // norms.shape[0])
+    for block in numba.prange(norms.shape[0]):
+        theta0 = np.empty(n, np.float32)
+        row = np.empty(n, np.float32)
+        ranks = np.empty(n, np.float32)
+        kept = np.empty(n, np.float32)
+        elected = np.zeros(n, np.float32)
+        scratch = (np.empty(n, np.uint64), np.empty(n, np.uint64), np.empty((4, 256), np.int64))
+        full_norms = np.zeros(num_tasks, np.float64)
+        kept_norms = np.zeros(num_tasks, np.float64)
+        for r in range(block * per, min(num_rows, (block + 1) * per)):
+            offset = r * n
+            base_part = base[offset : offset + n]
+            for j in range(n):
+                theta0[j] = load(base_part, j)
+            for t in range(num_tasks):
+                _task_row(tasks[t], theta0, offset, row)
+                _magprune_values(row, offset, t, prune, False, np.float32(1.0), scratch, ranks, kept, elected)
+                full, inside = 0.0, 0.0
+                for j in range(n):
+                    full += abs(row[j])
+                    inside += abs(kept[j])
+                full_norms[t] += full
+                kept_norms[t] += inside
+        for t in range(num_tasks):
+            norms[block, t, 0] = full_norms[t]
+            norms[block, t, 1] = kept_norms[t]

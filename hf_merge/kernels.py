@@ -11,7 +11,7 @@ same order, round-to-nearest-even casts), and tests compare them. Kernels run wh
 environment does not set ``HF_MERGE_KERNELS=0``; the inputs they take are bfloat16 (as uint16 bit patterns) and
 float32 arrays, anything else keeps the torch route.
 
-One concern in one file (~600 lines): the Python side of every compiled kernel — the dtype gate, the scratch
+One concern in one file (~850 lines): the Python side of every compiled kernel — the dtype gate, the scratch
 buffers and the launch lock they share.
 """
 
@@ -433,8 +433,12 @@ class StoredTiesCounts:
 class StoredTies:
     """TIES-family merges of one tensor straight from its stored inputs (flat kernel arrays [x_0, x_1, ..., x_T]):
     DARE's drop (m ~ Bernoulli(1 − rate) from :func:`counter_uniforms`' stream, rescaled by 1/divisor and a factor),
-    the trim, the sign election and the disjoint merge, each a compiled pass over the mapped inputs computing
-    τ_t = x_t − x_0 on the fly — no float32 copies. The same bits as the float32 route."""
+    the trim (TIES' threshold, or Breadcrumbs' rank band: :meth:`rank_bands`), the sign election and the disjoint
+    merge or the plain sum — and DELLA's MagPrune row by row (:meth:`magprune_merge`) — each a compiled pass over the
+    mapped inputs computing τ_t = x_t − x_0 on the fly, no float32 copies. The same bits as the float32 route.
+
+    Where the tensor's own majority sign elects the exact zeros of Σ_t v_t, the merge pass writes the results for both
+    signs and keeps those of the sign its mass turns out to have (:func:`_elected`): no separate statistics pass."""
 
     def __init__(self, arrays: Sequence[np.ndarray], rates: Sequence[float] | None = None,
                  seeds: Sequence[int] | None = None, divisors: Sequence[float] | None = None) -> None:
@@ -446,6 +450,10 @@ class StoredTies:
         self.seeds = np.asarray([s % (1 << 64) for s in (seeds if seeds is not None else [0] * tasks)], dtype=np.uint64)
         self.divisors = np.asarray(divisors if divisors is not None else [1.0] * tasks, dtype=np.float32)
         self.factors = np.ones(tasks, dtype=np.float32)
+        #: What the selections leave for :meth:`equal_positions`: ``{(t, value): #|τ̂_t| == value per SEGMENT
+        #: entries}`` from the brackets, and a small tensor's |τ̂_t| (rows).
+        self._equal_segments: dict[tuple[int, float], np.ndarray] = {}
+        self._magnitudes: np.ndarray | None = None
 
     @staticmethod
     def takes(arrays: Sequence[np.ndarray], out: np.ndarray) -> bool:
@@ -477,16 +485,35 @@ class StoredTies:
             self.base, self.tasks[t], self._drop, t, prefix_mask, prefix, shift, counts))
 
     def select_all(self, ranks: Sequence[int]) -> list[Selected | None]:
-        """The ``ranks[t]``-th smallest |τ̂_t| of every task (``None`` for a rank 0), in one read of the inputs where a
-        strided sample brackets each rank (every entry inside the bracket gathered, the rank then selected exactly
-        among them), by :meth:`select` for a task whose bracket missed."""
-        wanted = [t for t, k in enumerate(ranks) if k > 0]
-        found: dict[int, Selected] = {}
-        if self.numel >= _BRACKET_MIN_NUMEL and wanted:
-            found = self._bracketed(ranks)
-        return [None if ranks[t] <= 0 else found.get(t) or self.select(t, ranks[t]) for t in range(len(ranks))]
+        """The ``ranks[t]``-th smallest |τ̂_t| of every task (``None`` for a rank 0): :meth:`select_queries`."""
+        found = self.select_queries([(t, k) for t, k in enumerate(ranks) if k > 0])
+        return [found.get((t, k)) if k > 0 else None for t, k in enumerate(ranks)]
 
-    def _bracketed(self, ranks: Sequence[int]) -> dict[int, Selected]:
+    def select_queries(self, queries: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Selected]:
+        """``{(t, k): the k-th smallest |τ̂_t|}`` for queries with k ≥ 1 (several per task possible), in one read of
+        the inputs where a strided sample brackets each rank (every entry inside the bracket gathered, the rank then
+        selected exactly among them), by :meth:`select` for a query whose bracket missed."""
+        queries = sorted(set(queries))
+        found: dict[tuple[int, int], Selected] = {}
+        if self.numel >= _BRACKET_MIN_NUMEL and queries:
+            found = self._bracketed(queries)
+        elif queries:  # a small tensor: its |τ̂_t| in memory (the radix passes' fixed costs would dominate)
+            found = self._in_memory(queries)
+        return {(t, k): found.get((t, k)) or self.select(t, k) for t, k in queries}
+
+    def _in_memory(self, queries: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Selected]:
+        magnitudes = np.empty((len(self.tasks), self.numel), dtype=np.float32)
+        with _LAUNCH_LOCK:
+            _kernel("stored_sample")(self.base, self.tasks, self._drop, 1, magnitudes)
+        self._magnitudes = magnitudes
+        found = {}
+        for t, k in queries:
+            values = magnitudes[t]
+            value = np.partition(values, k - 1)[k - 1]
+            found[(t, k)] = Selected(float(value), int((values < value).sum()), int((values == value).sum()))
+        return found
+
+    def _bracketed(self, queries: Sequence[tuple[int, int]]) -> dict[tuple[int, int], Selected]:
         n, tasks = self.numel, len(self.tasks)
         stride = max(1, n // min(max(_BRACKET_SAMPLE, n // 64), _BRACKET_SAMPLE_MAX))
         sample = np.empty((tasks, n // stride), dtype=np.float32)
@@ -494,36 +521,92 @@ class StoredTies:
             _kernel("stored_sample")(self.base, self.tasks, self._drop, stride, sample)
         sample.sort(axis=1)
         size = sample.shape[1]
-        low, high = np.zeros(tasks, dtype=np.float32), np.full(tasks, np.inf, dtype=np.float32)
+        count = len(queries)
+        low, high = np.zeros(count, dtype=np.float32), np.full(count, np.inf, dtype=np.float32)
         spans = []
-        for t, k in enumerate(ranks):
+        for q, (t, k) in enumerate(queries):
             fraction = min(max(k / n, 0.0), 1.0)
             margin = 6.0 * math.sqrt(size * fraction * (1.0 - fraction)) + 16
             first, last = math.floor(fraction * size - margin), math.ceil(fraction * size + margin)
-            if k > 0 and first > 0:
-                low[t] = sample[t, first]
-            if k > 0 and last < size - 1:
-                high[t] = sample[t, last]
-            spans.append((min(last, size) - max(first, 0)) / size if k > 0 else 0.0)
+            if first > 0:
+                low[q] = sample[t, first]
+            if last < size - 1:
+                high[q] = sample[t, last]
+            spans.append((min(last, size) - max(first, 0)) / size)
         capacity = int(2 * max(spans) * n / _num_parts()) + 4096
-        counts = np.zeros((_num_parts(), tasks, 2), dtype=np.int64)
-        buffers = np.empty((_num_parts(), tasks, capacity), dtype=np.float32)
+        counts = np.zeros((_num_parts(), count, 4), dtype=np.int64)
+        buffers = np.empty((_num_parts(), count, capacity), dtype=np.float32)
+        query_tasks = np.asarray([t for t, _ in queries], dtype=np.int64)
+        from ._numba_kernels import SEGMENT
+
+        segments = np.zeros((count, 2, max(1, -(-n // SEGMENT))), dtype=np.int32)
         with _LAUNCH_LOCK:
-            _kernel("stored_bracket")(self.base, self.tasks, self._drop, low, high, counts, buffers)
+            _kernel("stored_bracket")(self.base, self.tasks, self._drop, query_tasks, low, high, counts, buffers,
+                                      segments)
         found = {}
-        for t, k in enumerate(ranks):
-            below, inside = int(counts[:, t, 0].sum()), counts[:, t, 1]
-            if k <= 0 or not below < k <= below + int(inside.sum()):
-                continue  # the bracket missed the rank: the radix selection
-            if low[t] == high[t]:  # one value (common: differences of bfloat16 weights are coarse): the counts say all
-                found[t] = Selected(float(low[t]), below, int(inside.sum()))
-                continue
-            if (inside >= capacity).any():  # (the last slot takes every entry past the others)
-                continue  # more entries inside than were gathered: the radix selection
-            values = np.concatenate([buffers[p, t, : inside[p]] for p in range(len(inside))])
-            value = np.partition(values, k - below - 1)[k - below - 1]
-            found[t] = Selected(float(value), below + int((values < value).sum()), int((values == value).sum()))
+        for q, (t, k) in enumerate(queries):
+            below, at_low, inside, at_high = (int(c) for c in counts[:, q, :].sum(axis=0))
+            if below < k <= below + at_low:  # the lower end itself (common: differences of bfloat16 weights are coarse)
+                found[(t, k)] = Selected(float(low[q]), below, at_low)
+                self._equal_segments[(t, float(low[q]))] = segments[q, 0]
+            elif low[q] < high[q] and below + at_low + inside < k <= below + at_low + inside + at_high:  # the upper end
+                found[(t, k)] = Selected(float(high[q]), below + at_low + inside, at_high)
+                self._equal_segments[(t, float(high[q]))] = segments[q, 1]
+            elif below + at_low < k <= below + at_low + inside and (counts[:, q, 2] < capacity).all():
+                values = np.concatenate([buffers[p, q, : counts[p, q, 2]] for p in range(counts.shape[0])])
+                rank = k - below - at_low - 1
+                value = np.partition(values, rank)[rank]
+                found[(t, k)] = Selected(float(value), below + at_low + int((values < value).sum()),
+                                         int((values == value).sum()))
+            # otherwise the bracket missed the rank, or more entries were inside than gathered: the radix selection
         return found
+
+    def equal_positions(self, queries: Sequence[tuple[int, float, int]]) -> list[int]:
+        """For each query (t, value, nth): the position of the nth (1-based) entry with |τ̂_t| == value (−1 if there
+        are fewer): from what the selections left (a small tensor's magnitudes, or a bracket's counts per segment, then
+        a scan of the one segment that holds it), else one parallel counting read of the inputs and a scan of the part
+        that holds it."""
+        if not queries:
+            return []
+        from ._numba_kernels import SEGMENT
+
+        positions = [-1] * len(queries)
+        scan = _kernel("stored_equal_position")
+        counted = []
+        for q, (t, value, nth) in enumerate(queries):
+            if self._magnitudes is not None:  # a small tensor's magnitudes, in memory
+                at = np.flatnonzero(self._magnitudes[t] == np.float32(value))
+                positions[q] = int(at[nth - 1]) if 1 <= nth <= at.shape[0] else -1
+                continue
+            segments = self._equal_segments.get((t, float(value)))
+            if segments is None:
+                counted.append(q)
+                continue
+            cumulative = np.cumsum(segments, dtype=np.int64)
+            segment = int(np.searchsorted(cumulative, nth))
+            if 1 <= nth and segment < segments.shape[0]:  # scan the one segment that holds it
+                before = int(cumulative[segment - 1]) if segment else 0
+                positions[q] = int(scan(self.base, self.tasks[t], self._drop, t, np.float32(value), nth - before,
+                                        segment * SEGMENT, min(self.numel, (segment + 1) * SEGMENT)))
+        if not counted:
+            return positions
+        order = sorted(counted, key=lambda q: queries[q][0])
+        parts = _num_parts()
+        counts = np.zeros((parts, len(order)), dtype=np.int64)
+        with _LAUNCH_LOCK:  # per-part counts the selections did not leave, then a scan of the part holding each
+            _kernel("stored_equal_counts")(self.base, self.tasks, self._drop,
+                                           np.asarray([queries[q][0] for q in order], dtype=np.int64),
+                                           np.asarray([queries[q][1] for q in order], dtype=np.float32), counts)
+        per = -(-self.numel // parts)
+        for i, q in enumerate(order):
+            t, value, nth = queries[q]
+            cumulative = np.cumsum(counts[:, i])
+            part = int(np.searchsorted(cumulative, nth))
+            if 1 <= nth and part < parts:
+                before = int(cumulative[part - 1]) if part else 0
+                positions[q] = int(scan(self.base, self.tasks[t], self._drop, t, np.float32(value), nth - before,
+                                        part * per, min(self.numel, (part + 1) * per)))
+        return positions
 
     def threshold_rules(self, densities: Sequence[float]) -> list[tuple[float, int]]:
         """TIES' inclusive thresholds: the (n − ⌊d_t n⌋)-th smallest |τ̂_t| (keep all for d_t ≥ 1)."""
@@ -550,37 +633,183 @@ class StoredTies:
             return selected.value, n
         if at_value <= 0:
             return selected.value, -1
-        return selected.value, int(_kernel("stored_equal_position")(self.base, self.tasks[t], self._drop, t,
-                                                                   np.float32(selected.value), at_value))
+        return selected.value, self.equal_positions([(t, selected.value, at_value)])[0]
 
-    def majority(self, rules: Sequence[tuple[float, int]], scales: Sequence[float]) -> float:
-        """sign(Σ_j sign(Σ_t s_t τ̂_t[j])) over the tensor."""
-        from ._numba_kernels import KERNEL_CHUNK
-
-        mass = np.zeros(max(1, -(-self.numel // KERNEL_CHUNK)), dtype=np.int64)
-        with _LAUNCH_LOCK:
-            _kernel("stored_elect_mass")(self.base, self.tasks, self._drop, _rule_arrays(rules),
-                                         np.asarray(scales, dtype=np.float32), mass)
-        return float(np.sign(mass.sum()))
-
-    def merge(self, rules: Sequence[tuple[float, int]], scales: Sequence[float], weights: Sequence[float] | None,
-              majority: float, mean: bool, scaling: float, out: np.ndarray) -> StoredTiesCounts | None:
+    def merge(self, rules: Trim, scales: Sequence[float], weights: Sequence[float] | None,
+              majority: float | None, mean: bool, scaling: float, out: np.ndarray) -> StoredTiesCounts | None:
         """θ₀ + λ · the elect-and-merge written into ``out``; ``None`` when a result is not finite there (or an input
-        held NaN/Inf): the float32 route then names the cause."""
+        held NaN/Inf): the float32 route then names the cause. ``rules``: TIES' (threshold, cut) per task or a
+        :meth:`rank_bands` trim. ``majority`` ``None``: the tensor's own majority sign, decided in the same pass (exact
+        zeros of the elected sum merged for both signs)."""
         from ._numba_kernels import KERNEL_CHUNK
 
         tasks = len(self.tasks)
-        counts = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), tasks + 2), dtype=np.int64)
         weight_array = np.asarray(weights if weights is not None else [1.0] * tasks, dtype=np.float32)
+
+        def run(majority: float, negative: np.ndarray) -> np.ndarray:
+            counts = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), tasks + 3), dtype=np.int64)
+            with _LAUNCH_LOCK:
+                _kernel("stored_elect_merge")(self.base, self.tasks, self._drop, _trim_arrays_of(rules),
+                                              np.asarray(scales, dtype=np.float32), weight_array, weights is not None,
+                                              np.float32(majority), mean, np.float32(scaling), out, negative,
+                                              finite_limit(out), counts)
+            return counts
+
+        return _elected(run, majority, tasks, self.numel, out)
+
+    def masked_sum(self, trim: Trim, scales: Sequence[float], divisor: float, scaling: float,
+                   out: np.ndarray) -> StoredTiesCounts | None:
+        """θ₀ + λ · (Σ_t s_t τ̂_t) / divisor (the trimmed task vectors summed in task order) written into ``out``;
+        ``None`` when a result is not finite there (or an input held NaN/Inf)."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        tasks = len(self.tasks)
+        counts = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), tasks + 3), dtype=np.int64)
         with _LAUNCH_LOCK:
-            _kernel("stored_elect_merge")(self.base, self.tasks, self._drop, _rule_arrays(rules),
-                                          np.asarray(scales, dtype=np.float32), weight_array, weights is not None,
-                                          np.float32(majority), mean, np.float32(scaling), out, finite_limit(out),
-                                          counts)
-        totals = counts.sum(axis=0)
-        if totals[tasks + 1]:
-            return None
-        return StoredTiesCounts(totals[:tasks], int(totals[tasks]), self.numel)
+            _kernel("stored_masked_sum")(self.base, self.tasks, self._drop, _trim_arrays_of(trim),
+                                         np.asarray(scales, dtype=np.float32), np.float32(divisor),
+                                         np.float32(scaling), out, finite_limit(out), counts)
+        return _finish(counts, tasks, self.numel)
+
+    def rank_bands(self, bands: Sequence[tuple[int, int]]) -> BandTrim:
+        """The trim keeping, of every task, the entries whose rank in the stable ascending order of |τ̂_t| (equal
+        magnitudes by position) lies in ``bands[t]`` = [start, stop) — what ``argsort(|τ̂_t|, stable=True)[start:stop]``
+        selects: two selections per task (one read of the inputs where the sampled brackets hold), and where equal
+        magnitudes straddle a bound, the position where the band begins or ends among them (one more read)."""
+        n, tasks = self.numel, len(self.tasks)
+        lows, highs = np.full(tasks, np.inf, dtype=np.float32), np.full(tasks, -1.0, dtype=np.float32)
+        firsts, lasts = np.full(tasks, n, dtype=np.int64), np.full(tasks, -1, dtype=np.int64)
+        selected = self.select_queries([(t, k) for t, (start, stop) in enumerate(bands) if start < stop
+                                        for k in (start + 1, stop)])
+        positions = []  # (task, bound: 0 low / 1 high, value, nth)
+        for t, (start, stop) in enumerate(bands):
+            if start >= stop:
+                continue  # nothing kept
+            low, high = selected[(t, start + 1)], selected[(t, stop)]
+            lows[t], highs[t] = low.value, high.value
+            firsts[t], lasts[t] = -1, n
+            if start > low.below:  # equal ones rank below, below + 1, ... by position: the band starts among them
+                positions.append((t, 0, low.value, start - low.below + 1))
+            if stop - high.below < high.equal:  # and ends among them
+                positions.append((t, 1, high.value, stop - high.below))
+        found = self.equal_positions([(t, value, nth) for t, _, value, nth in positions])
+        for (t, bound, _, _), position in zip(positions, found):
+            if position < 0:
+                raise RuntimeError("rank band: an equal entry counted was not found")  # (not reached)
+            if bound == 0:
+                firsts[t] = position
+            else:
+                lasts[t] = position
+        return BandTrim(lows, firsts, highs, lasts, np.ones(tasks, dtype=np.float32))
+
+    def rescale_trim_to_l1(self, trim: BandTrim) -> None:
+        """mergekit's ``rescale`` after a trim: each trimmed τ̂_t scaled by ‖τ̂_t‖₁/‖m_t ⊙ τ̂_t‖₁ (1 when either is
+        below 1e-7; float64 sums) — the band's factors."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        norms = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), len(self.tasks), 2), dtype=np.float64)
+        unscaled = dataclasses.replace(trim, factors=np.ones_like(trim.factors))
+        with _LAUNCH_LOCK:
+            _kernel("stored_trim_l1_norms")(self.base, self.tasks, self._drop, unscaled.arrays(), norms)
+        trim.factors[:] = [_l1_factor(before, after) for before, after in norms.sum(axis=0)]
+
+    def magprune_merge(self, row_length: int, densities: Sequence[float], epsilons: Sequence[float],
+                       seeds: Sequence[int], rescale: str | None, scales: Sequence[float],
+                       weights: Sequence[float] | None, elect: bool, majority: float | None, mean: bool,
+                       divisor: float, scaling: float, out: np.ndarray) -> StoredTiesCounts | None:
+        """DELLA from the stored inputs, rows of ``row_length`` entries: MagPrune of every τ_t (density ≥ 1 keeps it
+        whole; ``rescale`` "divide" by p, "l1" to the unmasked L1 norm — one more read — or ``None``), then θ₀ + λ ·
+        TIES' elect and disjoint merge of v_t = s_t τ'_t (``elect``; ``majority`` ``None``: the tensor's own, decided
+        in the same pass) or (Σ_t v_t) / divisor, written into ``out``; ``None`` when a result or an input is not
+        finite."""
+        tasks, n = len(self.tasks), row_length
+        num_rows = self.numel // n
+        blocks = max(1, -(-num_rows // max(1, _MAGPRUNE_BLOCK // n)))
+        whole = np.asarray([d >= 1.0 for d in densities], dtype=np.bool_)
+        prune = (np.asarray([d - e for d, e in zip(densities, epsilons)], dtype=np.float32),
+                 np.asarray([2 * e for e in epsilons], dtype=np.float32),
+                 np.asarray(densities, dtype=np.float32),
+                 np.asarray([s % (1 << 64) for s in seeds], dtype=np.uint64), whole,
+                 np.ones(tasks, dtype=np.float32))
+        if rescale == "l1":
+            norms = np.zeros((blocks, tasks, 2), dtype=np.float64)
+            with _LAUNCH_LOCK:
+                _kernel("stored_magprune_norms")(self.base, self.tasks, n, prune, norms)
+            prune[5][:] = [1.0 if whole[t] else _l1_factor(before, after)
+                           for t, (before, after) in enumerate(norms.sum(axis=0))]
+        weight_array = np.asarray(weights if weights is not None else [1.0] * tasks, dtype=np.float32)
+
+        def run(majority: float, negative: np.ndarray) -> np.ndarray:
+            counts = np.zeros((blocks, tasks + 3), dtype=np.int64)
+            with _LAUNCH_LOCK:
+                _kernel("stored_magprune_merge")(self.base, self.tasks, n, prune, rescale == "divide",
+                                                 np.asarray(scales, dtype=np.float32), weight_array,
+                                                 weights is not None, elect, np.float32(majority), mean,
+                                                 np.float32(divisor), np.float32(scaling), out, negative,
+                                                 finite_limit(out), counts)
+            return counts
+
+        if not elect:
+            return _finish(run(1.0, out[:0]), tasks, self.numel)
+        return _elected(run, majority, tasks, self.numel, out)
+
+
+@dataclasses.dataclass
+class BandTrim:
+    """A rank-band trim per task (:meth:`StoredTies.rank_bands`): keep low < |τ̂| < high, |τ̂| = low from position
+    ``first`` on, |τ̂| = high up to position ``last``; kept entries scaled by ``factor`` (an L1 rescale)."""
+
+    lows: np.ndarray
+    firsts: np.ndarray
+    highs: np.ndarray
+    lasts: np.ndarray
+    factors: np.ndarray
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.lows, self.firsts, self.highs, self.lasts, self.factors
+
+
+#: A trim of :class:`StoredTies`: TIES' (threshold, cut) per task, or a rank band.
+Trim = Sequence[tuple[float, int]] | BandTrim
+
+
+def _trim_arrays_of(trim: Trim) -> tuple[np.ndarray, ...]:
+    return trim.arrays() if isinstance(trim, BandTrim) else _rule_arrays(trim)
+
+
+def _l1_factor(before: float, after: float) -> float:
+    """``ties.l1_factor`` from the two norms: before/after, or 1 when either is below 1e-7."""
+    return 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+
+def _finish(counts: np.ndarray, tasks: int, numel: int) -> StoredTiesCounts | None:
+    """What a stored merge counted, or ``None`` if a result (or an input) was not finite."""
+    totals = counts.sum(axis=0)
+    if totals[tasks + 1]:
+        return None
+    return StoredTiesCounts(totals[:tasks], int(totals[tasks]), numel)
+
+
+def _elected(run: Callable[[float, np.ndarray], np.ndarray], majority: float | None, tasks: int, numel: int,
+             out: np.ndarray) -> StoredTiesCounts | None:
+    """An elect-and-merge kernel ``run(majority, negative) -> counts`` carried out with ``majority``, or for ``None``
+    with the tensor's own majority sign in one pass: the kernel writes the results for +1 into ``out`` and those for
+    −1 into ``negative``, whose results are taken where the tensor's mass turns out negative; a mass of exactly 0
+    (the majority sign 0, as the float32 route elects it) runs the kernel again with it."""
+    if majority is not None:
+        return _finish(run(majority, out[:0]), tasks, numel)
+    negative = np.empty_like(out)
+    counts = run(math.nan, negative)
+    mass = int(counts[:, tasks + 2].sum())
+    if mass < 0 and not counts[:, tasks + 1].any():
+        np.copyto(out, negative)
+    elif mass == 0:
+        counts = run(0.0, out[:0])
+    return _finish(counts, tasks, numel)
+
+
+#: Entries per block of rows of the stored MagPrune (a parallel work item).
+_MAGPRUNE_BLOCK = 1 << 14
 
 
 #: Tensors smaller than this are selected by the radix passes alone; larger ones first try a sampled bracket.

@@ -409,3 +409,176 @@ def test_numpy_uniforms_in_pieces_equal_the_kernel_across_piece_boundaries(monke
     compiled = kernels.counter_uniforms(99, (37, 101))
     monkeypatch.setenv("HF_MERGE_KERNELS", "0")
     assert torch.equal(compiled, kernels.counter_uniforms(99, (37, 101)))
+
+
+# ------------------------------------------------------------- Breadcrumbs and DELLA from stored inputs
+SPARSE_STORED_CONFIGS = {
+    "breadcrumbs": {"method": "breadcrumbs", "density": 0.5, "gamma": 0.1},
+    "breadcrumbs-per-task-weighted-mean-l1": {"method": "breadcrumbs", "density": [0.3, 0.5, 0.6],
+                                              "gamma": [0.0, 0.1, 0.05], "weights": [0.5, 1.5, 1.0],
+                                              "aggregate": "mean", "rescale_norm": "l1", "scaling": 0.7},
+    "breadcrumbs-density-1-gamma-0": {"method": "breadcrumbs", "density": 1.0, "gamma": 0.0, "aggregate": "mean"},
+    "breadcrumbs_ties": {"method": "breadcrumbs_ties", "density": 0.5, "gamma": 0.1},
+    "breadcrumbs_ties-positive-sum-weighted-l1": {"method": "breadcrumbs_ties", "density": [0.2, 0.4, 0.7],
+                                                  "gamma": [0.05, 0.0, 0.3], "weights": [1.0, 2.0, 0.5],
+                                                  "zero_sign": "positive", "aggregate": "sum", "rescale_norm": "l1"},
+    "breadcrumbs_ties-tiny-band": {"method": "breadcrumbs_ties", "density": 0.01, "gamma": 0.0, "scaling": 1.3},
+    "della": {"method": "della", "density": 0.4},
+    "della-per-task-weighted-positive-l1": {"method": "della", "density": [0.3, 0.5, 1.0],
+                                            "epsilon": [0.1, 0.2, 0.1], "weights": [0.5, 1.5, 1.0],
+                                            "zero_sign": "positive", "rescale_norm": "l1", "seed": 3},
+    "della-sum-unscaled": {"method": "della", "density": 0.3, "epsilon": 0.1, "rescale": False,
+                           "aggregate": "sum"},
+    "della-weighted-majority": {"method": "della", "density": 0.5, "epsilon": 0.3, "weights": [1.0, -0.5, 2.0]},
+    "della_linear": {"method": "della_linear", "density": 0.4},
+    "della_linear-mean-weighted": {"method": "della_linear", "density": [0.4, 0.6, 0.5], "weights": [0.5, 1.5, 1.0],
+                                   "aggregate": "mean", "scaling": 0.8},
+    "della_linear-l1-density-1": {"method": "della_linear", "density": [0.4, 1.0, 0.3], "rescale_norm": "l1"},
+}
+
+
+def _sparse_task_vectors(dtype: torch.dtype, seed: int):
+    """:func:`_grid_task_vectors` (magnitude ties everywhere) plus a 3-D tensor, one-entry rows, a tensor whose task
+    vectors are all zero, one whose elected sums are mostly negative (a negative majority sign, with exact
+    cancellations) and a task vector that is zero in one tensor only."""
+    base, fts = _grid_task_vectors(dtype, 3, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    shapes = {"cube": (4, 5, 6), "column": (9, 1), "zero": (40, 30), "down": (50, 40)}
+    for key, shape in shapes.items():
+        base[key] = torch.randint(-64, 64, shape, generator=gen).float().mul(2**-6).to(dtype)
+    for t, ft in enumerate(fts):
+        for key in ("cube", "column"):
+            noise = torch.randint(-8, 9, base[key].shape, generator=gen).float().mul(2**-10)
+            ft[key] = (base[key].float() + noise).to(dtype)
+        ft["zero"] = base["zero"].clone()
+        down = torch.randint(-8, 3, base["down"].shape, generator=gen).float().mul(2**-10)
+        ft["down"] = (base["down"].float() + down).to(dtype)
+    fts[2]["mid"] = base["mid"].clone()
+    return base, fts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", list(SPARSE_STORED_CONFIGS))
+def test_breadcrumbs_and_della_from_the_stored_inputs_equal_the_float32_route(monkeypatch, dtype, name):
+    """Bit-identical to ``merge_tensor`` (the torch reference, kernels off), with every tensor merged from the stored
+    inputs (no fallback)."""
+    from hf_merge.methods.breadcrumbs import BreadcrumbsMerger
+    from hf_merge.methods.della import DellaMerger
+
+    taken = []
+    for merger_class in (BreadcrumbsMerger, DellaMerger):
+        original = merger_class.merge_stored
+
+        def recorded(self, key, arrays, out, info, original=original):
+            taken.append((key, original(self, key, arrays, out, info)))
+            return taken[-1][1]
+
+        monkeypatch.setattr(merger_class, "merge_stored", recorded)
+    base, fts = _sparse_task_vectors(dtype, seed=5)
+    config = hf_merge.MergeConfig.from_dict(SPARSE_STORED_CONFIGS[name])
+    results = []
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("HF_MERGE_KERNELS", kernels)
+        results.append(hf_merge.merge(base, fts, config, progress=False))
+        if kernels == "1":
+            assert sorted(taken) == sorted((key, True) for key in base)
+    for key in base:
+        assert results[0][key].dtype == dtype and torch.equal(results[0][key], results[1][key]), key
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della"])
+def test_a_negative_majority_sign_is_settled_in_the_stored_pass(monkeypatch, method):
+    """The tensor's majority sign is decided in the same pass: a tensor whose elected sums are mostly negative takes
+    −1 at its exact cancellations (as the float32 route), and an all-zero one the sign 0."""
+    import numpy as np
+
+    from hf_merge.kernels import StoredTies
+    from hf_merge.tensors import numpy_view
+
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    # every entry: τ = (−2, +2, −1)·2⁻¹⁰ (elected −1) or (+1, −1, 0)·2⁻¹⁰ (an exact cancellation), 3:1
+    n = 4000
+    base = torch.zeros(n, dtype=torch.float32)
+    cancel = torch.arange(n) % 4 == 0
+    rows = [torch.where(cancel, a, b) * 2**-10 for a, b in ((1.0, -2.0), (-1.0, 2.0), (0.0, -1.0))]
+    arrays = [numpy_view(base), *(numpy_view(r.clone()) for r in rows)]
+    for majority, expected in ((None, -1.0), (-1.0, -1.0), (1.0, 1.0)):
+        out = np.empty(n, dtype=np.float32)
+        stored = StoredTies(arrays)
+        if method == "della":
+            counts = stored.magprune_merge(n, [1.0] * 3, [0.1] * 3, [0] * 3, None, [1.0] * 3, None, True, majority,
+                                           True, 1.0, 1.0, out)
+        else:
+            counts = stored.merge(stored.rank_bands([(0, n)] * 3), [1.0] * 3, None, majority, True, 1.0, out)
+        assert counts is not None
+        assert np.all(out[cancel.numpy()] == expected * 2**-10)  # the one value agreeing with the elected sign
+        assert np.all(out[~cancel.numpy()] == -1.5 * 2**-10)
+    zeros = [numpy_view(torch.zeros(n)) for _ in range(4)]
+    out = np.full(n, 7.0, dtype=np.float32)
+    assert StoredTies(zeros).merge(StoredTies(zeros).rank_bands([(0, n)] * 3), [1.0] * 3, None, None, True, 1.0,
+                                   out) is not None
+    assert np.all(out == 0)
+
+
+def test_a_non_finite_input_sends_breadcrumbs_and_della_to_the_float32_route(monkeypatch):
+    monkeypatch.setenv("HF_MERGE_KERNELS", "1")
+    for method, options in (("breadcrumbs", {"density": 0.5, "gamma": 0.1}), ("della", {"density": 0.4})):
+        base, fts = _grid_task_vectors(torch.bfloat16, 3, seed=7)
+        fts[1]["big"].view(-1)[5] = float("inf")  # an outlier the band would drop
+        with pytest.raises(hf_merge.MergeError, match="'big' contains"):
+            hf_merge.merge(base, fts, method, progress=False, **options)
+
+
+@pytest.mark.parametrize("values", ["smooth", "tied"])
+def test_stored_rank_bands_keep_what_the_stable_sort_keeps(values):
+    import numpy as np
+
+    from hf_merge.kernels import StoredTies
+    from hf_merge.tensors import numpy_view
+
+    generator = torch.Generator().manual_seed(4)
+    n = 200_000  # above the bracketing size
+    base = torch.zeros(n, dtype=torch.bfloat16)  # (θ₀ + τ then holds τ exactly)
+    noise = {"smooth": lambda: torch.randn(n, generator=generator) * 1e-2,
+             "tied": lambda: torch.randint(-4, 5, (n,), generator=generator).float() * 2**-8}[values]
+    tasks = [noise().to(torch.bfloat16) for _ in range(3)]
+    arrays = [numpy_view(x) for x in (base, *tasks)]
+    bands = [(0, n // 3), (n // 10, n - n // 100), (n - 5, n)]
+    trim = StoredTies(arrays).rank_bands(bands)
+    out = np.empty(n, dtype=np.float32)
+    for t, (start, stop) in enumerate(bands):  # one task at a time: weights 1 for t, 0 for the others
+        scales = [1.0 if s == t else 0.0 for s in range(3)]
+        assert StoredTies(arrays).masked_sum(trim, scales, 1.0, 1.0, out) is not None
+        delta = tasks[t].float() - base.float()
+        order = torch.argsort(delta.abs(), stable=True)
+        expected = torch.zeros(n)
+        expected[order[start:stop]] = delta[order[start:stop]]
+        assert torch.equal(torch.from_numpy(out) - base.float(), expected), t
+
+
+def test_stored_l1_factors_agree_with_the_float64_reference_to_an_ulp_of_float32():
+    """The one departure from bit-identity that can occur: the L1 factors' float64 sums run in another order than
+    torch's, so the float32 factor can differ by one ulp where it lies within ~1e-15 of a rounding boundary."""
+    import numpy as np
+
+    from hf_merge.kernels import StoredTies
+    from hf_merge.methods.ties import l1_factor
+    from hf_merge.tensors import numpy_view
+
+    generator = torch.Generator().manual_seed(9)
+    n = 150_000
+    base = torch.randn(n, generator=generator).to(torch.bfloat16)
+    tasks = [(base.float() + torch.randn(n, generator=generator) * 1e-2).to(torch.bfloat16) for _ in range(3)]
+    arrays = [numpy_view(x) for x in (base, *tasks)]
+    bands = [(0, n // 2), (n // 10, n - n // 10), (n // 3, n - 1)]
+    stored = StoredTies(arrays)
+    trim = stored.rank_bands(bands)
+    stored.rescale_trim_to_l1(trim)
+    for t, (start, stop) in enumerate(bands):
+        delta = tasks[t].float() - base.float()
+        order = torch.argsort(delta.abs(), stable=True)
+        masked = torch.zeros(n)
+        masked[order[start:stop]] = delta[order[start:stop]]
+        reference = np.float32(l1_factor(delta, masked))
+        assert abs(int(trim.factors[t].view(np.int32)) - int(reference.view(np.int32))) <= 1, t
+        assert abs(float(trim.factors[t]) / l1_factor(delta, masked) - 1) < 1e-7

@@ -20,6 +20,14 @@ Where this follows the paper and where mergekit (``breadcrumbs``/``breadcrumbs_t
 * mergekit's options: ``rescale: true`` is ``rescale_norm="l1"`` (each m_t ⊙ τ_t scaled to ‖τ_t‖₁), ``normalize`` is
   ``aggregate`` (its default false: the sum for both methods; the native ``breadcrumbs_ties`` uses TIES' disjoint
   mean), and exact zeros of Σ_t w_t m_t τ_t elect +1 (``zero_sign="positive"``; native: the tensor's majority sign).
+
+From plain checkpoints on the CPU (bfloat16 or float32) :meth:`BreadcrumbsMerger.merge_stored` gives the same bits
+as the float32 reference below without float32 copies: two rank selections per task over |τ_t| computed on the fly
+(one read of the inputs where a sampled bracket holds them, the position where the band starts or ends among equal
+magnitudes from that read's per-segment counts), then one fused pass that masks, rescales, weighs and merges
+(:class:`~hf_merge.kernels.StoredTies`). mergekit's L1 rescale adds one read; its factors are float64 sums in another
+order than torch's, equal to ~1e-15 relative, so the float32 factor (and every result) is the same unless it lies that
+close to a float32 rounding boundary (then one ulp of the factor apart).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 
 from ..config import (
@@ -37,12 +46,12 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
-from ..kernels import fused_rank_band
+from ..kernels import StoredTies, fused_rank_band
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tensors import stable_rank_band
 from .base import Merger
-from .della import MaskedMergeConfig, masked_merge, paired
+from .della import MaskedMergeConfig, masked_merge, masked_sum_divisor, paired
 from .ties import l1_factor, resolve_weights
 
 if TYPE_CHECKING:
@@ -155,6 +164,30 @@ class BreadcrumbsMerger(Merger):
         if self.config.rescale_norm == "l1":
             masked = [m.mul_(l1_factor(d, m)) for d, m in zip(deltas, masked)]
         return masked_merge(masked, self.weights, self.config)
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        """:meth:`merge_tensor` straight from the stored inputs (the same bits): each band is found by selections
+        over |τ_t| computed on the fly (:meth:`~hf_merge.kernels.StoredTies.rank_bands`), then one compiled pass
+        trims, rescales, weighs and merges (elect and disjoint merge, or the sum) into ``out``."""
+        if not StoredTies.takes(arrays, out) or arrays[0].shape[0] == 0:
+            return False
+        cfg, stored = self.config, StoredTies(arrays)
+        bands = []
+        for density, gamma in zip(self.densities, self.gammas):
+            bottom, kept, _ = breadcrumbs_counts(stored.numel, density, gamma)
+            bands.append((bottom, bottom + kept))
+        trim = stored.rank_bands(bands)
+        if cfg.rescale_norm == "l1":
+            stored.rescale_trim_to_l1(trim)
+        scales = self.weights or [1.0] * len(bands)
+        mean = cfg.merge_aggregate == "mean"
+        if cfg.sign_election:
+            majority = 1.0 if cfg.zero_sign == "positive" else None
+            counts = stored.merge(trim, scales, self.weights, majority, mean, cfg.scaling, out)
+        else:
+            counts = stored.masked_sum(trim, scales, masked_sum_divisor(len(bands), self.weights, mean), cfg.scaling,
+                                       out)
+        return counts is not None
 
 
 class BreadcrumbsTiesMerger(BreadcrumbsMerger):

@@ -29,6 +29,13 @@ Where this follows the paper and where mergekit (``della``/``della_linear``) dep
 * Sign election: exact zeros of Σ_t w_t τ'_t take the tensor's majority sign (TIES); mergekit elects +1
   (``zero_sign="positive"``). mergekit's ``normalize`` is ``aggregate``: ``della`` defaults to the disjoint mean,
   ``della_linear`` to the sum (``aggregate="mean"`` there divides by Σ_t w_t).
+
+From plain checkpoints on the CPU (bfloat16 or float32) :meth:`DellaMerger.merge_stored` gives the same bits as the
+float32 reference below without float32 copies: one fused pass over the rows (rank, draw, rescale, weigh, elect and
+merge; the tensor's majority sign settled in the same pass), one more for mergekit's L1 rescale
+(:meth:`~hf_merge.kernels.StoredTies.magprune_merge`). The L1 factors are float64 sums in another order than torch's:
+equal to ~1e-15 relative, so the float32 factor (and every result) is the same unless it lies that close to a
+rounding boundary of float32.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..config import (
@@ -50,7 +58,7 @@ from ..config import (
     per_task_items,
     resolve_per_task,
 )
-from ..kernels import counter_uniforms, fused_magprune
+from ..kernels import StoredTies, counter_uniforms, fused_magprune
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -259,12 +267,20 @@ def masked_merge(masked: list[torch.Tensor], weights: list[float] | None, config
         for t, delta in enumerate(masked):
             total.add_(delta if weights is None else delta * weights[t])
         if aggregate == "mean":
-            divisor = float(len(masked)) if weights is None else sum(weights)
-            total /= divisor if abs(divisor) >= 1e-8 else 1.0
+            total /= masked_sum_divisor(len(masked), weights, True)
         return total.mul_(config.scaling)
     majority = 1.0 if config.zero_sign == "positive" else None
     out = sign_elected_merge([m.reshape(-1) for m in masked], None, weights, weights, majority, aggregate)
     return out.view_as(masked[0]).mul_(config.scaling)
+
+
+def masked_sum_divisor(num_tasks: int, weights: list[float] | None, mean: bool) -> float:
+    """The divisor of the masked sum: Σ_t w_t (T without weights) for "mean", 1 when that is below 1e-8 in magnitude
+    (as mergekit) or for "sum"."""
+    if not mean:
+        return 1.0
+    divisor = float(num_tasks) if weights is None else sum(weights)
+    return divisor if abs(divisor) >= 1e-8 else 1.0
 
 
 class DellaMerger(Merger):
@@ -278,6 +294,7 @@ class DellaMerger(Merger):
         self.epsilons = dict(zip(names, resolve_per_task("epsilon", cfg.epsilon, names)))
         cfg.check_windows(self.densities, self.epsilons)
         self.weights = resolve_weights(cfg.weights, names)
+        self.shapes = {key: ctx.metas[key].shape for key in ctx.merge_keys if key in ctx.metas}
 
     def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -287,6 +304,25 @@ class DellaMerger(Merger):
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         dropped = [self._drop(task, key, delta) for task, delta in zip(self.task_names, deltas)]
         return masked_merge(dropped, self.weights, self.config)
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        """:meth:`merge_tensor` straight from the stored inputs (the same bits): one compiled pass over the rows ranks
+        each τ_t's row, draws the masks, rescales, weighs and merges (elect and disjoint merge, or the sum) into
+        ``out``, with the tensor's majority sign settled in the same pass; mergekit's L1 rescale takes one more."""
+        shape = self.shapes.get(key)
+        if shape is None or not StoredTies.takes(arrays, out) or arrays[0].shape[0] == 0:
+            return False
+        cfg, names, stored = self.config, self.task_names, StoredTies(arrays)
+        row_length = stored.numel // shape[0] if len(shape) >= 2 else stored.numel
+        rescale = (cfg.rescale_norm or "divide") if cfg.rescale else None
+        scales = self.weights or [1.0] * len(names)
+        mean = cfg.merge_aggregate == "mean"
+        counts = stored.magprune_merge(
+            row_length, [self.densities[t] for t in names], [self.epsilons[t] for t in names],
+            [mask_seed(cfg.seed, t, key) for t in names], rescale, scales, self.weights, cfg.sign_election,
+            1.0 if cfg.zero_sign == "positive" else None, mean, masked_sum_divisor(len(names), self.weights, mean),
+            cfg.scaling, out)
+        return counts is not None
 
 
 class DellaLinearMerger(DellaMerger):

@@ -355,8 +355,6 @@ class TiesMerger(Merger):
             rules = stored.largest_rules(self.densities)
         scales = self.weights or [1.0] * len(rules)
         majority = 1.0 if cfg.zero_sign == "positive" else self.majority_sign
-        if majority is None:
-            majority = stored.majority(rules, scales)
         counts = stored.merge(rules, scales, self.weights, majority, cfg.aggregate == "mean", cfg.scaling, out)
         if counts is None:
             return False
