@@ -32,6 +32,7 @@ output size. Targets: wall ≤ 1.3× the floor, peak RSS ≤ output size + 2 GB.
     python benchmarks/bench_merge_io.py            # ~0.5B parameters, base + 4 inputs, every method
     python benchmarks/bench_merge_io.py --quick    # ~42M parameters, for a smoke run
     python benchmarks/bench_merge_io.py --methods ta ties    # only these methods (Task Arithmetic is always timed)
+    python benchmarks/bench_merge_io.py --quick --device cuda   # the merges' arithmetic on a GPU (floors unchanged)
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def merge_tiny(configs: list, tasks: int) -> None:
+def merge_tiny(configs: list, tasks: int, device: str = "cpu") -> None:
     """Merge tiny checkpoint folders (inputs mapped, as in the timed runs) with each config."""
     import tempfile
 
@@ -187,7 +188,8 @@ def merge_tiny(configs: list, tasks: int) -> None:
             tensor = torch.zeros(64) if index == 0 else torch.randn(64)
             save_file({"w": tensor.to(torch.bfloat16)}, folders[-1] / "model.safetensors")
         for config in configs:
-            hf_merge.merge(folders[0], folders[1:], config, output_dir=Path(tmp) / config.method, progress=False)
+            hf_merge.merge(folders[0], folders[1:], config, output_dir=Path(tmp) / config.method, progress=False,
+                           device=device)
 
 
 def compile_kernels(tasks: int) -> dict:
@@ -229,7 +231,8 @@ def touch_free_memory(gigabytes: float = 2.0) -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None, cache: str = "warm") -> dict:
+def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None, cache: str = "warm",
+            device: str = "cpu") -> dict:
     """Run one measurement in this (fresh) process; print its JSON."""
     if kind == "compile":
         return compile_kernels(tasks)
@@ -248,7 +251,7 @@ def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None,
         # machinery) come with its first merge: timed on a tiny merge and reported apart
         config = method_config(kind)
         begin = time.perf_counter()
-        merge_tiny([config], tasks)
+        merge_tiny([config], tasks, device)
         startup = time.perf_counter() - begin
     set_page_cache(folders, cache)
     touch_free_memory()
@@ -278,7 +281,8 @@ def measure(kind: str, workdir: Path, tasks: int, max_memory: str | None = None,
         output.mkdir()
         write_safetensors_shards(output, metas, map_all)
     else:
-        hf_merge.merge(folders[0], folders[1:], config, output_dir=output, progress=False, max_memory=max_memory)
+        hf_merge.merge(folders[0], folders[1:], config, output_dir=output, progress=False, max_memory=max_memory,
+                       device=device)
     wall = time.perf_counter() - start
     size = sum(p.stat().st_size for p in output.glob("*.safetensors"))
     shutil.rmtree(output, ignore_errors=True)
@@ -310,11 +314,14 @@ def main() -> None:
                              "counts its fastest run; KIND@N runs it on base + N fine-tuned inputs)")
     parser.add_argument("--cache", default="warm,cold", help="page-cache states of the inputs to measure, in order")
     parser.add_argument("--name", default=None, help="results file name (default merge_io[_quick].json)")
+    parser.add_argument("--device", default="cpu", help="where the merges' arithmetic runs: cpu (default) or cuda[:N]")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab = 512, 2048, 8, 8000
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     if args.measure:
-        print(json.dumps(measure(args.measure, args.workdir, args.tasks, args.max_memory, args.cache)))
+        print(json.dumps(measure(args.measure, args.workdir, args.tasks, args.max_memory, args.cache, args.device)))
         return
 
     if args.runs:
@@ -336,7 +343,7 @@ def main() -> None:
 
     def run(kind: str, cache: str = "warm", tasks: int = args.tasks) -> dict:
         cmd = [sys.executable, __file__, "--measure", kind, "--workdir", str(args.workdir), "--tasks",
-               str(tasks), "--cache", cache]
+               str(tasks), "--cache", cache, "--device", args.device]
         if args.max_memory:
             cmd += ["--max-memory", args.max_memory]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -400,6 +407,7 @@ def main() -> None:
         "page_cache": {"warm": "inputs in the page cache (read before timing)",
                        "cold": "inputs evicted from the page cache before each run (read from storage)"},
         "max_memory": args.max_memory,
+        "device": args.device if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name(args.device)})",
         "methods": {kind: {"label": METHODS[kind][0], "method": METHODS[kind][1], "config": METHODS[kind][2],
                            "finetuned_inputs": method_inputs(kind, args.tasks)}
                     for kind in dict.fromkeys(k for k, _ in plan) if kind in METHODS},

@@ -356,10 +356,12 @@ def _batch_size(batch: Mapping[str, Any], task: str) -> int:
 
 
 def token_mask(batch: Mapping[str, Any], shape: torch.Size) -> torch.Tensor | None:
-    """The ``(batch, tokens)`` boolean mask of real (not padding) tokens for an activation of ``shape``, when the batch
-    has an attention mask of that leading shape; ``None`` otherwise."""
+    """The ``(batch, tokens)`` boolean mask of real (not padding) tokens for a per-token activation of ``shape``
+    ``(batch, tokens, features)``, when the batch has an attention mask of that leading shape; ``None`` otherwise (a
+    per-example ``(batch, classes)`` tensor is never masked, whatever its width)."""
     mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2 and tuple(shape[:2]) == tuple(mask.shape):
+    if (isinstance(mask, torch.Tensor) and mask.ndim == 2 and len(shape) == 3
+            and tuple(shape[:2]) == tuple(mask.shape)):
         return mask.bool()
     return None
 

@@ -32,7 +32,7 @@ from .io.prefetch import Prefetcher
 from .io.sinks import Sink
 from .io.sources import TensorSource
 from .kernels import fused_add_store
-from .linalg import gram_coordinates
+from .linalg import cpu_threads, gram_coordinates
 from .lowrank import LowRank
 from .methods.base import Merger, ModelMerger, TaskCompressor
 from .options import MergeOptions
@@ -71,7 +71,13 @@ def check_plan(plan: Plan) -> None:
 
 
 def run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
-    """Carry out ``plan`` into ``sink`` under ``options``; return what the sink returns."""
+    """Carry out ``plan`` into ``sink`` under ``options``; return what the sink returns. The whole run has
+    ``options.num_threads`` CPU threads (torch and every BLAS/OpenMP pool, restored afterwards: :func:`cpu_threads`)."""
+    with cpu_threads(options.num_threads):
+        return _run(plan, sink, options)
+
+
+def _run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     check_plan(plan)
     sink.check_options(options)
     if isinstance(plan.merger, ModelMerger):
@@ -99,14 +105,15 @@ def merged_tensors(plan: Plan, options: MergeOptions) -> Iterator[Callable[[str]
         raise ValueError(f"Method {plan.merger.config.method!r} does not merge tensor by tensor from a base; it cannot "
                          "merge part of a model.")
     check_plan(plan)
-    ctx = _context(plan, options).nested()
-    buffers = _BufferSink()
-    buffers.begin(_output_metas(ctx.metas, options.dtype), ctx.infos, 0)
-    with ctx.tracker, contextlib.ExitStack() as stack:
-        plan.merger.prepare(ctx)
-        ctx.prefetch_depth = 0  # the caller's order is not known here: no read-ahead of keys it may ask for later
-        floating = [k for k, m in ctx.metas.items() if m.dtype.is_floating_point]
-        yield _tensor_route(plan.merger, ctx, buffers, stack, floating, buffers.metas)[1]
+    with cpu_threads(options.num_threads):
+        ctx = _context(plan, options).nested()
+        buffers = _BufferSink()
+        buffers.begin(_output_metas(ctx.metas, options.dtype), ctx.infos, 0)
+        with ctx.tracker, contextlib.ExitStack() as stack:
+            plan.merger.prepare(ctx)
+            ctx.prefetch_depth = 0  # the caller's order is not known here: no read-ahead of keys it may ask for later
+            floating = [k for k, m in ctx.metas.items() if m.dtype.is_floating_point]
+            yield _tensor_route(plan.merger, ctx, buffers, stack, floating, buffers.metas)[1]
 
 
 class _BufferSink(Sink):

@@ -18,16 +18,83 @@ sign/order freedom of singular vectors, which the methods' outputs do not depend
   the polar factor may not be unique). For square ill-conditioned matrices nothing exact is cheaper than the SVD.
 
 Inputs are upcast to float32; outputs are float32 on the input's device.
+
+Threads: :func:`cpu_threads` puts torch's intra-op pool and every BLAS/LAPACK/OpenMP pool that ``threadpoolctl``
+sees (SciPy's and NumPy's OpenBLAS included, which ``torch.set_num_threads`` does not reach) at one count for the
+length of a merge (``MergeOptions.num_threads``). Within it each CPU route spends the threads where they pay
+(:data:`LAPACK_THREADS`): torch's matrix products (Gram matrices, projections) use them all; the independent top-k
+eigensolves of a batch run side by side, one thread each; the polar factor's eigendecomposition goes through torch's
+threaded LAPACK; SciPy's OpenBLAS otherwise runs single-threaded, so that its spin-waiting workers never compete with
+torch's pool for the cores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 
 from .tuning import TUNING
+
+
+@contextlib.contextmanager
+def cpu_threads(num_threads: int | None) -> Iterator[int]:
+    """Run the block with ``num_threads`` CPU threads (``None``: ``torch.get_num_threads()``) in torch's intra-op pool
+    and in every BLAS/LAPACK and OpenMP pool ``threadpoolctl`` finds (SciPy is imported first, so that its OpenBLAS
+    is among them); every setting is restored on exit. Yields the thread count."""
+    import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS before the limits are set)
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    threads = previous if num_threads is None else num_threads
+    with threadpool_limits(limits=threads):
+        torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            torch.set_num_threads(previous)
+
+
+#: How each CPU route spends the run's threads on its LAPACK calls (SciPy's OpenBLAS):
+#:
+#: * ``"batch"`` (``top_k`` only): the independent eigensolves of a batch (the T task matrices of TSV, Iso-CTS's
+#:   residuals) run side by side, one thread each, on min(threads, batch) threads (``syevr`` called through
+#:   :mod:`scipy.linalg.cython_lapack` without the GIL);
+#: * ``"torch"`` (``polar`` only): with more than one thread, the full eigendecomposition through
+#:   ``torch.linalg.eigh`` (torch's LAPACK, threaded by torch's own pool), the condition probe single-threaded;
+#:   with one, as ``1``;
+#: * ``1``: single-threaded LAPACK, the threads staying with torch's matrix products around the call (OpenBLAS's
+#:   pool and torch's OpenMP pool then never compete for cores: an OpenBLAS worker spin-waits after each call);
+#: * ``"all"``: SciPy's LAPACK gets every thread.
+#:
+#: Chosen from ``benchmarks/bench_subspace.py --threads`` (``benchmarks/results/subspace_threads.md``).
+LAPACK_THREADS: dict[str, int | str] = {"top_k": "batch", "polar": "torch"}
+
+_CONTROLLER = None
+
+#: Below this Gram size an eigensolve costs less than handing it to a thread: the batch runs one by one.
+_BATCH_MIN_SIZE = 128
+
+
+def _lapack_threads(threads: int) -> contextlib.AbstractContextManager:
+    """SciPy's (and NumPy's) BLAS/LAPACK at ``threads`` for the block, when that is below the run's count."""
+    global _CONTROLLER
+    if threads >= torch.get_num_threads():
+        return contextlib.nullcontext()
+    if _CONTROLLER is None:
+        import scipy.linalg  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=threads, user_api="blas")
+
+
+def _route_threads(route: str) -> int:
+    policy = LAPACK_THREADS[route]
+    return torch.get_num_threads() if policy == "all" else 1
 
 
 def _check_matrix(name: str, tensor: torch.Tensor, batched: bool = False) -> None:
@@ -44,7 +111,17 @@ def _top_eigh(grams: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs (descending) of a batch of symmetric matrices, in their dtype, on their device."""
     n = grams.shape[-1]
     if grams.device.type == "cpu":
-        pairs = [_eigh(gram, top=k) for gram in grams]
+        batch = (LAPACK_THREADS["top_k"] == "batch" and k < n and n >= _BATCH_MIN_SIZE
+                 and _syevr(grams.dtype) is not None)
+        workers = min(torch.get_num_threads(), len(grams)) if batch else 1
+        with _lapack_threads(_route_threads("top_k")):
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(workers, thread_name_prefix="hf_merge-eigh") as pool:
+                    pairs = list(pool.map(lambda gram: _syevr_top(gram, k), grams))
+            else:
+                pairs = [_eigh(gram, top=k) for gram in grams]
         return torch.stack([w.flip(0) for w, _ in pairs]), torch.stack([q.flip(1) for _, q in pairs])
     w, q = torch.linalg.eigh(grams)
     return w[..., n - k :].flip(-1), q[..., n - k :].flip(-1)
@@ -142,8 +219,11 @@ def polar_with_singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, torc
     if n == 0:
         return work.clone(), work.new_zeros(0)
     gram = work.transpose(0, 1) @ work
-    if _likely_well_conditioned(gram):
-        values, vectors = _eigh(gram)
+    with _lapack_threads(_route_threads("polar")):
+        likely = _likely_well_conditioned(gram)
+        in_torch = LAPACK_THREADS["polar"] == "torch" and torch.get_num_threads() > 1
+        values, vectors = (torch.linalg.eigh(gram) if in_torch else _eigh(gram)) if likely else (None, None)
+    if likely:
         top, bottom = values[-1].item(), values[0].item()
         if top > 0 and bottom >= TUNING.polar_fast_min_ratio * top:
             singular = values.sqrt()
@@ -200,6 +280,68 @@ def _eigh(gram: torch.Tensor, top: int | None = None) -> tuple[torch.Tensor, tor
         return torch.from_numpy(w), torch.from_numpy(q)
     w, q = torch.linalg.eigh(gram)
     return (w[n - top :], q[:, n - top :]) if some else (w, q)
+
+
+_SYEVR: dict = {}
+
+
+def _syevr(dtype: torch.dtype):
+    """LAPACK's ``ssyevr``/``dsyevr`` from :mod:`scipy.linalg.cython_lapack` (SciPy's OpenBLAS) as a ctypes function,
+    or ``None`` where SciPy does not export it: ctypes releases the GIL for the call, so that eigensolves in several
+    Python threads run side by side (SciPy's own wrappers hold it)."""
+    if dtype not in _SYEVR:
+        import ctypes
+
+        try:
+            from scipy.linalg import cython_lapack
+
+            capsule = cython_lapack.__pyx_capi__["ssyevr" if dtype == torch.float32 else "dsyevr"]
+            api = type(ctypes.pythonapi)(ctypes.pythonapi._name, handle=ctypes.pythonapi._handle)  # own prototypes
+            api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = ctypes.c_char_p, [ctypes.py_object]
+            api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+            api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            address = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+            _SYEVR[dtype] = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 21)(address)
+        except (ImportError, AttributeError, KeyError, OSError, ValueError):
+            _SYEVR[dtype] = None
+    return _SYEVR[dtype]
+
+
+def _syevr_top(gram: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest eigenpairs (ascending) of a symmetric CPU matrix (float32 or float64), as
+    :func:`_eigh` with ``top`` computes them (LAPACK ``syevr``, lower triangle), without holding the GIL."""
+    import ctypes
+
+    import numpy as np
+
+    n = gram.shape[-1]
+    dtype = np.float32 if gram.dtype == torch.float32 else np.float64
+    real = ctypes.c_float if dtype == np.float32 else ctypes.c_double
+    a = np.array(gram.numpy(), dtype=dtype, order="F")  # overwritten by syevr
+    w = np.empty(n, dtype)
+    z = np.empty((n, top), dtype, order="F")
+    support = np.empty(2 * max(top, 1), np.int32)
+    found, info = ctypes.c_int(0), ctypes.c_int(0)
+    work, iwork = np.empty(1, dtype), np.empty(1, np.int32)
+
+    def call(lwork: int, liwork: int) -> None:
+        def integer(value: int):
+            return ctypes.byref(ctypes.c_int(value))
+
+        def pointer(array):
+            return array.ctypes.data_as(ctypes.c_void_p)
+
+        zero = ctypes.byref(real(0.0))
+        _syevr(gram.dtype)(b"V", b"I", b"L", integer(n), pointer(a), integer(n), zero, zero, integer(n - top + 1),
+                           integer(n), zero, ctypes.byref(found), pointer(w), pointer(z), integer(n), pointer(support),
+                           pointer(work), integer(lwork), pointer(iwork), integer(liwork), ctypes.byref(info))
+
+    call(-1, -1)  # workspace query
+    work, iwork = np.empty(max(1, int(work[0])), dtype), np.empty(max(1, int(iwork[0])), np.int32)
+    call(work.shape[0], iwork.shape[0])
+    if info.value != 0 or found.value != top:
+        raise np.linalg.LinAlgError(f"syevr failed (info {info.value}, {found.value} of {top} eigenpairs).")
+    return torch.from_numpy(w[:top]), torch.from_numpy(z)
 
 
 def gram_coordinates(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,10 @@ class MergeOptions:
             ``tokenizer.pad_to_multiple_of``).
         data: ``{task: TaskData}``, the examples data-aware methods (RegMean, Fisher, AdaMerging) run the models on
             (see :mod:`hf_merge.data`); every other method refuses it.
+        num_threads: the CPU threads of the merge: torch's intra-op threads and every BLAS/LAPACK and OpenMP pool
+            (SciPy's OpenBLAS included, through ``threadpoolctl``), set for the run and restored afterwards; the
+            subspace methods (TSV, Iso) spend them on LAPACK or on independent matrices side by side, per route
+            (see :mod:`hf_merge.linalg`). ``None``: ``torch.get_num_threads()`` when the merge starts.
     """
 
     device: torch.device | None = None
@@ -95,6 +99,7 @@ class MergeOptions:
     chat_template: str | None = None
     pad_to_multiple_of: int | None = None
     data: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
+    num_threads: int | None = None
 
     @property
     def card(self) -> Any:
@@ -143,6 +148,7 @@ def make_options(
     chat_template: str | None = None,
     pad_to_multiple_of: int | None = None,
     data: Mapping[str, Any] | None = None,
+    num_threads: int | None = None,
 ) -> MergeOptions:
     """The one way to build :class:`MergeOptions` from user keywords.
 
@@ -192,6 +198,10 @@ def make_options(
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(
             pad_to_multiple_of, int) or pad_to_multiple_of < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}.")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                    or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer (or None: torch.get_num_threads()), got "
+                         f"{num_threads!r}.")
     return MergeOptions(
         device=torch.device(device) if device is not None else None,
         dtype=parse_dtype(dtype),
@@ -214,6 +224,7 @@ def make_options(
         chat_template=chat_template,
         pad_to_multiple_of=pad_to_multiple_of,
         data=task_data_of(data),
+        num_threads=num_threads,
     )
 
 
@@ -221,7 +232,7 @@ def make_options(
 OPTION_KEYWORDS = ("device", "compute_device", "dtype", "progress", "allow_pickle", "memory_budget", "device_map",
                    "max_memory", "offload_folder", "max_shard_size", "overwrite", "revision", "token", "cache_dir",
                    "license", "tags", "base_model", "tokenizer_source", "tokenizer", "chat_template",
-                   "pad_to_multiple_of", "data")
+                   "pad_to_multiple_of", "data", "num_threads")
 
 
 def split_options(keywords: dict[str, Any], **defaults: Any) -> MergeOptions:

@@ -34,3 +34,14 @@ def _seed() -> None:
 def architecture(request: pytest.FixtureRequest) -> str:
     """Every tiny architecture: BERT, GPT-2 (Conv1D), Llama (tied embeddings), ViT."""
     return request.param
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` (``pytest -m cuda`` selects them) are skipped, saying why, where torch sees no GPU."""
+    if torch.cuda.is_available():
+        return
+    reason = (f"needs a CUDA GPU: torch {torch.__version__} sees none (CUDA build: {torch.version.cuda is not None}); "
+              "run `pytest -m cuda` or benchmarks/gpu_check.sh on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -366,3 +366,12 @@ def test_check_reports_missing_or_unwanted_data(models, data) -> None:
 def test_atm_refuses_a_data_aware_merge_step() -> None:
     with pytest.raises(ValueError, match="'regmean' learns from data"):
         hf_merge.ATMConfig(rounds=1, steps_per_round=1, merge=hf_merge.RegMeanConfig())
+
+
+def test_per_example_logits_are_never_masked_like_tokens() -> None:
+    """A batch of one example whose length equals the number of classes: the logits (1, C) are per example."""
+    from hf_merge.data import token_mask
+
+    batch = {"attention_mask": torch.tensor([[1, 1, 0]])}
+    assert token_mask(batch, torch.Size([1, 3])) is None
+    assert token_mask(batch, torch.Size([1, 3, 8])).tolist() == [[True, True, False]]

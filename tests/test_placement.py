@@ -125,7 +125,7 @@ def test_compute_device_is_a_synonym_of_device(checkpoints):
         hf_merge.merge(base, [base], "task_arithmetic", scaling=1.0, device="cpu", compute_device="meta")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.cuda
 def test_arithmetic_on_the_gpu_matches_the_cpu(checkpoints):
     inputs = [checkpoints / "ft1", checkpoints / "ft2"]
     for config in (hf_merge.TaskArithmeticConfig(scaling=0.4), hf_merge.TiesConfig(density=0.3)):
