@@ -115,8 +115,10 @@ class TaskVector:
         output_dir: str | os.PathLike | None = None,
         dtype: torch.dtype | str | None = None,
         progress: bool = False,
+        num_threads: int | None = None,
     ) -> Any:
-        """θ₀ + scaling · τ, computed in float32 and cast once to the base's dtype (or ``dtype``).
+        """θ₀ + scaling · τ, computed in float32 and cast once to the base's dtype (or ``dtype``), on ``num_threads``
+        CPU threads (default: torch's setting).
 
         Returns a new model for a model base (the base is untouched), a state dict for a state-dict base, or the
         path of a written checkpoint with ``output_dir``.
@@ -126,7 +128,7 @@ class TaskVector:
         from .methods.task_arithmetic import TaskArithmeticConfig, TaskArithmeticMerger
         from .options import make_options
 
-        options = make_options(dtype=dtype, progress=progress)
+        options = make_options(dtype=dtype, progress=progress, num_threads=num_threads)
         source = open_source(base, "base")
         plan = Plan(source, {"task_vector": _TaskVectorUpdate(self)},
                     TaskArithmeticMerger(TaskArithmeticConfig(scaling=scaling)))
