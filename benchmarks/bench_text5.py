@@ -58,9 +58,10 @@ PAIR_REASON = ("needs exactly two models: run on the pair of tasks whose experts
                "validation (see the pair table)")
 #: Training examples per task the data-aware methods (RegMean, Fisher, AdaMerging) see: FusionBench's 256.
 DATA_EXAMPLES = 256
-#: AdaMerging's budget here: each step is a forward and backward pass on a batch of every task, about 2–3 s for
-#: MiniLM × 5 tasks on 2 cores, so the paper's 500 steps (FusionBench: 1000) would take ~20 min; 100 steps at a 5×
-#: larger learning rate let λ travel as far (Adam moves each λ by at most ~lr per step).
+#: AdaMerging's budget here: each step is a forward and backward pass on a batch of every task, measured at 11–14
+#: CPU-seconds for MiniLM × 5 tasks on this shared 2-core machine (results/text5_data.md), so the paper's 500 steps
+#: (FusionBench: 1000) would take well over an hour; 100 steps at a 5× larger learning rate let λ travel as far
+#: (Adam moves each λ by at most ~lr per step).
 ADAMERGING_BUDGET = {"steps": 100, "lr": 5e-3}
 #: Methods that merge whole models without a shared base (permutation alignment): not multi-task merges of
 #: fine-tunes of one pre-trained model, so they are listed as skipped.
