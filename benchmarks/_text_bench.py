@@ -442,11 +442,12 @@ class PeakMemory:
             self.megabytes = (_status_bytes("VmHWM") - self.start) / 2**20
 
 
-def save_plot(fig: Any, ax: Any, title: str, path: Path, legend_size: int = 8) -> None:
-    """Title, legend and layout of a benchmark figure, written as a PNG and closed."""
+def save_plot(fig: Any, ax: Any, title: str, path: Path, legend_size: int = 8,
+              ylabel: str = "normalized accuracy (%)") -> None:
+    """Title, y label, legend and layout of a benchmark figure, written as a PNG and closed."""
     import matplotlib.pyplot as plt
 
-    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=legend_size)
     fig.tight_layout()

@@ -495,8 +495,8 @@ def plot_cost(results: Mapping[str, Any], path: Path) -> None:
             ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("merge CPU time, s (log; data-aware methods include their forward passes)")
-    ax.set_ylabel("retained fine-tuning gain, %")
-    tb.save_plot(fig, ax, f"{results['meta']['model']}: accuracy against merge cost", path)
+    tb.save_plot(fig, ax, f"{results['meta']['model']}: accuracy against merge cost", path,
+                 ylabel="retained fine-tuning gain (%)")
 
 
 # ----------------------------------------------------------------------------------------------- CLI
