@@ -8,8 +8,8 @@
 # 3. runs benchmarks/bench_subspace.py on BERT-base (12 layers) and on a Llama-7B-shaped layer stack (1 layer:
 #    q/k/v/o 4096², gate/up/down 11008×4096), hf_merge on the GPU against the full-SVD reference on the same GPU;
 # 4. runs benchmarks/bench_merge_io.py (--quick, Task Arithmetic and TIES) with device="cuda";
-# 5. runs a 2-process NCCL merge when 2 GPUs are present and this version has one (it has none yet: recorded as
-#    "not available in this version");
+# 5. runs a 2-process NCCL merge when 2 GPUs are present (benchmarks/bench_distributed.py --size tiny --device cuda:
+#    1 process against 2, outputs compared byte for byte);
 # 6. writes benchmarks/results/gpu/summary.json and summary.md (logs under benchmarks/results/gpu/logs/).
 #
 # Every step has a time cap inside a total budget (GPU_CHECK_BUDGET_S, default 450 s), so the script ends in time
@@ -93,15 +93,11 @@ else
 fi
 
 # 5. the 2-process NCCL merge ---------------------------------------------------------------------------------------
-if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('hf_merge.distributed') is None)" 2> /dev/null; then
-  record nccl_merge "not available" 0 "not available in this version: hf_merge has no distributed (NCCL) merge yet (no hf_merge.distributed)"
-elif [ "$NGPU" -lt 2 ]; then
+if [ "$NGPU" -lt 2 ]; then
   record nccl_merge "skipped" 0 "needs 2 GPUs, found $NGPU"
-elif [ -f benchmarks/distributed_check.py ]; then
-  run_step nccl_merge 120 "$PY" -m torch.distributed.run --nproc_per_node=2 benchmarks/distributed_check.py \
-    --out "$OUT/nccl_merge.json"
 else
-  record nccl_merge "not available" 0 "hf_merge.distributed exists but benchmarks/distributed_check.py (its 2-process check) does not"
+  # 1 process against 2 (one GPU each, NCCL next to gloo), tiny Llama-style set; the output compared byte for byte
+  run_step nccl_merge 150 "$PY" benchmarks/bench_distributed.py --size tiny --device cuda --repeats 1
 fi
 
 # 6. the summary ----------------------------------------------------------------------------------------------------

@@ -128,6 +128,26 @@ def _read_recipe(path: Path) -> tuple[Any, bool]:
 
 
 def _merge_command(args: argparse.Namespace) -> int:
+    """``hf-merge merge``; launched on several processes (``torchrun -m hf_merge merge ...``, ``accelerate launch -m
+    hf_merge merge ...``) it initialises ``torch.distributed`` and the merge is split across them."""
+    from .distributed import init_from_environment
+
+    launched = init_from_environment()
+    try:
+        return _merge_recipe(args)
+    finally:
+        if launched:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _main_process() -> bool:
+    """Whether this is the process that reports (rank 0 of a launcher's processes, or the only one)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _merge_recipe(args: argparse.Namespace) -> int:
     if args.dry_run:
         report = _check_recipe(Path(args.config), args.out_dir, overwrite=args.overwrite, require_output=True)
         print(report)
@@ -145,7 +165,7 @@ def _merge_command(args: argparse.Namespace) -> int:
     config = MergeConfig.from_dict({"method": spec["method"], **spec["parameters"]})
     options = {**spec["options"], **({"overwrite": True} if args.overwrite else {})}
     output = merge(spec["base"], spec["models"], config, output_dir=spec["output"], progress=not args.quiet, **options)
-    if not args.quiet:
+    if not args.quiet and _main_process():
         print(f"Merged {len(spec['models'])} model(s) with {config.method} into {output}")
     return 0
 
@@ -157,6 +177,9 @@ def _run_moe_recipe(path: Path, args: argparse.Namespace) -> bool:
 
     if not is_moe_recipe(load_yaml(path)):
         return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{path}: a mixture of experts is assembled by one process; run it without torchrun or "
+                         "accelerate launch.")
     if args.out_dir is None:
         raise ValueError(f"{path}: an MoE recipe has no output key: give the output folder, "
                          f"hf-merge merge {args.config} OUT_DIR.")
@@ -176,7 +199,7 @@ def _merge_mergekit(path: Path, data: Mapping[str, Any], args: argparse.Namespac
                          f"hf-merge merge {args.config} OUT_DIR.")
     recipe = recipe_from_dict(data, root=path.parent, where=str(path), output=args.out_dir)
     output = recipe.merge(progress=not args.quiet, **({"overwrite": True} if args.overwrite else {}))
-    if not args.quiet:
+    if not args.quiet and _main_process():
         print(f"Merged {len(recipe.models)} model(s) with mergekit's {recipe.merge_method} (hf_merge "
               f"{recipe.config.method}) into {output}")
     return 0

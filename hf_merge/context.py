@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .data import TaskData, TaskModels, check_task_data
+from .distributed import SINGLE, Ranks
 from .errors import MergeError
 from .io.deltas import DeltaSource
 from .io.prefetch import Prefetcher
@@ -42,6 +43,8 @@ class MergeContext:
         merge_keys: Sequence[str] | None = None,
         tracker: Progress | None = None,
         data: Mapping[str, TaskData] | None = None,
+        ranks: Ranks = SINGLE,
+        owners: Mapping[str, int] | None = None,
     ) -> None:
         self.base = base
         self.tasks = dict(tasks)
@@ -54,8 +57,17 @@ class MergeContext:
         self.tracker = tracker if tracker is not None else Progress(progress)
         self._transforms = transforms
         self.prefetch_depth = prefetch_depth
-        self.merge_keys = (list(merge_keys) if merge_keys is not None
-                           else [k for k, m in metas.items() if m.dtype.is_floating_point])
+        #: Every key the statistics passes cover, across all processes of a distributed merge.
+        self.all_keys = (list(merge_keys) if merge_keys is not None
+                         else [k for k, m in metas.items() if m.dtype.is_floating_point])
+        #: The processes the merge is split across and ``{key: rank}`` of who merges what (``None``: this process
+        #: merges every key); :attr:`owned`: this process's keys. The statistics passes then read only those, and
+        #: reduce what they measure with :meth:`all_sum` and :meth:`ordered_sum`
+        #: (see :attr:`~hf_merge.methods.base.Merger.reduces_across_ranks`).
+        self.ranks, self.owners = ranks, owners
+        self.owned = None if owners is None else frozenset(k for k, rank in owners.items() if rank == ranks.rank)
+        #: The keys this process's statistics passes cover (:meth:`iter_deltas`).
+        self.merge_keys = self.all_keys if self.owned is None else [k for k in self.all_keys if k in self.owned]
         self.output_dtypes = output_dtypes
         self.bounded_memory = bounded_memory
         #: ``{task: TaskData}`` given to the merge (``merge(data=...)``), for data-aware methods.
@@ -72,8 +84,25 @@ class MergeContext:
     def can_merge_in_one_pass(self) -> bool:
         """Whether a merger may merge reading every input once (:attr:`Merger.one_pass`): the engine gave the output
         dtypes, memory is not budgeted (what the pass leaves open is held until its end), the compute device is the
-        CPU and every task vector is a plain difference of stored tensors (no transforms, no LoRA factors)."""
-        return self.output_dtypes is not None and not self.bounded_memory and self.plain_differences
+        CPU, every task vector is a plain difference of stored tensors (no transforms, no LoRA factors), and on a merge
+        split across processes the merger reduces its statistics (:attr:`owned` is set)."""
+        return (self.output_dtypes is not None and not self.bounded_memory and self.plain_differences
+                and (self.owned is not None or not self.ranks.split))
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Σ over the processes of a statistic ``tensor`` counted on this one's keys (exact for integers); itself
+        when the statistics passes cover every key."""
+        return tensor if self.owned is None else self.ranks.sum(tensor)
+
+    def ordered_sum(self, values: Mapping[str, float]) -> float:
+        """Σ of a per-key float statistic (``{key: value}`` over :attr:`merge_keys`), added in the key order of a
+        one-process merge whatever the split: the same bits."""
+        if self.owned is not None:
+            return self.ranks.ordered_sum(values, self.all_keys)
+        total = 0.0
+        for key in self.all_keys:
+            total += values[key]
+        return total
 
     def with_transform(self, transform: Callable[[str, str, torch.Tensor], torch.Tensor]) -> MergeContext:
         """A view whose task vectors pass through ``transform(task_name, key, delta)`` (e.g. DARE's drop)."""
@@ -84,6 +113,10 @@ class MergeContext:
         its wrapper, so it never merges in one pass of its own (:attr:`can_merge_in_one_pass` is false)."""
         return self._view(output_dtypes=None)
 
+    def unsplit(self) -> MergeContext:
+        """A view whose statistics passes cover every key, also on a split run (each process reads them all)."""
+        return self._view(owners=None)
+
     def restricted(self, keys: Sequence[str]) -> MergeContext:
         """A :meth:`nested` view whose statistics passes (:meth:`iter_deltas`) cover ``keys`` only."""
         return self._view(output_dtypes=None, merge_keys=keys)
@@ -91,8 +124,8 @@ class MergeContext:
     def _view(self, **changes: Any) -> MergeContext:
         settings = dict(device=self.device, progress=self.progress, transforms=self._transforms,
                         prefetch_depth=self.prefetch_depth, output_dtypes=self.output_dtypes,
-                        bounded_memory=self.bounded_memory, merge_keys=self.merge_keys, tracker=self.tracker,
-                        data=self.data)
+                        bounded_memory=self.bounded_memory, merge_keys=self.all_keys, tracker=self.tracker,
+                        data=self.data, ranks=self.ranks, owners=self.owners)
         return MergeContext(self.base, self.tasks, self.infos, self.metas, **{**settings, **changes})
 
     def task_models(self, method: str) -> TaskModels:

@@ -11,6 +11,10 @@ stream every output tensor from the sources through the method into a sink.
 - *linear*: θ₀ + Σ_t c_t τ_t in one fused accumulation, for methods linear in the task vectors;
 - *Gram*: the method run on each tensor's Gram coordinates, then one fused combination (SLERP family, Model Stock);
 - *per tensor*: ``merge_tensor`` on the float32 base and task vectors.
+
+Under ``torch.distributed`` (:mod:`hf_merge.distributed`) the run is split: each process takes its share of the keys
+through the same route into its share of the sink (:meth:`Sink.split`), and the statistics passes reduce across the
+processes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from .context import MergeContext
 from .data import check_data_for
+from .distributed import SINGLE, Ranks, ranks_for, split_keys
 from .errors import MergeError
 from .inputs import bind_deltas, classify_sources, reconcile_tied_embeddings, validate_sources
 from .io.deltas import DeltaSource, LowRankSource
@@ -82,17 +87,22 @@ def _run(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     sink.check_options(options)
     if isinstance(plan.merger, ModelMerger):
         return _run_whole_models(plan, sink, options)
-    ctx = _context(plan, options)
+    ranks = ranks_for(options.distributed, sink.splits_across_ranks, f"The output, {sink.description},")
+    ctx = _context(plan, options, ranks)
     summary = MergeSummary.of(plan.merger.config.method, len(plan.tasks) + 1, ctx.metas,
                               _output_metas(ctx.metas, options.dtype))
     try:
+        if ctx.owners is not None:  # a split run: this process merges its keys into its share of the output
+            sink = sink.split(ranks, ctx.owners)
+            summary.split(ranks.world_size, ctx.owners, ctx.metas)
         with ctx.tracker:
-            plan.merger.prepare(ctx)
+            plan.merger.prepare(ctx if plan.merger.reduces_across_ranks else ctx.unsplit())
             summary.finish(_stream(plan, ctx, sink))
+        return _finish(plan, sink, summary, options, ctx)
     except BaseException as error:
+        ranks.fail(error)
         sink.abort(error)
         raise
-    return _finish(plan, sink, summary, options)
 
 
 @contextlib.contextmanager
@@ -126,20 +136,25 @@ class _BufferSink(Sink):
         return None
 
 
-def _finish(plan: Plan, sink: Sink, summary: MergeSummary, options: MergeOptions) -> Any:
+def _finish(plan: Plan, sink: Sink, summary: MergeSummary, options: MergeOptions,
+            ctx: MergeContext | None = None) -> Any:
     """Report the summary, store it with the record, and let the sink finish (publish)."""
     plan_of_vocabulary = vocabulary_of(plan.base if plan.base is not None else next(iter(plan.tasks.values())))
     if plan_of_vocabulary is not None:
         summary.vocabulary = {"tokenizer_source": plan_of_vocabulary.source,
                               "rows": plan_of_vocabulary.rows or plan_of_vocabulary.layout_rows}
     summary.statistics = plan.merger.statistics()
-    summary.report(options.progress)
+    if ctx is not None and ctx.ranks.split:
+        summary.statistics = ctx.ranks.combined_statistics(
+            summary.statistics, sum(math.prod(ctx.metas[k].shape) for k in ctx.merge_keys))
+    summary.report(options.progress and (ctx is None or ctx.ranks.rank == 0))
     if plan.record is not None:
         plan.record.summary.update(summary.to_dict())
     return sink.finish(plan.record)
 
 
-def _context(plan: Plan, options: MergeOptions) -> MergeContext:
+def _context(plan: Plan, options: MergeOptions, ranks: Ranks = SINGLE) -> MergeContext:
+    """The run's context: on a split run, this process's keys are those :func:`split_keys` gives its rank."""
     base, tasks = plan.base, plan.tasks
     check_data_for(plan.merger, options.data, list(tasks))
     bind_deltas(base, tasks)
@@ -151,10 +166,10 @@ def _context(plan: Plan, options: MergeOptions) -> MergeContext:
         infos = classify_parameters(base.shapes(), config=base.config)
     out_metas = _output_metas(metas, options.dtype)
     return MergeContext(
-        base, tasks, infos, metas, device=options.device, progress=options.progress,
+        base, tasks, infos, metas, device=options.device, progress=options.progress and ranks.rank == 0,
         prefetch_depth=read_ahead_depth(metas, len(tasks) + 1, options),
         output_dtypes={k: m.dtype for k, m in out_metas.items()}, bounded_memory=options.memory_budget is not None,
-        data=options.data,
+        data=options.data, ranks=ranks, owners=split_keys(metas, ranks.world_size) if ranks.split else None,
     )
 
 
@@ -215,6 +230,8 @@ def _stream(plan: Plan, ctx: MergeContext, sink: Sink) -> str:
     merger, base, metas, infos = plan.merger, ctx.base, ctx.metas, ctx.infos
     out_metas = {k: TensorMeta(m.shape, ctx.output_dtypes[k]) for k, m in metas.items()}
     order = sink.begin(out_metas, infos, ctx.prefetch_depth)
+    if ctx.owned is not None:  # a split run: this process's keys only
+        order = [k for k in order if k in ctx.owned]
     floating = [k for k in order if metas[k].dtype.is_floating_point]
     release = _MemoryRelease(metas, len(ctx.tasks) + 1)
     method = merger.config.method
@@ -344,6 +361,7 @@ def _tensor_route(merger: Merger, ctx: MergeContext, sink: Sink, stack: contextl
 def _run_whole_models(plan: Plan, sink: Sink, options: MergeOptions) -> Any:
     """Merge models that share no base: the first model is the reference for keys, shapes and output layout."""
     merger, models = plan.merger, dict(plan.tasks)
+    ranks_for(options.distributed, False, f"A merge of whole models ({merger.config.method})")  # never split
     first, *_ = models.values()
     reconcile_tied_embeddings(first, dict(list(models.items())[1:]))
     metas = validate_sources(first, dict(list(models.items())[1:]), dtype=options.dtype)

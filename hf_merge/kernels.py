@@ -55,10 +55,17 @@ def _numba_available() -> bool:
 
 
 def _kernel(name: str) -> Any:
-    """The compiled kernel ``name`` of :mod:`hf_merge._numba_kernels`; the first one this machine has never compiled
-    is announced (numba compiles on first use, then loads from its on-disk cache)."""
+    """The compiled kernel ``name`` of :mod:`hf_merge._numba_kernels`, for a launch from this thread with the run's
+    CPU threads (``torch.get_num_threads()``, set by :func:`hf_merge.linalg.cpu_threads`; numba's count is per
+    thread); the first one this machine has never compiled is announced (numba compiles on first use, then loads
+    from its on-disk cache)."""
+    import numba
+
     from . import _numba_kernels
 
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
     kernel = getattr(_numba_kernels, name)
     if not kernel.signatures and not _cached_on_disk(kernel):
         _announce_compile()

@@ -76,6 +76,10 @@ class MergeOptions:
             (SciPy's OpenBLAS included, through ``threadpoolctl``), set for the run and restored afterwards; the
             subspace methods (TSV, Iso) spend them on LAPACK or on independent matrices side by side, per route
             (see :mod:`hf_merge.linalg`). ``None``: ``torch.get_num_threads()`` when the merge starts.
+        distributed: split the merge across the processes of ``torch.distributed`` (``torchrun``, ``accelerate
+            launch``; see :mod:`hf_merge.distributed`): ``None`` splits it when more than one process is initialised
+            and the output can be split (a checkpoint folder, a model, a state dict), else every process merges
+            everything; ``True`` requires the split; ``False`` has every process merge everything.
     """
 
     device: torch.device | None = None
@@ -100,6 +104,7 @@ class MergeOptions:
     pad_to_multiple_of: int | None = None
     data: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False, compare=False)
     num_threads: int | None = None
+    distributed: bool | None = None
 
     @property
     def card(self) -> Any:
@@ -149,6 +154,7 @@ def make_options(
     pad_to_multiple_of: int | None = None,
     data: Mapping[str, Any] | None = None,
     num_threads: int | None = None,
+    distributed: bool | None = None,
 ) -> MergeOptions:
     """The one way to build :class:`MergeOptions` from user keywords.
 
@@ -198,6 +204,9 @@ def make_options(
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(
             pad_to_multiple_of, int) or pad_to_multiple_of < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}.")
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None (split when launched on several processes), got "
+                        f"{distributed!r}.")
     if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
                                     or num_threads < 1):
         raise ValueError(f"num_threads must be a positive integer (or None: torch.get_num_threads()), got "
@@ -225,6 +234,7 @@ def make_options(
         pad_to_multiple_of=pad_to_multiple_of,
         data=task_data_of(data),
         num_threads=num_threads,
+        distributed=distributed,
     )
 
 
@@ -232,7 +242,7 @@ def make_options(
 OPTION_KEYWORDS = ("device", "compute_device", "dtype", "progress", "allow_pickle", "memory_budget", "device_map",
                    "max_memory", "offload_folder", "max_shard_size", "overwrite", "revision", "token", "cache_dir",
                    "license", "tags", "base_model", "tokenizer_source", "tokenizer", "chat_template",
-                   "pad_to_multiple_of", "data", "num_threads")
+                   "pad_to_multiple_of", "data", "num_threads", "distributed")
 
 
 def split_options(keywords: dict[str, Any], **defaults: Any) -> MergeOptions:

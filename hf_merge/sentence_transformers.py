@@ -46,7 +46,7 @@ import torch
 from .config import load_json
 from .errors import MergeError, warn
 from .io.publish import publish_folder
-from .io.sinks import FolderSink, ModelSink
+from .io.sinks import FolderSink, ModelSink, Sink
 from .io.sources import (
     PICKLE_WEIGHTS_NAMES,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -406,6 +406,7 @@ class SentenceTransformerFolderSink(FolderSink):
     published atomically. Returns the folder's path."""
 
     description = "a Sentence-Transformers folder (output_dir=...)"
+    split = Sink.split  # one writer per module folder: not split across processes
 
     def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
         self.metas = metas

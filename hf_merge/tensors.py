@@ -1,6 +1,7 @@
 """Tensor metadata shared by every layer: shape and dtype without data, safetensors dtype names, and numpy views of
 tensors (bfloat16 as its uint16 bit patterns)."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,10 @@ class TensorMeta:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {

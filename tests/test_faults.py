@@ -755,6 +755,11 @@ FAULTS = [
           target=None),
     Fault("WUDI unknown solver", _bad_config("wudi", solver="lbfgs"), ValueError, "solver must be one of",
           target=None),
+    # distributed merges (two processes failing: tests/test_distributed.py)
+    Fault("distributed=True without launched processes", lambda tmp: _merge(tmp, distributed=True), ValueError,
+          "torch.distributed is not initialised"),
+    Fault("distributed that is not a bool", lambda tmp: _merge(tmp, distributed="yes"), TypeError,
+          "distributed must be True, False or None"),
 ]
 
 

@@ -205,3 +205,31 @@ def test_the_routes_thread_choices_give_the_same_factors(monkeypatch):
     double = linalg._syevr_top(stack[0].double().T @ stack[0].double(), 7)
     reference = linalg._eigh(stack[0].double().T @ stack[0].double(), top=7)
     assert torch.equal(double[0], reference[0])
+
+
+def test_compiled_kernels_run_on_the_merges_threads(monkeypatch, tmp_path):
+    """numba's parallel kernels (its thread count is per calling thread, read-ahead threads included) follow
+    num_threads too: two processes of a split merge with one thread each never run four kernel threads."""
+    pytest.importorskip("numba")
+    import numba
+
+    from hf_merge import _numba_kernels
+    from hf_merge.kernels import kernels_enabled
+
+    if not kernels_enabled():
+        pytest.skip("compiled kernels are off")
+    seen = []
+    original = _numba_kernels.linear_combine
+
+    class Probe:  # the kernel, recording the launching thread's numba thread count
+        signatures = original.signatures
+
+        def __call__(self, *args):
+            seen.append(numba.get_num_threads())
+            return original(*args)
+
+    monkeypatch.setattr(_numba_kernels, "linear_combine", Probe())
+    base = {"w": torch.zeros(64, 64, dtype=torch.bfloat16)}
+    tasks = [{"w": torch.randn(64, 64).to(torch.bfloat16)} for _ in range(2)]
+    hf_merge.merge(base, tasks, "task_arithmetic", scaling=0.5, num_threads=1, progress=False)
+    assert seen and set(seen) == {1}

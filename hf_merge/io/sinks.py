@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..distributed import SINGLE, Ranks
 from ..errors import MergeError
 from ..tensors import Amendment, TensorMeta
 from .publish import check_output_dir, publish_folder
 from .sources import ModelSource, TensorSource
-from .writer import DEFAULT_MAX_SHARD_SIZE, OutputBuffers, ShardWriter, plan_shards
+from .writer import DEFAULT_MAX_SHARD_SIZE, OutputBuffers, PositionedWriter, ShardWriter, plan_shards
 
 if TYPE_CHECKING:
     from ..options import MergeOptions
@@ -76,6 +77,48 @@ class Sink(abc.ABC):
     def abort(self, error: BaseException) -> None:
         """Drop whatever was written: the run failed with ``error``."""
 
+    @property
+    def splits_across_ranks(self) -> bool:
+        """Whether :meth:`split` is defined."""
+        return type(self).split is not Sink.split
+
+    def split(self, ranks: Ranks, owners: Mapping[str, int]) -> Sink:
+        """Optional: the sink of this process's share of a merge split across processes (:mod:`hf_merge.distributed`),
+        which is put only the keys ``owners`` gives its rank."""
+        raise TypeError(f"The output, {self.description}, cannot be split across processes.")
+
+
+class GatheredSink(Sink):
+    """An in-memory output of a merge split across processes: this process's tensors are held until the end, then
+    each tensor goes from the process that merged it to every process (one broadcast per tensor, in the output's
+    order), so that every process returns the whole result."""
+
+    def __init__(self, inner: Sink, ranks: Ranks, owners: Mapping[str, int]) -> None:
+        self.inner, self.ranks, self.owners = inner, ranks, owners
+        self.description = inner.description
+        self.held: dict[str, torch.Tensor] = {}
+
+    def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
+        self.metas = metas
+        self.order = self.inner.begin(metas, infos, read_ahead)
+        return self.order
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.held[key] = value
+
+    def finish(self, record: MergeRecord | None) -> Any:
+        for key in self.order:
+            meta, owner = self.metas[key], self.owners[key]
+            mine = owner == self.ranks.rank
+            value = self.held.pop(key).contiguous() if mine else torch.empty(meta.shape, dtype=meta.dtype)
+            self.ranks.broadcast(value, owner)
+            self.inner.put(key, value)
+        return self.inner.finish(record)
+
+    def abort(self, error: BaseException) -> None:
+        self.held.clear()
+        self.inner.abort(error)
+
 
 class FolderSink(Sink):
     """A ``from_pretrained``-loadable checkpoint folder: sharded safetensors streamed tensor by tensor (entries the
@@ -85,6 +128,9 @@ class FolderSink(Sink):
     description = "a checkpoint folder (output_dir=...)"
     unsupported_options = ("device_map", "max_memory", "offload_folder")
     amends_in_place = True
+    #: The processes writing the folder: each writes its own tensors into the planned shard files (the same files,
+    #: bytes and index as one process writes); rank 0 makes and publishes the folder.
+    ranks: Ranks = SINGLE
 
     def __init__(self, output_dir: str | Path, base: TensorSource, options: MergeOptions,
                  inputs: Sequence[Path] = ()) -> None:
@@ -94,12 +140,28 @@ class FolderSink(Sink):
         self.max_shard_size = options.max_shard_size or DEFAULT_MAX_SHARD_SIZE
         self._stack = contextlib.ExitStack()
 
+    def split(self, ranks: Ranks, owners: Mapping[str, int]) -> Sink:
+        self.ranks = ranks
+        return self
+
     def begin(self, metas: Mapping[str, TensorMeta], infos: Mapping[str, ParamInfo], read_ahead: int) -> list[str]:
         self.metas = metas
         self.plan = plan_shards(metas, max_shard_size=self.max_shard_size)
-        self.staging = self._stack.enter_context(publish_folder(self.output_dir, self.inputs,
-                                                                overwrite=self.overwrite))
-        self.writer = ShardWriter(self.staging, self.plan)
+        ranks = self.ranks
+        if ranks.rank == 0:
+            self.staging = self._stack.enter_context(publish_folder(self.output_dir, self.inputs,
+                                                                    overwrite=self.overwrite))
+        if not ranks.split:
+            self.writer: ShardWriter | PositionedWriter = ShardWriter(self.staging, self.plan)
+        else:
+            if ranks.rank == 0:
+                self.plan.allocate(self.staging)
+            self.staging = Path(ranks.gather(str(self.staging) if ranks.rank == 0 else None)[0])
+            if not self.staging.is_dir():
+                raise MergeError(f"Process {ranks.rank} cannot see the folder {str(self.staging)!r} that process 0 "
+                                 f"made for {str(self.output_dir)!r}: a merge split across machines needs an output "
+                                 "folder on a file system they share.")
+            self.writer = PositionedWriter(self.staging, self.plan)
         # each tensor is written as soon as it is produced: a few reused buffers hold the outputs
         self.buffers = OutputBuffers(metas, count=read_ahead + 1)
         return self.plan.order
@@ -117,11 +179,16 @@ class FolderSink(Sink):
         from ..models import copy_side_files
 
         self.writer.close()
-        float_dtypes = {m.dtype for m in self.metas.values() if m.dtype.is_floating_point}
-        copy_side_files(self.base, self.staging, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
-        if record is not None:
-            record.write_to(self.staging)
-        self._stack.close()  # publish: the staging folder is renamed into place
+        self.ranks.sync()  # every process's tensors are in the files
+        if self.ranks.rank == 0:
+            if self.ranks.split:
+                self.plan.write_index(self.staging)
+            float_dtypes = {m.dtype for m in self.metas.values() if m.dtype.is_floating_point}
+            copy_side_files(self.base, self.staging, dtype=float_dtypes.pop() if len(float_dtypes) == 1 else None)
+            if record is not None:
+                record.write_to(self.staging)
+            self._stack.close()  # publish: the staging folder is renamed into place
+        self.ranks.sync()  # published, or process 0's failure raised on every process
         return str(self.output_dir)
 
     def abort(self, error: BaseException) -> None:
@@ -143,6 +210,9 @@ class StateDictSink(Sink):
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.tensors[key] = value
+
+    def split(self, ranks: Ranks, owners: Mapping[str, int]) -> Sink:
+        return GatheredSink(self, ranks, owners)
 
     def finish(self, record: MergeRecord | None) -> dict[str, torch.Tensor]:
         for alias, canonical in self.aliases.items():
@@ -194,6 +264,9 @@ class ModelSink(Sink):
                 started.add(conversion.target)
                 order.extend(conversion.patterns)
         return order
+
+    def split(self, ranks: Ranks, owners: Mapping[str, int]) -> Sink:
+        return GatheredSink(self, ranks, owners)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         conversion = self.conversions.get(key)

@@ -79,6 +79,26 @@ class ShardPlan:
             mapped.clear()  # unmapped: the pages stay in the page cache, written back like any write
 
 
+    def allocate(self, folder: str | os.PathLike) -> None:
+        """Create every shard file of the plan in ``folder`` at its full size, headers written and the blocks
+        allocated (the tensors' bytes are then written in place, in any order: :class:`PositionedWriter`; writes
+        into a sparse file are several times slower)."""
+        for shard in self.shards:
+            size = len(shard.header) + sum(self.metas[key].nbytes for key in shard.keys)
+            with open(Path(folder) / shard.filename, "wb") as fh:
+                _write_all(fh, memoryview(shard.header))
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, size)
+                except (AttributeError, OSError):  # no fallocate here (macOS, some file systems): a sparse file
+                    fh.truncate(size)
+
+    def write_index(self, folder: str | os.PathLike) -> None:
+        """The ``*.safetensors.index.json`` of a sharded plan (nothing for one file)."""
+        if self.index is not None:
+            (Path(folder) / self.index_name).write_text(
+                json.dumps(self.index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def plan_shards(
     metas: Mapping[str, TensorMeta],
     *,
@@ -169,12 +189,39 @@ class ShardWriter:
         self._close_file()
         if self._next[1] is not None:
             raise RuntimeError(f"The shard plan still expects tensor {self._next[1]!r}.")
-        if self.plan.index is not None:
-            (self.folder / self.plan.index_name).write_text(
-                json.dumps(self.plan.index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        self.plan.write_index(self.folder)
 
     def abort(self) -> None:
         self._close_file()
+
+
+class PositionedWriter:
+    """Writes tensors of a :class:`ShardPlan` whose files exist at full size (:meth:`ShardPlan.allocate`) at their
+    offsets, in any order: each process of a split merge writes its own tensors into the shared files."""
+
+    def __init__(self, folder: str | os.PathLike, plan: ShardPlan) -> None:
+        self.folder, self.plan = Path(folder), plan
+        self._where = {key: (shard.filename, shard.offsets[key]) for shard in plan.shards for key in shard.keys}
+        self._files: dict[str, int] = {}
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        expected = self.plan.metas[key]
+        if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise RuntimeError(f"Tensor {key!r} came out as {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"expected {expected.shape} {expected.dtype}.")
+        filename, offset = self._where[key]
+        if filename not in self._files:
+            self._files[filename] = os.open(self.folder / filename, os.O_WRONLY)
+        view = memoryview(_stored_bytes(tensor))
+        while view.nbytes:
+            written = os.pwrite(self._files[filename], view, offset)
+            view, offset = view[written:], offset + written
+
+    def close(self) -> None:
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+    abort = close
 
 
 def write_safetensors_shards(

@@ -90,6 +90,11 @@ class AverageMerger(Merger):
     uses_param_info = False
     config: AverageConfig
 
+    @property
+    def reduces_across_ranks(self) -> bool:
+        """No statistics pass: nothing to reduce (a wrapper such as LiNeS may split its own)."""
+        return True
+
     def prepare(self, ctx: MergeContext) -> None:
         self.weights = task_weights(self.config, ctx.task_names)
 

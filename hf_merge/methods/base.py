@@ -55,7 +55,8 @@ class Merger(abc.ABC):
         return f"{type(self).__name__}({self.config!r})"
 
     def prepare(self, ctx: MergeContext) -> None:
-        """Statistics pass(es) over ``ctx.iter_deltas()`` before merging; nothing by default."""
+        """Statistics pass(es) over ``ctx.iter_deltas()`` before merging; nothing by default. Whatever it measures
+        must be the same on every process of a distributed merge (see :attr:`reduces_across_ranks`)."""
 
     def linear_coefficients(self, task_names: Sequence[str]) -> list[float] | None:
         """``[c_t]`` when the merge is Σ_t c_t τ_t for every tensor, else ``None`` (the default).
@@ -83,6 +84,14 @@ class Merger(abc.ABC):
     def whole_model_statistics(self) -> bool:
         """Whether ``prepare`` takes statistics over every tensor of the model (e.g. TIES' global threshold): such a
         method cannot give different tensors different configs (a schedule)."""
+        return False
+
+    @property
+    def reduces_across_ranks(self) -> bool:
+        """Whether ``prepare`` reduces what its statistics passes measure across the processes of a distributed merge
+        (:meth:`MergeContext.all_sum`, :meth:`MergeContext.ordered_sum`): it is then given only this process's keys.
+        ``False`` (the default): every process's ``prepare`` sees every key (correct for any method; the
+        statistics are read once per process)."""
         return False
 
     @property
@@ -119,8 +128,6 @@ class Merger(abc.ABC):
     def statistics(self) -> dict[str, float] | None:
         """Optional: what the method measured over the merge (e.g. TIES' kept fraction), for the merge summary."""
         return None
-
-
 
 
 class ScheduledMerger(Merger):

@@ -180,6 +180,11 @@ class _MaskedMultiTask(Merger):
         """τ_MTL from TIES takes its trim thresholds over the whole model."""
         return self.config.base == "ties"
 
+    @property
+    def reduces_across_ranks(self) -> bool:
+        """TIES' statistics are reduced across processes; a sum has none."""
+        return True
+
     def multitask_vector(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         """τ_MTL of one tensor: Σ_t τ_t, or the global TIES dis-sum (k = 20 %)."""
         if self.ties is not None:

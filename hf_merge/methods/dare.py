@@ -126,6 +126,10 @@ class DareMerger(Merger):
     def whole_model_statistics(self) -> bool:
         return self.inner.whole_model_statistics
 
+    @property
+    def reduces_across_ranks(self) -> bool:
+        return self.inner.reduces_across_ranks
+
     def _drop(self, task: str, key: str, delta: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         return dare_drop(delta, self.drop_rates[task], mask_seed(cfg.seed, task, key), rescale=cfg.rescale,

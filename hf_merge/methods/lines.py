@@ -139,6 +139,11 @@ class LinesMerger(Merger):
         return (self.inner is not None and self.config.alpha is None) or bool(
             self.inner is not None and self.inner.whole_model_statistics)
 
+    @property
+    def reduces_across_ranks(self) -> bool:
+        """α's norms are added in key order across processes; the inner merge must reduce its own statistics."""
+        return self.inner is None or self.inner.reduces_across_ranks
+
     def _num_blocks(self, info: ParamInfo) -> int | None:
         return self.config.num_blocks if self.config.num_blocks is not None else info.num_blocks
 
@@ -160,10 +165,12 @@ class LinesMerger(Merger):
         if self.config.alpha is not None:
             self.alpha = float(self.config.alpha)
             return
-        sum_l1 = merged_l1 = 0.0
+        task_l1, merged_l1 = {}, {}
         for key, base, deltas in ctx.iter_deltas("LiNeS α (norms)"):
-            sum_l1 += torch.stack(deltas).sum(dim=0).abs().sum(dtype=torch.float64).item()
-            merged_l1 += self.inner.merge_tensor(key, base, deltas, ctx.infos[key]).abs().sum(dtype=torch.float64).item()
+            task_l1[key] = torch.stack(deltas).sum(dim=0).abs().sum(dtype=torch.float64).item()
+            merged_l1[key] = self.inner.merge_tensor(key, base, deltas, ctx.infos[key]).abs().sum(
+                dtype=torch.float64).item()
+        sum_l1, merged_l1 = ctx.ordered_sum(task_l1), ctx.ordered_sum(merged_l1)
         if merged_l1 == 0.0:
             raise ValueError("The inner merge produced an all-zero task vector; LiNeS α = ‖Στ‖₁/‖τ_merged‖₁/T is undefined.")
         self.alpha = sum_l1 / merged_l1 / num_tasks

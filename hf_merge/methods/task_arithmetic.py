@@ -76,6 +76,11 @@ class TaskArithmeticMerger(Merger):
     uses_param_info = False
     config: TaskArithmeticConfig
 
+    @property
+    def reduces_across_ranks(self) -> bool:
+        """No statistics pass: nothing to reduce (a wrapper such as LiNeS may split its own)."""
+        return True
+
     def prepare(self, ctx: MergeContext) -> None:
         self.weights = self._weights(ctx.task_names)
 

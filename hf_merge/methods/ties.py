@@ -308,6 +308,11 @@ class TiesMerger(Merger):
         """Global scope trims at whole-model thresholds and elects with the whole model's majority sign."""
         return self.config.scope == "global"
 
+    @property
+    def reduces_across_ranks(self) -> bool:
+        """The global thresholds and majority sign are integer counts summed over the processes."""
+        return True
+
     def prepare(self, ctx: MergeContext) -> None:
         self.thresholds: list[float] | None = None
         self.majority_sign: float | None = None

@@ -10,7 +10,9 @@ engine allows it: no memory budget, CPU, plain checkpoints/models).
    vectors) take the majority sign +1, their result for -1 kept aside;
 3. the counts and the kept-aside |τ_t| give each exact threshold (verifying the brackets), which finish the kept-aside
    entries with the exact majority sign: amendments the engine writes in place into the written (not yet published)
-   files. A missed bracket, or an exact majority sign of 0, amends every tensor with the exact streaming passes
+   files. On a merge split across processes every process samples the whole model (the same brackets), merges its
+   own tensors, and the counts, the majority mass and the selection among the kept-aside |τ_t| are summed over the
+   processes (:func:`~hf_merge.methods.ties_statistics.kth_smallest_across`). A missed bracket, or an exact majority sign of 0, amends every tensor with the exact streaming passes
    (:mod:`hf_merge.methods.ties_statistics`).
 
 Step 2 runs as one fused compiled loop (:func:`hf_merge.kernels.fused_ties_one_pass`) where the kernels are available
@@ -31,6 +33,7 @@ from ..tensors import check_output_finite, kth_smallest, numpy_view, tensor_copy
 from ..tuning import TUNING
 from . import ties
 from .base import Amendment, OnePassMerge
+from .ties_statistics import kth_smallest_across
 
 if TYPE_CHECKING:
     from ..context import MergeContext
@@ -56,7 +59,8 @@ class OnePassTies(OnePassMerge):
                  exact_outputs: Callable[[MergeContext], Iterator[tuple[str, torch.Tensor]]], density: float) -> None:
         self.ctx, self.config, self.exact_outputs = ctx, config, exact_outputs
         self.sources = [ctx.base, *ctx.tasks.values()]
-        self.numel = {k: math.prod(ctx.metas[k].shape) for k in ctx.merge_keys}
+        # every key of the model, also on a split merge (each process samples them all: the same brackets everywhere)
+        self.numel = {k: math.prod(ctx.metas[k].shape) for k in ctx.all_keys}
         total = sum(self.numel.values())
         self.rank = ties.threshold_rank(total, density)
         self.keep = total - self.rank + 1  # the threshold is the keep-th largest |τ_t|
@@ -93,7 +97,7 @@ class OnePassTies(OnePassMerge):
         samples: list[list[torch.Tensor]] = [[] for _ in self.sources[1:]]
         sample_block, sample_every = TUNING.ties_sample_block, TUNING.ties_sample_every
         stride = sample_block * sample_every
-        for key in self.ctx.tracker.track(self.ctx.merge_keys, "TIES threshold sample"):
+        for key in self.ctx.tracker.track(self.ctx.all_keys, "TIES threshold sample"):
             n = self.numel[key]
             if n < stride:  # small tensor: every sample_every-th entry
                 pieces = [s.read_blocks(key, [0], n)[::sample_every].float() for s in self.sources]
@@ -214,6 +218,8 @@ class OnePassTies(OnePassMerge):
         (all among the open entries); ``None`` if a threshold lies outside its bracket."""
         if self.rank == 0:
             return [0.0] * (len(self.sources) - 1)
+        ctx = self.ctx
+        self.at_or_above, self.strictly_above = ctx.all_sum(self.at_or_above), ctx.all_sum(self.strictly_above)
         thresholds = []
         for t in range(len(self.sources) - 1):
             if int(self.strictly_above[t]) < self.keep <= int(self.at_or_above[t]):
@@ -222,10 +228,12 @@ class OnePassTies(OnePassMerge):
             low, high = self.low[t, 0].item(), self.high[t, 0].item()
             parts = [m[(m > low) & (m < high)] for *_, deltas in open_entries for m in (deltas[t].abs(),)]
             values = torch.cat(parts) if parts else torch.empty(0)
+            count = int(ctx.all_sum(torch.tensor(values.numel())))
             position = self.keep - int(self.at_or_above[t])  # descending rank of the threshold among those inside
-            if not 1 <= position <= values.numel():
+            if not 1 <= position <= count:
                 return None
-            thresholds.append(kth_smallest(values, values.numel() - position + 1))
+            thresholds.append(kth_smallest(values, count - position + 1) if ctx.owned is None
+                              else kth_smallest_across(ctx, values, count - position + 1))
         return thresholds
 
     def amendments(self) -> Iterator[Amendment]:
@@ -238,10 +246,11 @@ class OnePassTies(OnePassMerge):
             limits = torch.tensor(thresholds).view(-1, 1)
             trimmed = [deltas * (deltas.abs() >= limits) for *_, deltas in self.open_entries]
             mass = self.decided_mass + sum(int(torch.sign(t.sum(dim=0)).sum()) for t in trimmed)
-            majority = float(torch.sign(torch.tensor(float(mass))))
+            majority = float(torch.sign(self.ctx.all_sum(torch.tensor(mass)).double()))
             if self.rank:  # kept: at or above hi_t (counted in the pass), or open and at or above thr_t
-                kept = self.at_or_above + sum(((m >= limits) & (m < self.high)).sum(dim=1)
-                                              for *_, deltas in self.open_entries for m in (deltas.abs(),))
+                kept = self.at_or_above + self.ctx.all_sum(sum(
+                    (((m >= limits) & (m < self.high)).sum(dim=1) for *_, deltas in self.open_entries
+                     for m in (deltas.abs(),)), torch.zeros(len(thresholds), dtype=torch.int64)))
                 self.kept_fraction = float(kept.sum()) / (len(thresholds) * sum(self.numel.values()))
         self.settled = majority != 0
         if not self.settled:

@@ -2,7 +2,8 @@
 parameters) and the global majority sign (of exactly-zero elected sums), without storing any value.
 
 The float32 bit pattern of |τ| is monotone in |τ|, so a histogram of its high 16 bits (exponent and 7 mantissa bits)
-locates the bin holding each task's threshold, and one of the low 16 bits inside that bin gives it exactly.
+locates the bin holding each task's threshold, and one of the low 16 bits inside that bin gives it exactly. Every
+statistic is an integer count, summed exactly over the processes of a distributed merge (``ctx.all_sum``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,27 @@ def bit_halves(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
+def locate(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
+    """``(bin, rank inside it)`` of the ``rank``-th smallest (1-based) counted value of a histogram."""
+    cumulative = histogram.cumsum(0)
+    b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+    return b, rank - (int(cumulative[b - 1]) if b > 0 else 0)
+
+
+def from_bits(high: int, low: int) -> float:
+    """The non-negative float32 whose high and low 16 bits are these."""
+    return float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32))
+
+
+def kth_smallest_across(ctx: MergeContext, values: torch.Tensor, k: int) -> float:
+    """The k-th smallest (1-based) of the non-negative float32 ``values`` held by every process of a split merge
+    (each its own), exactly: the histograms of their high, then low 16 bits, summed over the processes."""
+    high, low = bit_halves(values)
+    b, in_bin = locate(ctx.all_sum(torch.bincount(high, minlength=HIST_BINS)), k)
+    fine = ctx.all_sum(torch.bincount(low[high == b].to(torch.int32) & 0xFFFF, minlength=1 << 16))
+    return from_bits(b, locate(fine, in_bin)[0])
+
+
 def global_statistics(ctx: MergeContext, densities: list[float], weights: list[float] | None = None,
                       ) -> tuple[list[float], float]:
     """Exact whole-model thresholds (task t keeps ``densities[t]`` of its entries) and majority sign of the task
@@ -50,6 +72,8 @@ def global_statistics(ctx: MergeContext, densities: list[float], weights: list[f
         numel += deltas[0].numel()
         for t, delta in enumerate(deltas):
             coarse[t] += torch.bincount(bit_halves(delta)[0], minlength=HIST_BINS).cpu()
+    numel = int(ctx.all_sum(torch.tensor(numel)))
+    coarse = ctx.all_sum(coarse)
     bins, ranks_in_bin = [], []
     for t in range(num_tasks):
         rank = ties.threshold_rank(numel, densities[t])
@@ -57,10 +81,9 @@ def global_statistics(ctx: MergeContext, densities: list[float], weights: list[f
             bins.append(-1)
             ranks_in_bin.append(0)
             continue
-        cumulative = coarse[t].cumsum(0)
-        b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+        b, in_bin = locate(coarse[t], rank)
         bins.append(b)
-        ranks_in_bin.append(rank - (int(cumulative[b - 1]) if b > 0 else 0))
+        ranks_in_bin.append(in_bin)
 
     fine = torch.zeros(num_tasks, 1 << 16, dtype=torch.int64)
     decided_mass, undecided = 0, 0
@@ -76,14 +99,10 @@ def global_statistics(ctx: MergeContext, densities: list[float], weights: list[f
             ambiguous |= in_bin.view_as(delta)
         undecided += int(ambiguous.sum())
         decided_mass += int(torch.sign(kept_sum[~ambiguous]).sum())
-    thresholds = []
-    for t in range(num_tasks):
-        if bins[t] < 0:
-            thresholds.append(0.0)
-            continue
-        low = int(torch.searchsorted(fine[t].cumsum(0), torch.tensor(ranks_in_bin[t])))
-        bits = torch.tensor([(bins[t] << 16) | low], dtype=torch.int32)
-        thresholds.append(float(bits.view(torch.float32)))
+    fine = ctx.all_sum(fine)
+    decided_mass, undecided = ctx.all_sum(torch.tensor([decided_mass, undecided])).tolist()
+    thresholds = [0.0 if bins[t] < 0 else from_bits(bins[t], locate(fine[t], ranks_in_bin[t])[0])
+                  for t in range(num_tasks)]
     if abs(decided_mass) > undecided:
         return thresholds, float(1 if decided_mass > 0 else -1)
     return thresholds, majority_sign(ctx, thresholds, weights)
@@ -99,4 +118,5 @@ def majority_sign(ctx: MergeContext, thresholds: list[float], weights: list[floa
         stacked = torch.stack([d.flatten() for d in deltas])
         trimmed = stacked * (stacked.abs() >= limits)
         mass += int(torch.sign((trimmed if column is None else trimmed * column).sum(dim=0)).sum())
+    mass = int(ctx.all_sum(torch.tensor(mass)))
     return float(torch.sign(torch.tensor(float(mass))))

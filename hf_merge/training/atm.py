@@ -18,6 +18,11 @@ model, a copy of θ^{k−1} and a running sum of task vectors (float32, or float
 models. Any other merge method keeps the T fine-tuned models of the round (plus θ^{k−1}) until the round's merge:
 T + 2 models.
 
+Distributed: under DDP every rank holds the whole model and merges it. Under FSDP2 (Accelerate's FSDP plugin,
+``fsdp_config={"version": 2}``) every rank keeps θ^{k−1} and the running sum of its own parameter shards and merges
+them in place — nothing is gathered — so the merge must be linear in the task vectors (Task Arithmetic, averaging);
+other merges, task heads and FSDP1 are refused when the trainer is built, and saving needs full state dicts.
+
 One concern in one file (~700 lines): ``ATMTrainer`` overrides the ``Trainer`` hooks one round of ATM touches — loss,
 prediction, evaluation, logging, optimizer creation, training — and they share its per-(round, task) state, as do
 resumption and the starting point θ⁰ (``init_from``, the helpers at the end); the merge step and the round
@@ -48,6 +53,7 @@ from transformers.trainer_utils import (
 )
 
 from ..config import MergeConfig, load_json
+from ..errors import MergeError
 from ..registry import get_merger
 from .checkpoints import RoundCheckpoints
 from .config import ATMConfig
@@ -177,6 +183,9 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
             eval_dataset=eval_sets or None,
             **trainer_kwargs,
         )
+        if self.is_fsdp_enabled:
+            _check_fsdp(self.accelerator.state.fsdp_plugin, atm_config, tasks, self.task_heads is not None,
+                        saves=self.args.save_strategy != SaveStrategy.NO)
         if self.task_heads is not None:
             self.task_heads.to(self.args.device)
         #: What θ⁰ was made from: ``None`` (the given model), or ``{"init_from": "model" | "checkpoint" |
@@ -308,6 +317,8 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
         # a merge linear in the task vectors keeps a running sum instead of the T fine-tuned models
         coefficients = merger.linear_coefficients(tasks)
 
+        if self.is_fsdp_enabled:
+            self._shard_model()  # θ⁰ and a round checkpoint's weights go into the shards the fine-tunes train
         if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
             first_round = self._load_round_checkpoint(resume_from_checkpoint) + 1
         else:
@@ -334,8 +345,11 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
                 live = self._merged_tensors()
                 with torch.no_grad():
                     if running_sum is not None:
-                        accumulate_task_vector(running_sum, live, base, coefficients[task_index], common,
-                                                f"round {round_index}, task {task!r}")
+                        bad = accumulate_task_vector(running_sum, live, base, coefficients[task_index], common)
+                        if self._on_any_rank(bad is not None):
+                            where = repr(bad) if bad is not None else "a parameter shard of another rank"
+                            raise MergeError(f"ATM round {round_index}, task {task!r}: fine-tuning produced NaN/Inf "
+                                             f"in {where} (lower the learning rate?).")
                     else:
                         task_states[task] = {name: tensor.detach().clone() for name, tensor in live.items()}
                     for name, tensor in live.items():
@@ -480,12 +494,16 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
 
     def _merged_tensors(self) -> dict[str, torch.Tensor]:
         """The live tensors ATM merges: trainable parameters and floating-point buffers of the shared model (tied
-        parameters once; task heads and frozen parameters excluded, as they do not change)."""
+        parameters once; task heads and frozen parameters excluded, as they do not change). Under FSDP: this rank's
+        shards of the parameters (the merge is elementwise), with every module resharded first."""
         head_prefix = self.head_attribute + "." if self.task_heads is not None else None
+        sharded = self.is_fsdp_enabled
+        if sharded:
+            self._shard_model()
         tensors: dict[str, torch.Tensor] = {}
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                tensors[name] = param.data
+                tensors[name] = _local_shard(param.data) if sharded else param.data
         for name, buffer in self.model.named_buffers():
             if buffer.is_floating_point():
                 tensors[name] = buffer.data
@@ -494,6 +512,26 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
         if not tensors:
             raise ValueError("The model has no trainable floating-point parameters for ATM to merge.")
         return tensors
+
+    def _shard_model(self) -> None:
+        """Under FSDP: shard the model as the ``Trainer``'s evaluation does (``accelerator.prepare``, which leaves a
+        sharded model as it is when the fine-tunes prepare it again), and reshard the modules a forward (evaluation)
+        left unsharded, so that the parameters are this rank's shards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.model, FSDPModule):
+            self.model = self.model_wrapped = self.accelerator.prepare(self.model)
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """``flag`` on this rank or, under FSDP (where ranks hold different shards), on any rank."""
+        if not self.is_fsdp_enabled:
+            return flag
+        value = torch.tensor([int(flag)], device=self.args.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def _outer_state(self) -> TrainerState:
         """The state callbacks see between fine-tunes: steps over all fine-tunes, the whole log history."""
@@ -507,6 +545,42 @@ class ATMTrainer(RoundCheckpoints, transformers.Trainer):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _check_fsdp(plugin: Any, atm_config: ATMConfig, tasks: list[str], has_task_heads: bool, *, saves: bool) -> None:
+    """Under FSDP every rank merges its own shards of the parameters in place: that needs FSDP2, a merge linear in
+    the task vectors and no task heads; saving needs full state dicts, and round checkpoints no optimizer moments
+    (rank 0 writes them, and it holds its shards' moments only)."""
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("ATMTrainer under FSDP needs FSDP2 (fsdp_config={'version': 2}, transformers' default): it "
+                         "merges the DTensor shards of fully_shard in place; FSDP1's flat parameters are not supported.")
+    method = atm_config.merge.method
+    if get_merger(atm_config.merge).linear_coefficients(tasks) is None:
+        raise ValueError(
+            f"merge={method!r} needs whole tensors, but under FSDP ATMTrainer merges each rank's parameter shards in "
+            "place, which only a merge linear in the task vectors allows (task_arithmetic, average); use one of "
+            f"those under FSDP, or {method!r} under DDP."
+        )
+    if has_task_heads:
+        raise ValueError("task_heads are not supported under FSDP: a head swapped into the sharded model would not be "
+                         "sharded (nor its gradients reduced) with it; train with DDP, or give each task its own "
+                         "compute_loss_fns on one shared head.")
+    if "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        raise ValueError(f"ATMTrainer under FSDP saves round checkpoints and the model with Trainer.save_model, which "
+                         f"writes weights for fsdp_config state_dict_type='FULL_STATE_DICT' only, not "
+                         f"{plugin.state_dict_type!r}.")
+    if saves and not atm_config.reset_optimizer:
+        raise ValueError("reset_optimizer=False saves each task's optimizer moments in the round checkpoints, which "
+                         "under FSDP would hold rank 0's shards only: use reset_optimizer=True (ATM's default) or "
+                         "save_strategy='no' under FSDP.")
+
+
+def _local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a ``DTensor``; it shares the parameter's storage), or the tensor
+    itself when it is not sharded."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _normalise_task_datasets(task_datasets: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     if not isinstance(task_datasets, Mapping) or not task_datasets:
         raise ValueError("task_datasets must be a non-empty {task: train_dataset or (train, eval)} mapping.")

@@ -3,7 +3,8 @@ continues from, to the same result as an uninterrupted run.
 
 A round checkpoint holds what ``Trainer.save_model`` writes, ``atm_config.json``, the task heads
 (``task_heads.safetensors``), the trainer state, the tasks' optimizer moments when they are kept across rounds, and
-``atm_state.json`` — written last, so its presence marks a complete checkpoint.
+``atm_state.json`` — written last, so its presence marks a complete checkpoint. Under FSDP the model is written from
+the full state dict (rank 0) and read back into each rank's shards.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..config import load_json
 
@@ -31,6 +33,8 @@ class RoundCheckpoints:
 
     args: Any
     atm_config: Any
+    is_fsdp_enabled: bool
+    model: torch.nn.Module
     task_datasets: dict[str, Any]
     task_heads: dict[str, torch.nn.Module] | None
 
@@ -112,7 +116,10 @@ class RoundCheckpoints:
             raise ValueError(
                 f"Checkpoint {checkpoint!r} has {completed} completed rounds, more than rounds={self.atm_config.rounds}."
             )
-        self._load_from_checkpoint(checkpoint)
+        if self.is_fsdp_enabled:
+            self._load_into_shards(checkpoint)
+        else:
+            self._load_from_checkpoint(checkpoint)
         if self.task_heads is not None:
             self._load_task_heads(os.path.join(checkpoint, TASK_HEADS_NAME))
         self._optimizer_states = {}
@@ -123,6 +130,34 @@ class RoundCheckpoints:
         self._steps_done = int(record["global_step"])
         self._history = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).log_history
         return completed
+
+    def _load_into_shards(self, checkpoint: str) -> None:
+        """Under FSDP: copy the checkpoint's full weights (``save_model``'s safetensors, written from the full state
+        dict) into this rank's shards of the model, one tensor at a time (``Trainer._load_from_checkpoint`` reads
+        Accelerate's own FSDP checkpoint files instead)."""
+        from safetensors import safe_open
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        index = os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+        files = sorted(set(load_json(index)["weight_map"].values())) if os.path.isfile(index) else [SAFE_WEIGHTS_NAME]
+        targets = self.model.state_dict(keep_vars=True)
+        loaded: set[int] = set()
+        for file in files:
+            with safe_open(os.path.join(checkpoint, file), "pt") as reader, torch.no_grad():
+                for key in reader.keys():  # the same order on every rank; no collective
+                    target = targets.get(key)
+                    if target is None:
+                        raise ValueError(f"Checkpoint {checkpoint!r} holds {key!r}, which the model does not have.")
+                    full = reader.get_tensor(key).to(target.dtype)
+                    if isinstance(target, DTensor):
+                        shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+                        target.to_local().copy_(shard.to_local())
+                    else:
+                        target.copy_(full)
+                    loaded.add(id(target))
+        missing = [name for name, target in targets.items() if id(target) not in loaded]  # tied copies count once
+        if missing:
+            raise ValueError(f"Checkpoint {checkpoint!r} lacks the model's {missing[:6]}.")
 
     def _load_task_heads(self, path: str) -> None:
         from safetensors.torch import load_file

@@ -2,7 +2,8 @@
 
 A merge linear in the task vectors (``Merger.linear_coefficients``) keeps a running sum of c_t τ_t while the tasks
 are fine-tuned (about three models in memory); any other merge runs once per round through the engine on the T
-fine-tuned states (T + 2 models).
+fine-tuned states (T + 2 models). The running sum is elementwise: under FSDP the trainer passes each rank's shards of
+the parameters and the ranks merge them independently.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..engine import Plan, run
-from ..errors import MergeError
 from ..io.sinks import TensorsSink
 from ..io.sources import StateDictSource
 from ..methods.base import Merger
@@ -50,15 +50,17 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def accumulate_task_vector(
     running_sum: dict[str, torch.Tensor], live: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-    coefficient: float, common: float | None, what: str,
-) -> None:
+    coefficient: float, common: float | None,
+) -> str | None:
     """running_sum += c_t τ_t with τ_t = θ_t − θ^{k−1} (just τ_t when every c_t is ``common``), in the accumulation
-    dtype."""
+    dtype. Returns the name of the first tensor whose τ_t holds NaN/Inf (the sum is then left incomplete), else
+    ``None``."""
     for name, total in running_sum.items():
         delta = live[name].to(total.dtype) - base[name].to(total.dtype)
         if not torch.isfinite(delta).all():
-            raise MergeError(f"ATM {what}: fine-tuning produced NaN/Inf in {name!r} (lower the learning rate?).")
+            return name
         total.add_(delta, alpha=1.0 if common is not None else coefficient)
+    return None
 
 
 def apply_running_sum(

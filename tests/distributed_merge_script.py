@@ -1,0 +1,88 @@
+"""Merges split across two CPU processes (torch.distributed, gloo); used by tests/test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_merge_script.py \
+        --base BASE --tasks T1 T2 T3 --out OUT [--fail-in statistics|writing]
+
+Without ``--fail-in``: merges with every method of :data:`CONFIGS` into ``OUT/<name>`` (checkpoint folders) and an
+in-memory model per rank (``OUT/memory-rank<r>.safetensors``). With it: process 1 fails in TIES' statistics pass or
+while writing its tensors (a full disk), into ``OUT/failed``; each rank writes what it raised to
+``OUT/error-rank<r>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def configs() -> dict[str, object]:
+    from hf_merge import DareConfig, LinesConfig, TaskArithmeticConfig, TiesConfig, TSVMergeConfig
+
+    return {
+        "task_arithmetic": TaskArithmeticConfig(scaling=0.4),
+        "ties": TiesConfig(density=0.3, scaling=0.9, scope="global"),
+        "tsv_m": TSVMergeConfig(),
+        "dare": DareConfig(drop_rate=0.5, then=TiesConfig(density=0.5, scope="global"), seed=7),
+        "lines": LinesConfig(inner=TaskArithmeticConfig(scaling=1.0), beta=0.5),
+    }
+
+
+def fail_in(where: str) -> None:
+    """Make this process fail where ``where`` says (a disk failing, a bug in a statistics pass)."""
+    if where == "writing":
+        from hf_merge.io.writer import PositionedWriter
+
+        def full_disk(self, key, tensor):
+            raise OSError(28, "No space left on device")
+        PositionedWriter.put = full_disk
+    else:
+        from hf_merge.methods import ties_statistics
+
+        def broken(delta):
+            raise RuntimeError("statistics pass failed on this process")
+        ties_statistics.bit_halves = broken
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--tasks", nargs="+", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--fail-in", choices=["statistics", "writing"])
+    cli = parser.parse_args()
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    import hf_merge
+    from hf_merge import TiesConfig
+
+    dist.init_process_group("gloo")
+    rank, out = dist.get_rank(), Path(cli.out)
+    options = {"progress": False, "num_threads": 1, "max_shard_size": "40KB"}
+    if cli.fail_in:
+        if rank == 1:
+            fail_in(cli.fail_in)
+        try:
+            hf_merge.merge(cli.base, cli.tasks, TiesConfig(density=0.3, scope="global"), output_dir=out / "failed",
+                           **options)
+            message = "no error"
+        except Exception as error:  # what each process raised, for the test to read
+            message = f"{type(error).__name__}: {error}"
+        (out / f"error-rank{rank}.txt").write_text(message)
+    else:
+        for name, config in configs().items():
+            hf_merge.merge(cli.base, cli.tasks, config, output_dir=out / name, dtype="bfloat16", **options)
+        model = hf_merge.merge(cli.base, cli.tasks, TiesConfig(density=0.3, scope="global"), progress=False,
+                               num_threads=1)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},
+                  str(out / f"memory-rank{rank}.safetensors"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
