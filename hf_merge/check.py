@@ -485,7 +485,7 @@ class _Checker:
             metas = [source.meta(key) for key in source.keys()]
             item.dtypes = dict(collections.Counter(_dtype_name(m.dtype) for m in metas))
             item.num_tensors = len(metas)
-            item.stored_bytes = (sum(math.prod(m.shape) * m.dtype.itemsize for m in metas)
+            item.stored_bytes = (sum(m.nbytes for m in metas)
                                  if isinstance(source, FolderSource) else None)
             folder = source.folder
             config = _flat_config(source)

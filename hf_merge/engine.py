@@ -219,7 +219,7 @@ class _MemoryRelease:
 
     def after(self, key: str) -> None:
         meta = self.metas[key]
-        self.since += math.prod(meta.shape) * meta.dtype.itemsize * self.num_inputs
+        self.since += meta.nbytes * self.num_inputs
         if self.since > TUNING.release_every:
             release_freed_memory()
             self.since = 0

@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_merge_script.py \
         --base BASE --tasks T1 T2 T3 --out OUT [--fail-in statistics|writing]
 
-Without ``--fail-in``: merges with every method of :data:`CONFIGS` into ``OUT/<name>`` (checkpoint folders) and an
+Without ``--fail-in``: merges with every method of :func:`configs` into ``OUT/<name>`` (checkpoint folders), recording
+the tensors each rank read whole from the inputs (``OUT/reads-rank<r>.json``: ``{name: [key, ...]}``), and an
 in-memory model per rank (``OUT/memory-rank<r>.safetensors``). With it: process 1 fails in TIES' statistics pass or
 while writing its tensors (a full disk), into ``OUT/failed``; each rank writes what it raised to
 ``OUT/error-rank<r>.txt``.
@@ -45,6 +46,21 @@ def fail_in(where: str) -> None:
         ties_statistics.bit_halves = broken
 
 
+def record_reads() -> dict[str, set[str]]:
+    """``{input folder: keys}`` this process reads whole (or in chunks) from checkpoint folders from now on."""
+    from hf_merge.io.sources import FolderSource
+
+    reads: dict[str, set[str]] = {}
+    for name in ("_read", "flat_array", "iter_chunks"):
+        original = getattr(FolderSource, name)
+
+        def logged(self, key, *args, _original=original):
+            reads.setdefault(str(self.folder), set()).add(key)
+            return _original(self, key, *args)
+        setattr(FolderSource, name, logged)
+    return reads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", required=True)
@@ -73,8 +89,14 @@ def main() -> None:
             message = f"{type(error).__name__}: {error}"
         (out / f"error-rank{rank}.txt").write_text(message)
     else:
+        import json
+
+        reads, keys_read = record_reads(), {}
         for name, config in configs().items():
+            reads.clear()
             hf_merge.merge(cli.base, cli.tasks, config, output_dir=out / name, dtype="bfloat16", **options)
+            keys_read[name] = sorted({key for keys in reads.values() for key in keys})
+        (out / f"reads-rank{rank}.json").write_text(json.dumps(keys_read))
         model = hf_merge.merge(cli.base, cli.tasks, TiesConfig(density=0.3, scope="global"), progress=False,
                                num_threads=1)
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},

@@ -88,6 +88,11 @@ def test_two_processes_write_the_bytes_one_process_writes(checkpoints, tmp_path)
         assert max(shares) < 0.6 * summary["input_bytes"], shares  # size-balanced
         if name == "ties":  # split, global TIES still reads every input once
             assert summary["route"] == "one pass"
+        # each process read only its own tensors (besides global TIES's 1/1024 sample): disjoint, together all
+        reads = [set(json.loads((tmp_path / f"reads-rank{r}.json").read_text())[name]) for r in (0, 1)]
+        assert reads[0] and reads[1] and not reads[0] & reads[1], name
+        assert reads[0] | reads[1] == set(json.loads((Path(single) / "model.safetensors.index.json").read_text())[
+            "weight_map"]), name
     expected = hf_merge.merge(base, tasks, TiesConfig(density=0.3, scope="global"), progress=False,
                               num_threads=1).state_dict()
     from safetensors.torch import load_file

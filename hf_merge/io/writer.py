@@ -113,7 +113,7 @@ def plan_shards(
     from huggingface_hub.serialization import split_state_dict_into_shards_factory
 
     split = split_state_dict_into_shards_factory(
-        dict(metas), get_storage_size=lambda meta: math.prod(meta.shape) * meta.dtype.itemsize,
+        dict(metas), get_storage_size=lambda meta: meta.nbytes,
         filename_pattern=filename_pattern, max_shard_size=max_shard_size,
     )
     shards = []
@@ -125,7 +125,7 @@ def plan_shards(
             meta = metas[key]
             if meta.dtype not in _DTYPE_NAMES:
                 raise TypeError(f"Tensor {key!r}: dtype {meta.dtype} cannot be stored in safetensors.")
-            size = math.prod(meta.shape) * meta.dtype.itemsize
+            size = meta.nbytes
             entries[key] = {"dtype": _DTYPE_NAMES[meta.dtype], "shape": list(meta.shape),
                             "data_offsets": [position, position + size]}
             position += size
@@ -272,7 +272,7 @@ class OutputBuffers:
 
     def __init__(self, metas: Mapping[str, TensorMeta], count: int) -> None:
         self.metas = metas
-        self._capacity = max((math.prod(m.shape) * m.dtype.itemsize for m in metas.values()), default=0)
+        self._capacity = max((m.nbytes for m in metas.values()), default=0)
         self._buffers: list[torch.Tensor | None] = [None] * count
         self._next = 0
 
@@ -282,5 +282,5 @@ class OutputBuffers:
         slot, self._next = self._next, (self._next + 1) % len(self._buffers)
         if self._buffers[slot] is None:
             self._buffers[slot] = torch.empty(self._capacity, dtype=torch.uint8)
-        size = math.prod(meta.shape) * meta.dtype.itemsize
+        size = meta.nbytes
         return self._buffers[slot][:size].view(meta.dtype).view(meta.shape)
