@@ -72,6 +72,7 @@ class MergeContext:
         self.bounded_memory = bounded_memory
         #: ``{task: TaskData}`` given to the merge (``merge(data=...)``), for data-aware methods.
         self.data = data
+        self._copy_stream: torch.cuda.Stream | None = None  # host-to-GPU copies (made on first use)
 
     @property
     def plain_differences(self) -> bool:
@@ -133,8 +134,24 @@ class MergeContext:
         return TaskModels(self.base, self.tasks, check_task_data(self.data, self.task_names, method), self.device,
                           method)
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the compute device in float32. To a CUDA device it goes through page-locked memory on a
+        copy stream of its own, so that the read-ahead thread's copies overlap the merge's kernels on the default
+        stream; the copy is complete on return, and the memory is recorded as used by the default stream (the
+        caching allocator then never hands it to a later copy while a kernel still reads it)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device, torch.float32)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        pinned = tensor.pin_memory()
+        with torch.cuda.stream(self._copy_stream):
+            moved = pinned.to(self.device, non_blocking=True).float()
+        self._copy_stream.synchronize()
+        moved.record_stream(torch.cuda.default_stream(self.device))
+        return moved
+
     def _load(self, source: TensorSource, key: str) -> torch.Tensor:
-        tensor = source.get(key).to(self.device, torch.float32)
+        tensor = self._to_device(source.get(key))
         # One reduction first: a finite sum proves every entry finite; only a non-finite sum needs the exact check.
         if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
             raise MergeError(f"{source.label}: tensor {key!r} contains NaN or Inf values.")
@@ -198,10 +215,10 @@ class MergeContext:
         """
         sources = [self.base, *self.tasks.values()]
         if self.device.type != "cpu":
-            base = sources[0].get(key).to(self.device, torch.float32)
+            base = self._to_device(sources[0].get(key))
             total = base * base_scale
             for source, weight in zip(sources[1:], coefficients):
-                total.add_(source.get(key).to(self.device, torch.float32) - base, alpha=weight)
+                total.add_(self._to_device(source.get(key)) - base, alpha=weight)
             self.check_finite(total, sources, key)
             result = total.to("cpu", dtype) if out is None else out.copy_(total)
             return check_output_finite(key, result)

@@ -50,15 +50,20 @@ def test_a_merge_on_the_gpu_equals_the_cpu_merge(models, method):
         assert rel_error(delta_gpu, delta_cpu) <= 100 * tolerance, key  # the merged update, not only θ₀ + update
 
 
-def test_a_path_merge_streams_through_the_gpu(tmp_path):
+@pytest.mark.parametrize("method", ["tsv_m", "ties", "task_arithmetic"])
+def test_a_path_merge_streams_through_the_gpu(tmp_path, method):
+    """Inputs read ahead through page-locked memory on a copy stream (overlapping the merge's kernels) give the CPU's
+    merge."""
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
     for seed in (1, 2):
         finetuned_copy(base, seed).save_pretrained(tmp_path / f"ft{seed}")
     inputs = [tmp_path / "ft1", tmp_path / "ft2"]
-    out = hf_merge.merge(tmp_path / "base", inputs, "tsv_m", device="cuda", output_dir=tmp_path / "gpu",
-                         progress=False)
-    expected = open_source(hf_merge.merge(tmp_path / "base", inputs, "tsv_m", progress=False))
+    parameters = {"scaling": 0.5} if method == "task_arithmetic" else {}
+    out = hf_merge.merge(tmp_path / "base", inputs, method, device="cuda", output_dir=tmp_path / "gpu",
+                         progress=False, **parameters)
+    expected = open_source(hf_merge.merge(tmp_path / "base", inputs, method, progress=False,
+                                          output_dir=tmp_path / "cpu", **parameters))
     written = open_source(out)
     assert set(written.keys()) == set(expected.keys())
     for key in expected.keys():
