@@ -197,8 +197,8 @@ class MergeContext:
             return torch.from_numpy(fused([source.flat_array(key) for source in sources]))
         total = torch.zeros(len(sources), len(sources), dtype=torch.float64, device=self.device)
         for pieces in zip(*(source.iter_chunks(key, TUNING.combine_chunk) for source in sources)):
-            base = pieces[0].to(self.device, torch.float32)
-            rows = torch.stack([base, *(piece.to(self.device, torch.float32) - base for piece in pieces[1:])])
+            base = self._to_device(pieces[0])
+            rows = torch.stack([base, *(self._to_device(piece) - base for piece in pieces[1:])])
             rows = rows.double()
             total += rows @ rows.T
         return total.cpu()
@@ -208,41 +208,39 @@ class MergeContext:
         """s·θ₀ + Σ_t c_t (θ_t − θ₀) of ``key`` in ``dtype`` (s = 1 by default), on the CPU (into ``out`` if given): each
         difference rounded to float32, then one fused multiply-add per task, in input order.
 
-        On a CPU compute device the inputs stream in pieces of :attr:`~hf_merge.tuning.Tuning.combine_chunk` elements
-        through one float32 accumulator that stays in cache, so each input is read once and the output written once
-        (no full-size float32 temporaries); the compiled kernel (:func:`hf_merge.kernels.fused_linear_combine`) gives
-        the same bits. A non-finite piece is traced to the input that holds it.
+        The inputs stream in pieces of :attr:`~hf_merge.tuning.Tuning.combine_chunk` elements (on a GPU,
+        :attr:`~hf_merge.tuning.Tuning.device_chunk`, each piece crossing once) through one float32 accumulator on the
+        compute device, so each input is read once and the output written once (no full-size float32 temporaries);
+        on the CPU the compiled kernel (:func:`hf_merge.kernels.fused_linear_combine`) gives the same bits. A
+        non-finite piece is traced to the input that holds it.
         """
         sources = [self.base, *self.tasks.values()]
-        if self.device.type != "cpu":
-            base = self._to_device(sources[0].get(key))
-            total = base * base_scale
-            for source, weight in zip(sources[1:], coefficients):
-                total.add_(self._to_device(source.get(key)) - base, alpha=weight)
-            self.check_finite(total, sources, key)
-            result = total.to("cpu", dtype) if out is None else out.copy_(total)
-            return check_output_finite(key, result)
+        on_cpu = self.device.type == "cpu"
         if out is None:
             out = torch.empty(self.metas[key].shape, dtype=dtype)
         flat_out = out.view(-1)
-        fused = fused_linear_combine([s.meta(key).dtype for s in sources], dtype) if len(sources) > 1 else None
+        fused = (fused_linear_combine([s.meta(key).dtype for s in sources], dtype)
+                 if on_cpu and len(sources) > 1 else None)
         if fused is not None:
             # one fused compiled loop, reading checkpoint tensors through a mapping: the same bits as below
             arrays = [source.flat_array(key) for source in sources]
             if fused(arrays, list(coefficients), numpy_view(flat_out), base_scale):
                 return out
             # a non-finite result: the torch route below names the input holding NaN/Inf, or the overflow
-        size = min(flat_out.numel(), TUNING.combine_chunk)
-        accumulator, base_buffer, difference_buffer = (torch.empty(size, dtype=torch.float32) for _ in range(3))
+        chunk = TUNING.combine_chunk if on_cpu else TUNING.device_chunk
+        size = min(flat_out.numel(), chunk)
+        accumulator, base_buffer, difference_buffer = (torch.empty(size, dtype=torch.float32, device=self.device)
+                                                       for _ in range(3))
         start = 0
-        for pieces in zip(*(source.iter_chunks(key, TUNING.combine_chunk) for source in sources)):
+        for pieces in zip(*(source.iter_chunks(key, chunk) for source in sources)):
             n = pieces[0].numel()
             acc, base, difference = accumulator[:n], base_buffer[:n], difference_buffer[:n]
-            base.copy_(pieces[0])
+            on_device = pieces if on_cpu else [self._to_device(piece) for piece in pieces]
+            base.copy_(on_device[0])
             acc.copy_(base)
             if base_scale != 1.0:
                 acc.mul_(base_scale)
-            for piece, weight in zip(pieces[1:], coefficients):
+            for piece, weight in zip(on_device[1:], coefficients):
                 acc.add_(torch.sub(difference.copy_(piece), base, out=difference), alpha=weight)
             self.check_finite(acc, sources, key, pieces)
             check_output_finite(key, flat_out[start : start + n].copy_(acc), acc)

@@ -15,6 +15,10 @@ class Tuning:
     #: Elements per piece of the fused linear combination: the float32 accumulator plus one piece per input stay in
     #: the CPU cache (2²⁰ about 3× faster than 2¹⁶ and than 2²²).
     combine_chunk: int = 1 << 20
+    #: Elements per piece of the linear combination on a GPU: each input's piece crosses to it once (page-locked, on
+    #: a copy stream), large enough that kernel launches do not dominate, small enough that an embedding's inputs
+    #: never all sit in GPU memory at once (not tuned: no GPU was available).
+    device_chunk: int = 1 << 24
     #: Elements per chunk of TIES' elementwise merge (bounds temporaries for embedding-sized tensors).
     ties_chunk: int = 1 << 22
     #: Elements per piece of the one-pass TIES torch route (T + 1 pieces and temporaries stay in L3).
