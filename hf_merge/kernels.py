@@ -797,6 +797,18 @@ def _finish(counts: np.ndarray, tasks: int, numel: int) -> StoredTiesCounts | No
     return StoredTiesCounts(totals[:tasks], int(totals[tasks]), numel)
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch_like(out: np.ndarray) -> np.ndarray:
+    """An uninitialised flat array like ``out`` in a buffer this thread reuses from tensor to tensor (the read-ahead
+    thread's buffers go with it when the merge ends): no fresh pages to fault in for every tensor."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.nbytes < out.nbytes:
+        buffer = _SCRATCH.buffer = np.empty(out.nbytes, dtype=np.uint8)
+    return buffer[: out.nbytes].view(out.dtype)
+
+
 def _elected(run: Callable[[float, np.ndarray], np.ndarray], majority: float | None, tasks: int, numel: int,
              out: np.ndarray) -> StoredTiesCounts | None:
     """An elect-and-merge kernel ``run(majority, negative) -> counts`` carried out with ``majority``, or for ``None``
@@ -805,7 +817,7 @@ def _elected(run: Callable[[float, np.ndarray], np.ndarray], majority: float | N
     (the majority sign 0, as the float32 route elects it) runs the kernel again with it."""
     if majority is not None:
         return _finish(run(majority, out[:0]), tasks, numel)
-    negative = np.empty_like(out)
+    negative = _scratch_like(out)
     counts = run(math.nan, negative)
     mass = int(counts[:, tasks + 2].sum())
     if mass < 0 and not counts[:, tasks + 1].any():

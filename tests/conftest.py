@@ -30,6 +30,20 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def atm_one_process_result(tmp_path_factory: pytest.TempPathFactory):
+    """ATM on one process with a global batch of 8 (tests/atm_ddp_script.py): what two DDP or FSDP processes with a
+    per-device batch of 4 must give."""
+    import sys
+
+    from tests.helpers import REPO, run_launched
+
+    result = tmp_path_factory.mktemp("atm_one_process") / "single.safetensors"
+    run_launched([sys.executable, str(REPO / "tests" / "atm_ddp_script.py"), "--per-device-batch-size", "8",
+                  "--expect-world-size", "1", "--result", str(result)], timeout=120, check=True)
+    return result
+
+
 @pytest.fixture(params=sorted(tiny_models.FACTORIES))
 def architecture(request: pytest.FixtureRequest) -> str:
     """Every tiny architecture: BERT, GPT-2 (Conv1D), Llama (tied embeddings), ViT."""

@@ -1,13 +1,13 @@
 """Merges split across two CPU processes (torch.distributed, gloo); used by tests/test_distributed.py.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_merge_script.py \
-        --base BASE --tasks T1 T2 T3 --out OUT [--fail-in statistics|writing]
+        --base BASE --tasks T1 T2 T3 --out OUT [--fail-in statistics writing]
 
 Without ``--fail-in``: merges with every method of :func:`configs` into ``OUT/<name>`` (checkpoint folders), recording
 the tensors each rank read whole from the inputs (``OUT/reads-rank<r>.json``: ``{name: [key, ...]}``), and an
-in-memory model per rank (``OUT/memory-rank<r>.safetensors``). With it: process 1 fails in TIES' statistics pass or
-while writing its tensors (a full disk), into ``OUT/failed``; each rank writes what it raised to
-``OUT/error-rank<r>.txt``.
+in-memory model per rank (``OUT/memory-rank<r>.safetensors``). With ``--fail-in``: for each place given, process 1
+fails in TIES' statistics pass or while writing its tensors (a full disk), merging into ``OUT/failed-<place>``; each
+rank writes what it raised to ``OUT/error-<place>-rank<r>.txt``.
 """
 
 from __future__ import annotations
@@ -30,20 +30,24 @@ def configs() -> dict[str, object]:
     }
 
 
-def fail_in(where: str) -> None:
-    """Make this process fail where ``where`` says (a disk failing, a bug in a statistics pass)."""
+def fail_in(where: str) -> tuple[object, str, object]:
+    """Make this process fail where ``where`` says (a disk failing, a bug in a statistics pass); returns what to
+    restore: ``(owner, attribute, original)``."""
     if where == "writing":
         from hf_merge.io.writer import PositionedWriter
 
         def full_disk(self, key, tensor):
             raise OSError(28, "No space left on device")
-        PositionedWriter.put = full_disk
+        owner, name, replacement = PositionedWriter, "put", full_disk
     else:
         from hf_merge.methods import ties_statistics
 
         def broken(delta):
             raise RuntimeError("statistics pass failed on this process")
-        ties_statistics.bit_halves = broken
+        owner, name, replacement = ties_statistics, "bit_halves", broken
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    return owner, name, original
 
 
 def record_reads() -> dict[str, set[str]]:
@@ -66,7 +70,7 @@ def main() -> None:
     parser.add_argument("--base", required=True)
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--fail-in", choices=["statistics", "writing"])
+    parser.add_argument("--fail-in", nargs="+", choices=["statistics", "writing"], default=[])
     cli = parser.parse_args()
 
     import torch.distributed as dist
@@ -78,17 +82,18 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(cli.out)
     options = {"progress": False, "num_threads": 1, "max_shard_size": "40KB"}
-    if cli.fail_in:
-        if rank == 1:
-            fail_in(cli.fail_in)
+    for where in cli.fail_in:
+        restore = fail_in(where) if rank == 1 else None
         try:
-            hf_merge.merge(cli.base, cli.tasks, TiesConfig(density=0.3, scope="global"), output_dir=out / "failed",
-                           **options)
+            hf_merge.merge(cli.base, cli.tasks, TiesConfig(density=0.3, scope="global"),
+                           output_dir=out / f"failed-{where}", **options)
             message = "no error"
         except Exception as error:  # what each process raised, for the test to read
             message = f"{type(error).__name__}: {error}"
-        (out / f"error-rank{rank}.txt").write_text(message)
-    else:
+        (out / f"error-{where}-rank{rank}.txt").write_text(message)
+        if restore is not None:
+            setattr(*restore)
+    if not cli.fail_in:
         import json
 
         reads, keys_read = record_reads(), {}

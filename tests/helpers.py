@@ -1,9 +1,14 @@
 """Helpers shared by several test files: error measures, state-dict snapshots and comparisons, the whole-model TIES
-reference, and the permutation-symmetry models (model factories of the merge tests live in ``tiny_models``)."""
+reference, the permutation-symmetry models (model factories of the merge tests live in ``tiny_models``), and the
+launch of two CPU processes (torchrun, accelerate launch)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +141,34 @@ def push_to_test_hub(folder: str | Path, repo_id: str, *flags: str, monkeypatch:
                                         hub.endpoint, *flags])
         assert code == 0, stderr
         return hub.files(repo_id)
+
+
+# ------------------------------------------------------------------------------------------- two CPU processes
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_environment() -> dict[str, str]:
+    """The test run's environment for launched processes: one thread each, this checkout importable, and none of a
+    surrounding launch's variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def accelerate_launch() -> list[str]:
+    """``accelerate launch`` of two CPU processes: ``--multi_gpu`` selects its torchrun launcher (``--cpu
+    --num_processes 2`` would select mpirun, which runs one process without it); gloo on CPU."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
+
+
+def run_launched(command: list[str], timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=launcher_environment(), cwd=REPO, timeout=timeout, **kwargs)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 import torch
 
 from hf_merge.training import ATMConfig
+from tests.helpers import REPO, accelerate_launch, run_launched
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from atm_ddp_script import TokenClassificationTask
 
@@ -549,44 +548,22 @@ def test_resuming_a_refinement_reproduces_the_uninterrupted_run(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- DDP and example
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _environment() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", PYTHONPATH=str(REPO))
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
-    return env
-
-
-def test_two_process_ddp_matches_a_single_process_run_with_the_same_global_batch(tmp_path):
+def test_two_process_ddp_matches_a_single_process_run_with_the_same_global_batch(tmp_path, atm_one_process_result):
     """``accelerate launch`` with two CPU processes (DDP over gloo) gives the parameters of one process."""
     from safetensors.torch import load_file
 
-    script = str(REPO / "tests" / "atm_ddp_script.py")
-    single, distributed = tmp_path / "single.safetensors", tmp_path / "ddp.safetensors"
-    subprocess.run([sys.executable, script, "--per-device-batch-size", "8", "--expect-world-size", "1",
-                    "--result", str(single)], check=True, env=_environment(), cwd=REPO, timeout=120)
-    # `--cpu --num_processes 2` selects Accelerate's MPI launcher (mpirun), which runs a single process without it;
-    # the torchrun launcher plus TrainingArguments(use_cpu=True) gives two CPU processes with the gloo backend.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    subprocess.run(launch + [script, "--per-device-batch-size", "4", "--expect-world-size", "2",
-                             "--result", str(distributed)], check=True, env=_environment(), cwd=REPO, timeout=180)
-
-    expected, got = load_file(single), load_file(distributed)
+    distributed = tmp_path / "ddp.safetensors"
+    run_launched(accelerate_launch() + [str(REPO / "tests" / "atm_ddp_script.py"), "--per-device-batch-size", "4",
+                                        "--expect-world-size", "2", "--result", str(distributed)],
+                 timeout=180, check=True)
+    expected, got = load_file(atm_one_process_result), load_file(distributed)
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.allclose(expected[name], got[name], atol=1e-5, rtol=1e-5), name
 
 
 def test_example_runs_offline(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "examples" / "atm_training.py"), "--output-dir",
-                             str(tmp_path)], check=True, env=_environment(), cwd=REPO, timeout=120,
-                            capture_output=True, text=True)
+    result = run_launched([sys.executable, str(REPO / "examples" / "atm_training.py"), "--output-dir", str(tmp_path)],
+                          timeout=120, check=True, capture_output=True, text=True)
     assert "ATM" in result.stdout
     assert (tmp_path / "final" / "config.json").is_file()

@@ -10,7 +10,6 @@ same on two GPUs without that shim.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,26 +17,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.test_atm import REPO, _environment, _free_port
+from tests.helpers import REPO, accelerate_launch, run_launched
 
 SCRIPT = str(REPO / "tests" / "atm_ddp_script.py")
 
 
 def _launch_fsdp(result: Path, *extra: str) -> None:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    subprocess.run(launch + [SCRIPT, "--per-device-batch-size", "4", "--expect-world-size", "2", "--fsdp",
-                             "--result", str(result), *extra], check=True, env=_environment(), cwd=REPO, timeout=180)
+    run_launched(accelerate_launch() + [SCRIPT, "--per-device-batch-size", "4", "--expect-world-size", "2", "--fsdp",
+                                        "--result", str(result), *extra], timeout=180, check=True)
 
 
-def _assert_fsdp_matches_one_process(tmp_path: Path, *extra: str) -> None:
+def _assert_fsdp_matches_one_process(tmp_path: Path, single: Path, *extra: str) -> None:
     from safetensors.torch import load_file
     from transformers import BertForSequenceClassification
 
-    single, sharded = tmp_path / "single.safetensors", tmp_path / "fsdp.safetensors"
-    subprocess.run([sys.executable, SCRIPT, "--per-device-batch-size", "8", "--expect-world-size", "1",
-                    "--result", str(single), *extra], check=True, env=_environment(), cwd=REPO, timeout=120)
+    sharded = tmp_path / "fsdp.safetensors"
     _launch_fsdp(sharded, *extra)  # the script checks that the parameters were DTensor shards and the merge saw shards
 
     expected, got = load_file(single), load_file(sharded)  # got: from_pretrained of trainer.save_model's output
@@ -53,9 +47,9 @@ def _assert_fsdp_matches_one_process(tmp_path: Path, *extra: str) -> None:
         assert torch.allclose(value, got[name], atol=1e-6, rtol=0), name  # bitwise equal on CPU
 
 
-def test_two_process_fsdp_matches_a_single_process_run_with_the_same_global_batch(tmp_path):
+def test_two_process_fsdp_matches_a_single_process_run_with_the_same_global_batch(tmp_path, atm_one_process_result):
     """``accelerate launch`` with two CPU processes, FSDP2 over gloo."""
-    _assert_fsdp_matches_one_process(tmp_path)
+    _assert_fsdp_matches_one_process(tmp_path, atm_one_process_result)
 
 
 @pytest.mark.cuda
@@ -63,7 +57,10 @@ def test_two_gpu_fsdp_matches_a_single_process_run_with_the_same_global_batch(tm
     """The same on two GPUs (NCCL), where Accelerate enables its FSDP plugin by itself."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA GPUs for two FSDP processes, torch sees {torch.cuda.device_count()}")
-    _assert_fsdp_matches_one_process(tmp_path, "--cuda")
+    single = tmp_path / "single.safetensors"
+    run_launched([sys.executable, SCRIPT, "--per-device-batch-size", "8", "--expect-world-size", "1", "--result",
+                  str(single), "--cuda"], timeout=120, check=True)
+    _assert_fsdp_matches_one_process(tmp_path, single, "--cuda")
 
 
 def test_what_a_shard_local_merge_cannot_do_is_refused_under_fsdp():

@@ -4,8 +4,6 @@ a process that fails stops every process and leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +15,9 @@ import yaml
 import hf_merge
 from hf_merge import TiesConfig
 
+from .helpers import REPO, accelerate_launch, run_launched
 from .tiny_models import finetuned_copy, tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tests" / "distributed_merge_script.py"
 sys.path.insert(0, str(REPO / "tests"))
 from distributed_merge_script import configs  # noqa: E402
@@ -40,31 +38,15 @@ def checkpoints(tmp_path_factory) -> tuple[str, list[str]]:
     return str(root / "base"), tasks
 
 
-def _environment() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-#: Two CPU processes from each launcher (Accelerate's ``--multi_gpu`` picks the torchrun launcher; on CPU it gives gloo).
+#: Two CPU processes from each launcher (gloo).
 LAUNCHERS = {
-    "torchrun": lambda: ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-    "accelerate": lambda: ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "--main_process_port", str(_free_port())],
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": accelerate_launch,
 }
 
 
-def _torchrun(*argv: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *LAUNCHERS[launcher](), *argv], env=_environment(), cwd=REPO, timeout=300,
-                          capture_output=True, text=True)
+def _launch(*argv: str, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    return run_launched([*LAUNCHERS[launcher](), *argv], capture_output=True, text=True)
 
 
 def _weights(folder: Path) -> dict[str, bytes]:
@@ -75,7 +57,7 @@ def _weights(folder: Path) -> dict[str, bytes]:
 
 def test_two_processes_write_the_bytes_one_process_writes(checkpoints, tmp_path):
     base, tasks = checkpoints
-    run = _torchrun(str(SCRIPT), "--base", base, "--tasks", *tasks, "--out", str(tmp_path))
+    run = _launch(str(SCRIPT), "--base", base, "--tasks", *tasks, "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     for name, config in configs().items():
         single = hf_merge.merge(base, tasks, config, output_dir=tmp_path / "single" / name, dtype="bfloat16",
@@ -109,7 +91,7 @@ def test_a_launcher_runs_the_cli_merge_split(checkpoints, tmp_path, launcher):
     recipe = {"method": "ties", "base": base, "models": tasks, "output": str(tmp_path / "ignored"),
               "parameters": {"density": 0.3, "scope": "global"}, "max_shard_size": "40KB"}
     (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
-    run = _torchrun("-m", "hf_merge", "merge", str(tmp_path / "recipe.yml"), str(tmp_path / "merged"),
+    run = _launch("-m", "hf_merge", "merge", str(tmp_path / "recipe.yml"), str(tmp_path / "merged"),
                     launcher=launcher)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("Merged 3 model(s) with ties") == 1  # reported once, by rank 0
@@ -119,18 +101,18 @@ def test_a_launcher_runs_the_cli_merge_split(checkpoints, tmp_path, launcher):
     assert not (tmp_path / "ignored").exists()
 
 
-@pytest.mark.parametrize("where", ["statistics", "writing"])
-def test_a_failing_process_stops_every_process_and_leaves_nothing(checkpoints, tmp_path, where):
+def test_a_failing_process_stops_every_process_and_leaves_nothing(checkpoints, tmp_path):
     base, tasks = checkpoints
     out = tmp_path / "out"
     out.mkdir()
-    run = _torchrun(str(SCRIPT), "--base", base, "--tasks", *tasks, "--out", str(out), "--fail-in", where)
+    places = {"statistics": "statistics pass failed", "writing": "No space left on device"}
+    run = _launch(str(SCRIPT), "--base", base, "--tasks", *tasks, "--out", str(out), "--fail-in", *places)
     assert run.returncode == 0, run.stderr[-3000:]
-    failing = (out / "error-rank1.txt").read_text()
-    other = (out / "error-rank0.txt").read_text()
-    assert ("No space left on device" if where == "writing" else "statistics pass failed") in failing
-    assert other.startswith("RankFailed: process 1 of 2 failed")
-    assert sorted(p.name for p in out.iterdir()) == ["error-rank0.txt", "error-rank1.txt"]  # no folder, no staging
+    for where, cause in places.items():  # process 1 fails in TIES' statistics pass, or writing (a full disk)
+        assert cause in (out / f"error-{where}-rank1.txt").read_text()
+        assert (out / f"error-{where}-rank0.txt").read_text().startswith("RankFailed: process 1 of 2 failed")
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"error-{where}-rank{r}.txt" for where in places
+                                                           for r in (0, 1))  # no folder, no staging left
 
 
 def test_tensors_are_split_by_size_the_same_way_on_every_process():
