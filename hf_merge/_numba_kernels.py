@@ -458,6 +458,37 @@ def magmax(deltas, out):
                     part[j] = other[j] if abs(other[j]) > abs(part[j]) else part[j]
 
 
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+def stored_magmax(base, tasks, scaling, out, limit, nonfinite):
+    """out = x_0 + λ·τ_{t*} with τ_t = x_t − x_0 and t* the first task of largest |τ_t| (:func:`magmax`), stored in
+    ``out``'s dtype; ``nonfinite[c]`` counts chunk c's non-finite τ_t and results not finite once stored."""
+    n = base.shape[0]
+    for chunk in numba.prange(nonfinite.shape[0]):
+        begin, end = chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)
+        theta0 = np.empty(SEGMENT, np.float32)
+        best = np.empty(SEGMENT, np.float32)
+        bad = 0
+        for start in range(begin, end, SEGMENT):
+            size = min(SEGMENT, end - start)
+            base_part, first = base[start : start + size], tasks[0][start : start + size]
+            for j in range(size):
+                theta0[j] = load(base_part, j)
+                best[j] = load(first, j) - theta0[j]
+                bad += not (abs(best[j]) < np.inf)
+            for t in range(1, len(tasks)):
+                part = tasks[t][start : start + size]
+                for j in range(size):
+                    delta = load(part, j) - theta0[j]
+                    bad += not (abs(delta) < np.inf)
+                    best[j] = delta if abs(delta) > abs(best[j]) else best[j]
+            out_part = out[start : start + size]
+            for j in range(size):
+                result = theta0[j] + best[j] * scaling
+                bad += not (abs(result) < limit)
+                store(out_part, j, result)
+        nonfinite[chunk] = bad
+
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _count_equal(values, absolute, low, high, counts):
     for i in range(values.shape[0]):
@@ -626,12 +657,13 @@ def _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, v
 
 
 @numba.njit(inline="always")
-def _elect_store(values, elected, theta0, size, weights, weighted, majority, mean, scaling, out_part, negative_part,
-                 limit, total, divisor, negative_total, negative_divisor, conflict, zero, counts_row):
+def _elect_store(values, elected, theta0, size, weights, weighted, weigh_values, floor, majority, mean, scaling,
+                 out_part, negative_part, limit, total, divisor, negative_total, negative_divisor, conflict, zero,
+                 counts_row):
     """θ₀ + λ · TIES' elect and disjoint merge of the weighted values (rows of ``values``, their sum in ``elected``)
     stored into ``out_part``: γ = sign(Σ_t v_t), an exact 0 taking ``majority``; Σ_{t∈A} v_t over A = {t : v_t γ > 0},
-    divided for ``mean`` by Σ_{t∈A} w_t (``weighted``; 1 when 0) or by max(|A|, 1) — the float32 operations of
-    ``ties.disjoint_merge``. ``majority`` NaN (not known yet): exact zeros take +1 in ``out_part`` and −1 in
+    divided for ``mean`` by max(Σ_{t∈A} w_t, ``floor``) (``weighted``; 1 when 0) or by max(|A|, 1) — the float32
+    operations of ``ties.disjoint_merge``; ``weigh_values``: Σ_{t∈A} w_t v_t above the division (SCE). ``majority`` NaN (not known yet): exact zeros take +1 in ``out_part`` and −1 in
     ``negative_part`` (the other entries alike in both), and ``counts_row[-1]`` gets Σ_j sign(Σ_t v_t[j]).
     ``counts_row``: [kept entries per task (v_t ≠ 0), entries where a kept v_t disagrees with γ, results not finite
     once stored, mass]."""
@@ -652,11 +684,12 @@ def _elect_store(values, elected, theta0, size, weights, weighted, majority, mea
         conflict[j] = 0
     for t in range(num_tasks):
         weight = weights[t] if weighted else np.float32(1.0)
+        factor = weight if weigh_values else np.float32(1.0)
         row = values[t]
         kept = 0
         for j in range(size):
             agreeing = row[j] * elected[j]
-            total[j] += agreeing if agreeing > 0 else np.float32(0.0)
+            total[j] += agreeing * factor if agreeing > 0 else np.float32(0.0)
             divisor[j] += weight if agreeing > 0 else np.float32(0.0)
             kept += row[j] != 0
             conflict[j] |= agreeing < 0
@@ -664,13 +697,14 @@ def _elect_store(values, elected, theta0, size, weights, weighted, majority, mea
         if both:  # the disjoint sums for γ = −1 (used where Σ_t v_t is exactly 0)
             for j in range(size):
                 opposed = -row[j]
-                negative_total[j] += opposed if opposed > 0 else np.float32(0.0)
+                negative_total[j] += opposed * factor if opposed > 0 else np.float32(0.0)
                 negative_divisor[j] += weight if opposed > 0 else np.float32(0.0)
     for j in range(size):
         result = total[j] * elected[j]
         if mean:
             if weighted:
-                result = result / (divisor[j] if divisor[j] != 0 else np.float32(1.0))
+                bound = max(divisor[j], floor)
+                result = result / (bound if bound != 0 else np.float32(1.0))
             else:
                 result = result / max(divisor[j], np.float32(1.0))
         result = theta0[j] + result * scaling
@@ -682,7 +716,8 @@ def _elect_store(values, elected, theta0, size, weights, weighted, majority, mea
             other = negative_total[j] * np.float32(-1.0)
             if mean:
                 if weighted:
-                    other = other / (negative_divisor[j] if negative_divisor[j] != 0 else np.float32(1.0))
+                    bound = max(negative_divisor[j], floor)
+                    other = other / (bound if bound != 0 else np.float32(1.0))
                 else:
                     other = other / max(negative_divisor[j], np.float32(1.0))
             other = theta0[j] + other * scaling
@@ -709,8 +744,8 @@ def _sum_store(elected, theta0, size, divisor, scaling, out_part, limit):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
-def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, majority, mean, scaling, out, negative,
-                       limit, counts):
+def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, weigh_values, floor, majority, mean, scaling,
+                       out, negative, limit, counts):
     """θ₀ + λ · TIES' elect and disjoint merge of v_t = s_t τ̂_t (see ``_elect_store``) stored in ``out``'s dtype,
     τ̂_t from the stored inputs; chunk c's ``counts`` row: [kept entries per task (v_t ≠ 0), entries where a kept
     v_t disagrees with γ, results not finite once stored, mass]. ``majority`` NaN: exact zeros of the elected sum take
@@ -734,7 +769,7 @@ def stored_elect_merge(base, tasks, drop, trim, scales, weights, weighted, major
             size = min(SEGMENT, n - begin)
             _stored_segment(base, tasks, begin, size, drop, trim, scales, theta0, row, values, elected)
             negative_part = negative[begin : begin + size] if both else negative[:0]
-            _elect_store(values, elected, theta0, size, weights, weighted, majority, mean, scaling,
+            _elect_store(values, elected, theta0, size, weights, weighted, weigh_values, floor, majority, mean, scaling,
                          out[begin : begin + size], negative_part, limit, total, divisor, negative_total,
                          negative_divisor, conflict, zero, counts[chunk])
 
@@ -877,6 +912,23 @@ def stored_equal_counts(base, tasks, drop, query_tasks, values, counts):
         counts[p, :] = 0
         _equal_counts_part(base, tasks, drop, query_tasks, values, p * per, min(n, (p + 1) * per), counts[p])
 
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+def stored_squares(base, tasks, squares):
+    """``squares[c, t]`` = Σ τ_t² over chunk c in float64 (τ_t = x_t − x_0 in float32: every square exact)."""
+    n = base.shape[0]
+    for chunk in numba.prange(squares.shape[0]):
+        begin, end = chunk * KERNEL_CHUNK, min(n, (chunk + 1) * KERNEL_CHUNK)
+        for t in range(len(tasks)):
+            total = 0.0
+            for start in range(begin, end, SEGMENT):
+                size = min(SEGMENT, end - start)
+                base_part, part = base[start : start + size], tasks[t][start : start + size]
+                for j in range(size):
+                    delta = np.float64(load(part, j) - load(base_part, j))
+                    total += delta * delta
+            squares[chunk, t] = total
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 def stored_l1_norms(base, tasks, drop, norms):
@@ -1064,7 +1116,8 @@ def stored_magprune_merge(base, tasks, n, prune, divide, scales, weights, weight
             out_part = out[offset : offset + n]
             if elect:
                 negative_part = negative[offset : offset + n] if both else negative[:0]
-                _elect_store(values, elected, theta0, n, weights, weighted, majority, mean, scaling, out_part,
+                _elect_store(values, elected, theta0, n, weights, weighted, False, np.float32(-np.inf), majority, mean, scaling,
+                             out_part,
                              negative_part, limit, total, divisors, negative_total, negative_divisor, conflict, zero,
                              counts[block])
             else:

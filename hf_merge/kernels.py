@@ -363,6 +363,21 @@ def fused_magmax(deltas: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return torch.from_numpy(out)
 
 
+def stored_magmax(arrays: Sequence[np.ndarray], scaling: float, out: np.ndarray) -> bool:
+    """x_0 + λ·τ_{t*} (MagMax, :func:`fused_magmax`'s selection) written into ``out`` straight from the stored flat
+    inputs [x_0, x_1, ..., x_T] in one compiled pass; ``False`` (nothing to rely on in ``out``) where the kernels do
+    not take them, or an input or a result is not finite (the float32 route then names the cause)."""
+    from ._numba_kernels import KERNEL_CHUNK
+
+    if not StoredTies.takes(arrays, out):
+        return False
+    nonfinite = np.zeros(max(1, -(-out.shape[0] // KERNEL_CHUNK)), dtype=np.int64)
+    with _LAUNCH_LOCK:
+        _kernel("stored_magmax")(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.float32(scaling),
+                                 out, finite_limit(out), nonfinite)
+    return not nonfinite.any()
+
+
 def fused_rank_band(values: torch.Tensor, start: int, stop: int, absolute: bool = False) -> torch.Tensor | None:
     """``values`` where the entry's rank in the stable ascending order of the flat float32 CPU ``values`` (of their
     magnitudes for ``absolute``; equal ones by position) lies in [start, stop), else 0 — two radix selections and two
@@ -484,6 +499,15 @@ class StoredTies:
         self.divisors[:] = 1.0
         for t, (before, after) in enumerate(totals):
             self.factors[t] = 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+    def squares(self) -> np.ndarray:
+        """Σ τ_t² of every task in float64 (one compiled read of the inputs)."""
+        from ._numba_kernels import KERNEL_CHUNK
+
+        squares = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), len(self.tasks)), dtype=np.float64)
+        with _LAUNCH_LOCK:
+            _kernel("stored_squares")(self.base, self.tasks, squares)
+        return squares.sum(axis=0)
 
     def select(self, t: int, k: int) -> Selected:
         """The k-th smallest |τ̂_t| (see :func:`select_kth`)."""
@@ -643,11 +667,13 @@ class StoredTies:
         return selected.value, self.equal_positions([(t, selected.value, at_value)])[0]
 
     def merge(self, rules: Trim, scales: Sequence[float], weights: Sequence[float] | None,
-              majority: float | None, mean: bool, scaling: float, out: np.ndarray) -> StoredTiesCounts | None:
+              majority: float | None, mean: bool, scaling: float, out: np.ndarray, weigh_values: bool = False,
+              floor: float = -math.inf) -> StoredTiesCounts | None:
         """θ₀ + λ · the elect-and-merge written into ``out``; ``None`` when a result is not finite there (or an input
         held NaN/Inf): the float32 route then names the cause. ``rules``: TIES' (threshold, cut) per task or a
         :meth:`rank_bands` trim. ``majority`` ``None``: the tensor's own majority sign, decided in the same pass (exact
-        zeros of the elected sum merged for both signs)."""
+        zeros of the elected sum merged for both signs). ``weigh_values`` (SCE): Σ_{t∈A} w_t v_t above the division,
+        which is by max(Σ_{t∈A} w_t, ``floor``)."""
         from ._numba_kernels import KERNEL_CHUNK
 
         tasks = len(self.tasks)
@@ -658,8 +684,8 @@ class StoredTies:
             with _LAUNCH_LOCK:
                 _kernel("stored_elect_merge")(self.base, self.tasks, self._drop, _trim_arrays_of(rules),
                                               np.asarray(scales, dtype=np.float32), weight_array, weights is not None,
-                                              np.float32(majority), mean, np.float32(scaling), out, negative,
-                                              finite_limit(out), counts)
+                                              weigh_values, np.float32(floor), np.float32(majority), mean,
+                                              np.float32(scaling), out, negative, finite_limit(out), counts)
             return counts
 
         return _elected(run, majority, tasks, self.numel, out)

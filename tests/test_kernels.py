@@ -320,6 +320,9 @@ STORED_ROUTE_CONFIGS = {
                      "then": {"method": "ties", "density": 1.0, "scope": "tensor", "zero_sign": "positive"}},
     "dare-ties-no-rescale-trimmed": {"method": "dare", "drop_rate": 0.4, "rescale": False,
                                      "then": {"method": "ties", "density": 0.5, "scope": "tensor", "trim": "topk"}},
+    "magmax": {"method": "magmax", "scaling": 0.7},
+    "sce": {"method": "sce"},
+    "sce-mergekit": {"method": "sce", "zero_sign": "positive", "epsilon": 1e-6},
 }
 
 

@@ -179,7 +179,7 @@ def test_a_merge_shows_one_progress_bar_and_none_without_progress(monkeypatch, m
 
 
 @pytest.mark.parametrize("method, route", [("task_arithmetic", "linear"), ("slerp", "Gram"), ("ties", "one pass"),
-                                           ("magmax", "per tensor")])
+                                           ("iso_c", "per tensor")])
 def test_every_merge_logs_a_one_line_summary_with_its_route(folders, caplog, method, route):
     models = [folders / "ft1"] if method == "slerp" else [folders / "ft1", folders / "ft2"]
     with caplog.at_level("INFO", logger="hf_merge"):

@@ -29,12 +29,14 @@ ranking and the weights need the whole tensor first.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..config import MergeConfig, MethodCard, check_choice, check_fraction, check_number
-from ..kernels import fused_elect_merge
+from ..kernels import StoredTies, fused_elect_merge
 from ..params import ParamInfo
 from ..registry import register_method
 from ..tuning import TUNING
@@ -113,12 +115,18 @@ def sce_select(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor |
 
 
 def sce_weights(selected: list[torch.Tensor], epsilon: float = 0.0) -> list[float]:
-    """SCE's Calculate step (Wan et al. 2024): w_t = Σ τ̂_t² / Σ_s Σ τ̂_s² over the selected task vectors τ̂_t
-    (uniform 1/T when they are all zero, or when Σ_t mean(τ̂_t²) < ``epsilon``)."""
-    squares = [float(torch.dot(s.reshape(-1), s.reshape(-1))) for s in selected]
+    """SCE's Calculate step (Wan et al. 2024): w_t = Σ τ̂_t² / Σ_s Σ τ̂_s² over the selected task vectors τ̂_t (squares
+    summed in float64), uniform 1/T when they are all zero or when Σ_t mean(τ̂_t²) < ``epsilon``."""
+    squares = [sum(float(torch.dot(piece, piece)) for piece in s.reshape(-1).double().split(TUNING.ties_chunk))
+               for s in selected]
+    return weights_from_squares(squares, selected[0].numel(), epsilon)
+
+
+def weights_from_squares(squares: Sequence[float], numel: int, epsilon: float = 0.0) -> list[float]:
+    """:func:`sce_weights` from the tasks' Σ τ̂_t²."""
     total = sum(squares)
-    if total == 0 or total / max(selected[0].numel(), 1) < epsilon:
-        return [1.0 / len(selected)] * len(selected)
+    if total == 0 or total / max(numel, 1) < epsilon:
+        return [1.0 / len(squares)] * len(squares)
     return [sq / total for sq in squares]
 
 
@@ -153,6 +161,20 @@ class SCEMerger(Merger):
     def merge_tensor(self, key: str, base: torch.Tensor, deltas: list[torch.Tensor], info: ParamInfo) -> torch.Tensor:
         cfg = self.config
         return sce(deltas, cfg.select_topk, cfg.zero_sign, cfg.epsilon)
+
+    def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
+        """:meth:`merge_tensor` plus θ₀ straight from the stored inputs (the same bits) where every position is
+        selected (``select_topk`` ≥ 1): one compiled read for the weights' Σ τ_t², one for the elect-and-merge."""
+        cfg = self.config
+        if cfg.select_topk < 1 or not StoredTies.takes(arrays, out):
+            return False
+        stored = StoredTies(arrays)
+        tasks, n = len(stored.tasks), stored.numel
+        weights = weights_from_squares(stored.squares().tolist(), n, cfg.epsilon)
+        counts = stored.merge([(0.0, n)] * tasks, [1.0] * tasks, weights,
+                              1.0 if cfg.zero_sign == "positive" else None, True, 1.0, out, weigh_values=True,
+                              floor=cfg.epsilon)
+        return counts is not None
 
 
 register_method(SCEConfig, SCEMerger)
