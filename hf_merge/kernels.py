@@ -550,20 +550,24 @@ class StoredTies:
         sample = np.empty((tasks, n // stride), dtype=np.float32)
         with _LAUNCH_LOCK:
             _kernel("stored_sample")(self.base, self.tasks, self._drop, stride, sample)
-        sample.sort(axis=1)
         size = sample.shape[1]
         count = len(queries)
         low, high = np.zeros(count, dtype=np.float32), np.full(count, np.inf, dtype=np.float32)
         spans = []
+        ends: dict[int, list[tuple[int, int, int]]] = {}  # task → (query, 0 low / 1 high, sample position)
         for q, (t, k) in enumerate(queries):
             fraction = min(max(k / n, 0.0), 1.0)
             margin = 6.0 * math.sqrt(size * fraction * (1.0 - fraction)) + 16
             first, last = math.floor(fraction * size - margin), math.ceil(fraction * size + margin)
             if first > 0:
-                low[q] = sample[t, first]
+                ends.setdefault(t, []).append((q, 0, first))
             if last < size - 1:
-                high[q] = sample[t, last]
+                ends.setdefault(t, []).append((q, 1, last))
             spans.append((min(last, size) - max(first, 0)) / size)
+        for t, wanted in ends.items():  # the sample's order statistics at the bracket ends (no full sort)
+            ordered = np.partition(sample[t], sorted({position for *_, position in wanted}))
+            for q, end, position in wanted:
+                (low if end == 0 else high)[q] = ordered[position]
         capacity = int(2 * max(spans) * n / _num_parts()) + 4096
         counts = np.zeros((_num_parts(), count, 4), dtype=np.int64)
         buffers = np.empty((_num_parts(), count, capacity), dtype=np.float32)

@@ -23,7 +23,9 @@ Where this follows the paper and where the implementations depart:
   selected positions, leaving the others at θ₀.
 
 Everything runs in chunks of the flattened tensor (bounded temporaries for embedding-sized tensors); the variance
-ranking and the weights need the whole tensor first.
+ranking and the weights need the whole tensor first. Without a selection (``select_topk`` = 1) a checkpoint on the CPU
+is merged straight from its stored tensors (:meth:`SCEMerger.merge_stored`): one compiled read sums each Σ τ_t², a
+second elects and merges, with the same bits as the float32 route.
 """
 
 from __future__ import annotations
