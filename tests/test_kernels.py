@@ -323,6 +323,8 @@ STORED_ROUTE_CONFIGS = {
     "magmax": {"method": "magmax", "scaling": 0.7},
     "sce": {"method": "sce"},
     "sce-mergekit": {"method": "sce", "zero_sign": "positive", "epsilon": 1e-6},
+    "sce-selection-on-one-tensor": {"method": "sce", "select_topk": hf_merge.Schedule([{"filter": "big", "value": 0.5},
+                                                                                     {"value": 1.0}])},
 }
 
 

@@ -164,11 +164,16 @@ class SCEMerger(Merger):
         cfg = self.config
         return sce(deltas, cfg.select_topk, cfg.zero_sign, cfg.epsilon)
 
+    @property
+    def reads_stored(self) -> bool:
+        """Where every position is selected (``select_topk`` ≥ 1): the selection needs the whole tensor's variances."""
+        return self.config.select_topk >= 1
+
     def merge_stored(self, key: str, arrays: Sequence[np.ndarray], out: np.ndarray, info: ParamInfo) -> bool:
-        """:meth:`merge_tensor` plus θ₀ straight from the stored inputs (the same bits) where every position is
-        selected (``select_topk`` ≥ 1): one compiled read for the weights' Σ τ_t², one for the elect-and-merge."""
+        """:meth:`merge_tensor` plus θ₀ straight from the stored inputs (the same bits): one compiled read for the
+        weights' Σ τ_t², one for the elect-and-merge."""
         cfg = self.config
-        if cfg.select_topk < 1 or not StoredTies.takes(arrays, out):
+        if not self.reads_stored or not StoredTies.takes(arrays, out):
             return False
         stored = StoredTies(arrays)
         tasks, n = len(stored.tasks), stored.numel
