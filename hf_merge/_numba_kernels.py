@@ -1116,10 +1116,9 @@ def stored_magprune_merge(base, tasks, n, prune, divide, scales, weights, weight
             out_part = out[offset : offset + n]
             if elect:
                 negative_part = negative[offset : offset + n] if both else negative[:0]
-                _elect_store(values, elected, theta0, n, weights, weighted, False, np.float32(-np.inf), majority, mean, scaling,
-                             out_part,
-                             negative_part, limit, total, divisors, negative_total, negative_divisor, conflict, zero,
-                             counts[block])
+                _elect_store(values, elected, theta0, n, weights, weighted, False, np.float32(-np.inf), majority,
+                             mean, scaling, out_part, negative_part, limit, total, divisors, negative_total,
+                             negative_divisor, conflict, zero, counts[block])
             else:
                 for t in range(num_tasks):
                     kept = 0
