@@ -458,7 +458,6 @@ def magmax(deltas, out):
                     part[j] = other[j] if abs(other[j]) > abs(part[j]) else part[j]
 
 
-
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 def stored_magmax(base, tasks, scaling, out, limit, nonfinite):
     """out = x_0 + λ·τ_{t*} with τ_t = x_t − x_0 and t* the first task of largest |τ_t| (:func:`magmax`), stored in
@@ -488,6 +487,7 @@ def stored_magmax(base, tasks, scaling, out, limit, nonfinite):
                 bad += not (abs(result) < limit)
                 store(out_part, j, result)
         nonfinite[chunk] = bad
+
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
 def _count_equal(values, absolute, low, high, counts):
@@ -663,8 +663,9 @@ def _elect_store(values, elected, theta0, size, weights, weighted, weigh_values,
     """θ₀ + λ · TIES' elect and disjoint merge of the weighted values (rows of ``values``, their sum in ``elected``)
     stored into ``out_part``: γ = sign(Σ_t v_t), an exact 0 taking ``majority``; Σ_{t∈A} v_t over A = {t : v_t γ > 0},
     divided for ``mean`` by max(Σ_{t∈A} w_t, ``floor``) (``weighted``; 1 when 0) or by max(|A|, 1) — the float32
-    operations of ``ties.disjoint_merge``; ``weigh_values``: Σ_{t∈A} w_t v_t above the division (SCE). ``majority`` NaN (not known yet): exact zeros take +1 in ``out_part`` and −1 in
-    ``negative_part`` (the other entries alike in both), and ``counts_row[-1]`` gets Σ_j sign(Σ_t v_t[j]).
+    operations of ``ties.disjoint_merge``; ``weigh_values``: Σ_{t∈A} w_t v_t above the division (SCE). ``majority``
+    NaN (not known yet): exact zeros take +1 in ``out_part`` and −1 in ``negative_part`` (the other entries alike in
+    both), and ``counts_row[-1]`` gets Σ_j sign(Σ_t v_t[j]).
     ``counts_row``: [kept entries per task (v_t ≠ 0), entries where a kept v_t disagrees with γ, results not finite
     once stored, mass]."""
     num_tasks = values.shape[0]
@@ -913,7 +914,6 @@ def stored_equal_counts(base, tasks, drop, query_tasks, values, counts):
         _equal_counts_part(base, tasks, drop, query_tasks, values, p * per, min(n, (p + 1) * per), counts[p])
 
 
-
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
 def stored_squares(base, tasks, squares):
     """``squares[c, t]`` = Σ τ_t² over chunk c in float64 (τ_t = x_t − x_0 in float32: every square exact)."""
@@ -929,6 +929,7 @@ def stored_squares(base, tasks, squares):
                     delta = np.float64(load(part, j) - load(base_part, j))
                     total += delta * delta
             squares[chunk, t] = total
+
 
 @numba.njit(parallel=True, nogil=True, cache=True, boundscheck=False)
 def stored_l1_norms(base, tasks, drop, norms):

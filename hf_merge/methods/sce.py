@@ -119,9 +119,16 @@ def sce_select(deltas: list[torch.Tensor], select_topk: float) -> torch.Tensor |
 def sce_weights(selected: list[torch.Tensor], epsilon: float = 0.0) -> list[float]:
     """SCE's Calculate step (Wan et al. 2024): w_t = Σ τ̂_t² / Σ_s Σ τ̂_s² over the selected task vectors τ̂_t (squares
     summed in float64), uniform 1/T when they are all zero or when Σ_t mean(τ̂_t²) < ``epsilon``."""
-    squares = [sum(float(torch.dot(piece, piece)) for piece in s.reshape(-1).double().split(TUNING.ties_chunk))
-               for s in selected]
-    return weights_from_squares(squares, selected[0].numel(), epsilon)
+    return weights_from_squares([_sum_of_squares(s) for s in selected], selected[0].numel(), epsilon)
+
+
+def _sum_of_squares(tensor: torch.Tensor) -> float:
+    """Σ x² in float64, chunk by chunk (no float64 copy of the whole tensor)."""
+    total = 0.0
+    for part in tensor.reshape(-1).split(TUNING.ties_chunk):
+        part = part.double()
+        total += float(torch.dot(part, part))
+    return total
 
 
 def weights_from_squares(squares: Sequence[float], numel: int, epsilon: float = 0.0) -> list[float]:
