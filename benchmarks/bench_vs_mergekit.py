@@ -23,6 +23,9 @@ Runs the same mergekit YAML recipes through mergekit's ``mergekit-yaml RECIPE OU
 - Where a ranked recipe (ties, breadcrumbs, breadcrumbs_ties, sce: top-k cuts of |τ| or of a variance) differs,
   mergekit runs once more with torch.sort/argsort/topk made stable and hf_merge is compared with that: identical
   means the whole difference is which of equal magnitudes the cut keeps (mergekit's sorts are not stable).
+- Where a deterministic recipe still differs by more than 1 ulp at the base's scale, mergekit runs it once more with
+  ``dtype: float64`` (its own formula, rounded once into bf16), and both float32 outputs are measured against that:
+  hf_merge within 1 ulp of it means the difference is mergekit's float32 rounding.
 
 Writes ``benchmarks/results/vs_mergekit.json`` and ``.md``; scratch (venv, inputs, recipes, outputs, logs) lives in
 ``benchmarks/.work/``.
@@ -94,6 +97,7 @@ from mergekit.scripts.run_yaml import main  # noqa: E402
 
 sys.exit(main())
 """
+STABLE_OUT, FLOAT64_OUT = "mergekit_stable_sort", "mergekit_float64"  # the re-runs' output folders
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 MERGEKIT_FLAGS = ["--random-seed", "0", "--no-copy-tokenizer"]  # CPU defaults otherwise (no --cuda)
@@ -526,6 +530,9 @@ def verdict(row: dict) -> str:
         return "differs (sort ties not checked)"
     if stable and stable.get("ok") and stable.get("max_ulps") == 0:
         return "ties in sort order"
+    reference = row.get("compare_float64") or {}
+    if reference.get("ok") and reference["hf_merge"]["max_ulps_base_scale"] <= 1:
+        return "<=1 ulp of mergekit in float64"
     return "MISMATCH"
 
 
@@ -592,6 +599,16 @@ def notes(rows: list[dict]) -> list[str]:
                               if stable["max_ulps"] == 0 else ""))
             else:
                 out.append(f"  - mergekit with stable sorts: {stable.get('error')}")
+        reference = row.get("compare_float64")
+        if reference:
+            if reference.get("ok"):
+                hf, mk = reference["hf_merge"], reference["mergekit"]
+                out.append(f"  - against mergekit run with `dtype: float64` (bf16 ulps at base scale): hf_merge max "
+                           f"{hf['max_ulps_base_scale']:.3g}, mergekit's float32 run max "
+                           f"{mk['max_ulps_base_scale']:.3g}; elements > 1 ulp of the float64 value: hf_merge "
+                           f"{hf['over_1ulp_count']}, mergekit {mk['over_1ulp_count']}")
+            else:
+                out.append(f"  - mergekit with `dtype: float64`: {reference.get('error')}")
     return out
 
 
@@ -634,7 +651,10 @@ def write_report(report: dict, results: Path, name: str) -> None:
         "<=1 ulp; "
         "<=1 ulp at base scale (float32 rounding order); ties in sort order (hf_merge matches mergekit exactly once "
         "mergekit's sorts are made stable); differs (sort ties not checked): a ranked recipe (ties, breadcrumbs, "
-        "breadcrumbs_ties, sce) run without that check; MISMATCH. dare_ties and della draw random masks (the tools' "
+        "breadcrumbs_ties, sce) run without that check; <=1 ulp of mergekit in float64: more than 1 ulp from "
+        "mergekit's float32 run, but within 1 ulp at base scale of the same recipe run by mergekit with `dtype: "
+        "float64` (its own formula rounded once into bf16), so the difference is mergekit's float32 rounding; MISMATCH. "
+        "dare_ties and della draw random masks (the tools' "
         "random "
         "streams differ): the second table shows the shares of non-zero entries of (merged - base) and the ratio of "
         "the L1 norms of (merged - base).",
@@ -670,8 +690,7 @@ def run_recipe(name: str, recipe: dict, folders: list[Path], workdir: Path, keep
         shutil.rmtree(out_root, ignore_errors=True)
         return row
     row["hf_merge_tree"] = hf_merge_tree()
-    row["mergekit"] = timed([str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(recipe_path), str(mk_out),
-                             *MERGEKIT_FLAGS], out_root / "mergekit.log")
+    row["mergekit"] = run_mergekit(recipe_path, mk_out, out_root / "mergekit.log", stable_sorts=False)
     read_inputs(folders)
     row["hf_merge"] = timed([*hf_cmd, "merge", str(recipe_path), str(hf_out)], out_root / "hf_merge.log")
     if row["mergekit"]["ok"] and row["hf_merge"]["ok"]:
@@ -684,33 +703,59 @@ def run_recipe(name: str, recipe: dict, folders: list[Path], workdir: Path, keep
         except Exception as error:  # noqa: BLE001 - reported, the run goes on
             row["compare"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     cmp = row.get("compare") or {}
+    has_base = "base_model" in recipe
     if name in RANKED and cmp.get("ok") and cmp["max_ulps"] > 0 and stable_check:
-        row["compare_stable_sort"] = stable_sort_check(recipe_path, hf_out, out_root, folders, "base_model" in recipe,
-                                                       keep)
+        row["compare_stable_sort"] = stable_sort_check(recipe_path, hf_out, out_root, folders, has_base)
+    if kind == "exact" and cmp.get("ok") and cmp["max_ulps_base_scale"] > 1 and verdict(row) == "MISMATCH":
+        row["compare_float64"] = float64_reference_check(name, recipe, workdir, hf_out, out_root, folders, has_base)
     if not keep:
-        shutil.rmtree(mk_out, ignore_errors=True)
-        shutil.rmtree(hf_out, ignore_errors=True)
+        for folder in (mk_out, hf_out, out_root / STABLE_OUT, out_root / FLOAT64_OUT):
+            shutil.rmtree(folder, ignore_errors=True)
     return row
 
 
-def stable_sort_check(recipe_path: Path, hf_out: Path, out_root: Path, folders: list[Path], has_base: bool,
-                      keep: bool) -> dict:
-    """Run mergekit once more with its sorts made stable (:data:`STABLE_SORT_SHIM`) and compare hf_merge's output
-    with that: identical means the whole difference was which of equal magnitudes a top-k cut keeps."""
-    shim = WORK / "vs_mergekit" / "mergekit_stable_sort.py"
-    shim.write_text(STABLE_SORT_SHIM)
-    stable_out = out_root / "mergekit_stable_sort"
-    shutil.rmtree(stable_out, ignore_errors=True)
-    run = timed([str(MERGEKIT_VENV / "bin" / "python"), str(shim), str(recipe_path), str(stable_out),
-                 *MERGEKIT_FLAGS], out_root / "mergekit_stable_sort.log")
-    if run["ok"]:
-        stable = compare_exact(stable_out, hf_out, folders[0], has_base)
-        result = {k: stable[k] for k in ("ok", "max_ulps", "max_ulps_base_scale", "differing_fraction",
-                                         "worst_tensor")}
+def run_mergekit(recipe_path: Path, out: Path, log: Path, stable_sorts: bool) -> dict:
+    """mergekit-yaml on ``recipe_path`` into ``out`` (emptied first), with its sorts made stable
+    (:data:`STABLE_SORT_SHIM`) when ``stable_sorts``; timed as :func:`timed`."""
+    shutil.rmtree(out, ignore_errors=True)
+    if stable_sorts:
+        shim = WORK / "vs_mergekit" / "mergekit_stable_sort.py"
+        shim.write_text(STABLE_SORT_SHIM)
+        command = [str(MERGEKIT_VENV / "bin" / "python"), str(shim)]
     else:
-        result = {"ok": False, "error": run.get("error")}
-    if not keep:
-        shutil.rmtree(stable_out, ignore_errors=True)
+        command = [str(MERGEKIT_VENV / "bin" / "mergekit-yaml")]
+    return timed([*command, str(recipe_path), str(out), *MERGEKIT_FLAGS], log)
+
+
+def stable_sort_check(recipe_path: Path, hf_out: Path, out_root: Path, folders: list[Path], has_base: bool) -> dict:
+    """Run mergekit once more with its sorts made stable, into ``out_root / STABLE_OUT``, and compare hf_merge's
+    output with that: identical means the whole difference was which of equal magnitudes a top-k cut keeps."""
+    stable_out = out_root / STABLE_OUT
+    run = run_mergekit(recipe_path, stable_out, out_root / f"{STABLE_OUT}.log", stable_sorts=True)
+    if not run["ok"]:
+        return {"ok": False, "error": run.get("error")}
+    stable = compare_exact(stable_out, hf_out, folders[0], has_base)
+    return {k: stable[k] for k in ("ok", "max_ulps", "max_ulps_base_scale", "differing_fraction", "worst_tensor")}
+
+
+def float64_reference_check(name: str, recipe: dict, workdir: Path, hf_out: Path, out_root: Path,
+                            folders: list[Path], has_base: bool) -> dict:
+    """Run the recipe once more through mergekit with ``dtype: float64`` (its own formula, rounded once into bf16;
+    with stable sorts for a ranked recipe) and measure against it both hf_merge's output and mergekit's float32 one
+    (the stable-sort run for a ranked recipe): tells mergekit's float32 rounding from a formula difference."""
+    recipe_path = workdir / "recipes" / f"{name}_float64.yml"
+    write_recipe(recipe_path, {**recipe, "dtype": "float64"})
+    reference = out_root / FLOAT64_OUT
+    run = run_mergekit(recipe_path, reference, out_root / f"{FLOAT64_OUT}.log", stable_sorts=name in RANKED)
+    if not run["ok"]:
+        return {"ok": False, "error": run.get("error")}
+    result = {"ok": True}
+    mergekit_float32 = out_root / (STABLE_OUT if name in RANKED else "mergekit")
+    for side, out in (("hf_merge", hf_out), ("mergekit", mergekit_float32)):
+        cmp = compare_exact(reference, out, folders[0], has_base)
+        result[side] = {k: cmp[k] for k in ("max_ulps", "max_ulps_base_scale", "over_1ulp_count",
+                                            "differing_fraction", "worst_tensor")}
+        result["ok"] = result["ok"] and cmp["ok"]
     return result
 
 
@@ -738,13 +783,14 @@ def recheck_sort_ties(results: Path, name: str, hf_cmd: list[str]) -> None:
             import yaml
 
             has_base = "base_model" in yaml.safe_load(recipe_path.read_text())
-            check = stable_sort_check(recipe_path, hf_out, out_root, folders, has_base, False)
+            check = stable_sort_check(recipe_path, hf_out, out_root, folders, has_base)
         else:
             check = {"ok": False, "error": f"hf_merge failed: {hf.get('error')}"}
         check["hf_merge_tree"] = tree
         check["rerun"] = True
         row["compare_stable_sort"] = check
-        shutil.rmtree(hf_out, ignore_errors=True)
+        for folder in (hf_out, out_root / STABLE_OUT):
+            shutil.rmtree(folder, ignore_errors=True)
         write_report(report, results, name)
         print(f"max {check.get('max_ulps')} ulps" if check.get("ok") else check.get("error"), flush=True)
     print("\n".join(table(report["rows"])))
