@@ -347,6 +347,13 @@ def timed(cmd: list[str], log: Path) -> dict:
     return result
 
 
+def fastest(runs: list[dict]) -> dict:
+    """The fastest of a command's repeated runs (the first failed one, if any failed), with every run's wall time."""
+    failed = [run for run in runs if not run["ok"]]
+    chosen = failed[0] if failed else min(runs, key=lambda run: run["wall_s"])
+    return {**chosen, "wall_s_runs": [run["wall_s"] for run in runs]}
+
+
 # ------------------------------------------------------------------------------------------------- comparing
 
 
@@ -635,7 +642,8 @@ def write_report(report: dict, results: Path, name: str) -> None:
         f"mergekit {report['versions']['mergekit']['mergekit']} (torch {report['versions']['mergekit']['torch']}, "
         f"own venv), run as `mergekit-yaml RECIPE OUT {' '.join(report['mergekit_flags'])}`; hf_merge "
         f"{report['versions']['hf_merge']}, run as `{' '.join(report['hf_merge_command'])} merge RECIPE OUT`. "
-        f"{report['machine']['cpus']} CPUs; wall = subprocess wall clock with the inputs in the page cache; "
+        f"{report['machine']['cpus']} CPUs; wall = subprocess wall clock with the inputs in the page cache"
+        f"{'' if report.get('repeats', 1) == 1 else ', the fastest of ' + str(report['repeats']) + ' interleaved runs'}; "
         f"peak RSS from `{report['rss_source']}`. Started {report['started_utc']} UTC, finished "
         f"{report['finished_utc'] or '(not yet: still to run: ' + ', '.join(report['recipes_not_run_yet']) + ')'}"
         f"{' UTC' if report['finished_utc'] else ''}; load average at start "
@@ -675,7 +683,7 @@ def write_report(report: dict, results: Path, name: str) -> None:
 
 
 def run_recipe(name: str, recipe: dict, folders: list[Path], workdir: Path, keep: bool, hf_cmd: list[str],
-               stable_check: bool = True, warmup_only: bool = False) -> dict:
+               stable_check: bool = True, warmup_only: bool = False, repeats: int = 1) -> dict:
     recipe_path = workdir / "recipes" / f"{name}.yml"
     write_recipe(recipe_path, recipe)
     out_root = workdir / "out" / name
@@ -690,9 +698,15 @@ def run_recipe(name: str, recipe: dict, folders: list[Path], workdir: Path, keep
         shutil.rmtree(out_root, ignore_errors=True)
         return row
     row["hf_merge_tree"] = hf_merge_tree()
-    row["mergekit"] = run_mergekit(recipe_path, mk_out, out_root / "mergekit.log", stable_sorts=False)
-    read_inputs(folders)
-    row["hf_merge"] = timed([*hf_cmd, "merge", str(recipe_path), str(hf_out)], out_root / "hf_merge.log")
+    mk_runs, hf_runs = [], []
+    for round_ in range(repeats):  # interleaved, so a slow spell of a shared machine hits both tools
+        if round_:
+            read_inputs(folders)
+        mk_runs.append(run_mergekit(recipe_path, mk_out, out_root / "mergekit.log", stable_sorts=False))
+        read_inputs(folders)
+        shutil.rmtree(hf_out, ignore_errors=True)  # the previous round's output (hf-merge never overwrites)
+        hf_runs.append(timed([*hf_cmd, "merge", str(recipe_path), str(hf_out)], out_root / "hf_merge.log"))
+    row["mergekit"], row["hf_merge"] = fastest(mk_runs), fastest(hf_runs)
     if row["mergekit"]["ok"] and row["hf_merge"]["ok"]:
         try:
             base = folders[0]
@@ -810,9 +824,13 @@ def main() -> None:
                              "breadcrumbs_ties, sce) differs")
     parser.add_argument("--recheck-sort-ties", action="store_true",
                         help="only add the stable-sort check to the ranked recipes of an existing results file")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="interleaved runs of each tool per recipe; the fastest of each counts (default 1)")
     parser.add_argument("--name", default="vs_mergekit", help="results file stem")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the .json and .md go")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
     versions = ensure_mergekit()
     hf_cmd = hf_merge_command()
@@ -862,12 +880,13 @@ def main() -> None:
         "finished_utc": None,
         "recipes_not_run_yet": list(names),
         "stable_sort_check": not args.no_stable_sort_check,
+        "repeats": args.repeats,
         "rows": [],
     }
     for name in names:
         print(f"  {name} ...", end=" ", flush=True)
         row = run_recipe(name, all_recipes[name], folders, workdir, args.keep_outputs, hf_cmd,
-                         not args.no_stable_sort_check)
+                         not args.no_stable_sort_check, repeats=args.repeats)
         report["rows"].append(row)
         report["recipes_not_run_yet"].remove(name)
         write_report(report, args.results_dir, args.name)  # after every recipe: a cut-short run still reports
