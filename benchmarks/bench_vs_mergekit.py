@@ -34,6 +34,7 @@ Writes ``benchmarks/results/vs_mergekit.json`` and ``.md``; scratch (venv, input
     python benchmarks/bench_vs_mergekit.py --no-stable-sort-check    # ~0.47B parameters per model, ~45 minutes
     python benchmarks/bench_vs_mergekit.py --recheck-sort-ties       # then add the stable-sort check (~20 minutes)
     python benchmarks/bench_vs_mergekit.py --size tiny --recipes ties,slerp --keep-outputs
+    python benchmarks/bench_vs_mergekit.py --recipes linear,slerp --repeats 3   # the fastest of 3 interleaved runs
 """
 
 from __future__ import annotations
