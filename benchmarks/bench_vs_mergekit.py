@@ -644,7 +644,7 @@ def write_report(report: dict, results: Path, name: str) -> None:
         f"own venv), run as `mergekit-yaml RECIPE OUT {' '.join(report['mergekit_flags'])}`; hf_merge "
         f"{report['versions']['hf_merge']}, run as `{' '.join(report['hf_merge_command'])} merge RECIPE OUT`. "
         f"{report['machine']['cpus']} CPUs; wall = subprocess wall clock with the inputs in the page cache"
-        f"{'' if report.get('repeats', 1) == 1 else ', the fastest of ' + str(report['repeats']) + ' interleaved runs'}; "
+        + ("" if report.get("repeats", 1) == 1 else f", the fastest of {report['repeats']} interleaved runs") + "; "
         f"peak RSS from `{report['rss_source']}`. Started {report['started_utc']} UTC, finished "
         f"{report['finished_utc'] or '(not yet: still to run: ' + ', '.join(report['recipes_not_run_yet']) + ')'}"
         f"{' UTC' if report['finished_utc'] else ''}; load average at start "
@@ -657,16 +657,13 @@ def write_report(report: dict, results: Path, name: str) -> None:
         "value| and |base value| (a merged entry that cancels to nearly zero has a tiny spacing of its own, so float32 "
         "rounding shows there as many ulps); elements > 1 ulp: how many exceed 1 ulp of the mergekit value; "
         "differing: share of elements not bit-identical; mean abs diff over all elements. Verdicts: identical; "
-        "<=1 ulp; "
-        "<=1 ulp at base scale (float32 rounding order); ties in sort order (hf_merge matches mergekit exactly once "
-        "mergekit's sorts are made stable); differs (sort ties not checked): a ranked recipe (ties, breadcrumbs, "
-        "breadcrumbs_ties, sce) run without that check; <=1 ulp of mergekit in float64: more than 1 ulp from "
-        "mergekit's float32 run, but within 1 ulp at base scale of the same recipe run by mergekit with `dtype: "
-        "float64` (its own formula rounded once into bf16), so the difference is mergekit's float32 rounding; MISMATCH. "
-        "dare_ties and della draw random masks (the tools' "
-        "random "
-        "streams differ): the second table shows the shares of non-zero entries of (merged - base) and the ratio of "
-        "the L1 norms of (merged - base).",
+        "<=1 ulp; <=1 ulp at base scale (float32 rounding order); ties in sort order (hf_merge matches mergekit "
+        "exactly once mergekit's sorts are made stable); differs (sort ties not checked): a ranked recipe (ties, "
+        "breadcrumbs, breadcrumbs_ties, sce) run without that check; <=1 ulp of mergekit in float64: more than 1 ulp "
+        "from mergekit's float32 run, but within 1 ulp at base scale of the same recipe run by mergekit with `dtype: "
+        "float64` (its own formula rounded once into bf16), so the difference is mergekit's float32 rounding; "
+        "MISMATCH. dare_ties and della draw random masks (the tools' random streams differ): the second table shows "
+        "the shares of non-zero entries of (merged - base) and the ratio of the L1 norms of (merged - base).",
         "",
         *table(report["rows"]),
         "",
