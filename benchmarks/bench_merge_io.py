@@ -27,8 +27,8 @@ with recently used free memory.
 
 Reports wall time, its ratio to the floors of the same cache state, the CPU time (user + system over all threads:
 on a shared virtual machine the time stolen by other guests inflates wall times and not this) and each as a ratio to
-Task Arithmetic's, and peak RSS (VmHWM of the subprocess) against the output size. Targets: wall ≤ 1.3× the floor, peak RSS ≤ output size + 2 GB. Results:
-``benchmarks/results/merge_io.json``.
+Task Arithmetic's, and peak RSS (VmHWM of the subprocess) against the output size. Targets: wall ≤ 1.3× the floor,
+peak RSS ≤ output size + 2 GB. Results: ``benchmarks/results/merge_io.json``.
 
     python benchmarks/bench_merge_io.py            # ~0.5B parameters, base + 4 inputs, every method
     python benchmarks/bench_merge_io.py --quick    # ~42M parameters, for a smoke run

@@ -110,11 +110,9 @@ def _linear_combine(arrays: Sequence[np.ndarray], weights: Sequence[float], out:
     weight per x_t), accumulated in float32 in input order, the difference rounded to float32 and then one fused
     multiply-add per term: the bits of torch's ``acc.add_(x_t − x_0, alpha=w_t)``. Returns whether every result is
     finite."""
-    from ._numba_kernels import KERNEL_CHUNK
-
     kernel = _kernel("linear_combine")
 
-    nonfinite = np.zeros(-(-out.shape[0] // KERNEL_CHUNK), dtype=np.int64)
+    nonfinite = np.zeros(_chunks(out.shape[0]), dtype=np.int64)
     with _LAUNCH_LOCK:
         kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.float32(base_scale),
                np.asarray(weights, dtype=np.float32), out, finite_limit(out), nonfinite)
@@ -137,11 +135,9 @@ class ElectMerge:
     def majority(self, deltas: Sequence[torch.Tensor], thresholds: Sequence[float], cuts: Sequence[int],
                  scales: Sequence[float]) -> float:
         """sign(Σ_j sign(Σ_t w_t τ̂_t[j])) over the tensor."""
-        from ._numba_kernels import KERNEL_CHUNK
-
         elect_mass = _kernel("elect_mass")
         arrays = tuple(_read_only(d.numpy()) for d in deltas)
-        mass = np.zeros(max(1, -(-arrays[0].shape[0] // KERNEL_CHUNK)), dtype=np.int64)
+        mass = np.zeros(_chunks(arrays[0].shape[0]), dtype=np.int64)
         with _LAUNCH_LOCK:
             elect_mass(arrays, *_trim_arrays(thresholds, cuts, scales), mass)
         return float(np.sign(mass.sum()))
@@ -172,12 +168,10 @@ def fused_gram(input_dtypes: Sequence[torch.dtype]) -> Callable[[Sequence[np.nda
 
 
 def _gram(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    from ._numba_kernels import KERNEL_CHUNK
-
     kernel = _kernel("gram")
 
     size = len(arrays)
-    partials = np.zeros((max(1, -(-arrays[0].shape[0] // KERNEL_CHUNK)), size, size), dtype=np.float64)
+    partials = np.zeros((_chunks(arrays[0].shape[0]), size, size), dtype=np.float64)
     with _LAUNCH_LOCK:
         kernel(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), partials)
     return partials.sum(axis=0)
@@ -189,6 +183,13 @@ def finite_limit(out: np.ndarray) -> np.float32:
     if out.dtype == np.uint16:
         return np.array([0x7F7F8000], dtype=np.uint32).view(np.float32)[0]
     return np.float32(np.inf)
+
+
+def _chunks(n: int) -> int:
+    """How many ``KERNEL_CHUNK``-sized work items the compiled kernels split ``n`` elements into (at least one)."""
+    from ._numba_kernels import KERNEL_CHUNK
+
+    return max(1, -(-n // KERNEL_CHUNK))
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
@@ -367,11 +368,9 @@ def stored_magmax(arrays: Sequence[np.ndarray], scaling: float, out: np.ndarray)
     """x_0 + λ·τ_{t*} (MagMax, :func:`fused_magmax`'s selection) written into ``out`` straight from the stored flat
     inputs [x_0, x_1, ..., x_T] in one compiled pass; ``False`` (nothing to rely on in ``out``) where the kernels do
     not take them, or an input or a result is not finite (the float32 route then names the cause)."""
-    from ._numba_kernels import KERNEL_CHUNK
-
     if not StoredTies.takes(arrays, out):
         return False
-    nonfinite = np.zeros(max(1, -(-out.shape[0] // KERNEL_CHUNK)), dtype=np.int64)
+    nonfinite = np.zeros(_chunks(out.shape[0]), dtype=np.int64)
     with _LAUNCH_LOCK:
         _kernel("stored_magmax")(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), np.float32(scaling),
                                  out, finite_limit(out), nonfinite)
@@ -410,12 +409,10 @@ def fused_load_task_vectors(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor,
     torch route then names)."""
     if not kernels_enabled() or len(arrays) < 2 or not _kernel_arrays(arrays):
         return None
-    from ._numba_kernels import KERNEL_CHUNK
-
     n = arrays[0].shape[0]
     base = np.empty(n, dtype=np.float32)
     deltas = np.empty((len(arrays) - 1, n), dtype=np.float32)
-    nonfinite = np.zeros(max(1, -(-n // KERNEL_CHUNK)), dtype=np.int64)
+    nonfinite = np.zeros(_chunks(n), dtype=np.int64)
     with _LAUNCH_LOCK:
         _kernel("load_task_vectors")(_read_only(arrays[0]), tuple(_read_only(a) for a in arrays[1:]), base, deltas,
                                      nonfinite)
@@ -431,11 +428,10 @@ def fused_add_store(base: torch.Tensor, update: torch.Tensor, out: torch.Tensor)
             or update.dtype != torch.float32 or base.device.type != "cpu" or update.device.type != "cpu"
             or not (base.is_contiguous() and update.is_contiguous() and out.is_contiguous())):
         return None
-    from ._numba_kernels import KERNEL_CHUNK
     from .tensors import numpy_view
 
     flat_out = numpy_view(out.view(-1))
-    nonfinite = np.zeros(max(1, -(-flat_out.shape[0] // KERNEL_CHUNK)), dtype=np.int64)
+    nonfinite = np.zeros(_chunks(flat_out.shape[0]), dtype=np.int64)
     with _LAUNCH_LOCK:
         _kernel("add_store")(_read_only(base.view(-1).numpy()), _read_only(update.view(-1).numpy()), flat_out,
                              finite_limit(flat_out), nonfinite)
@@ -490,9 +486,7 @@ class StoredTies:
     def rescale_to_l1(self) -> None:
         """mergekit's ``rescale``: each dropped τ̂_t scaled by ‖τ_t‖₁/‖m ⊙ τ_t‖₁ (1 when either is below 1e-7)
         instead of 1/divisor."""
-        from ._numba_kernels import KERNEL_CHUNK
-
-        norms = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), len(self.tasks), 2), dtype=np.float64)
+        norms = np.zeros((_chunks(self.numel), len(self.tasks), 2), dtype=np.float64)
         with _LAUNCH_LOCK:
             _kernel("stored_l1_norms")(self.base, self.tasks, self._drop, norms)
         totals = norms.sum(axis=0)
@@ -502,9 +496,7 @@ class StoredTies:
 
     def squares(self) -> np.ndarray:
         """Σ τ_t² of every task in float64 (one compiled read of the inputs)."""
-        from ._numba_kernels import KERNEL_CHUNK
-
-        squares = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), len(self.tasks)), dtype=np.float64)
+        squares = np.zeros((_chunks(self.numel), len(self.tasks)), dtype=np.float64)
         with _LAUNCH_LOCK:
             _kernel("stored_squares")(self.base, self.tasks, squares)
         return squares.sum(axis=0)
@@ -678,13 +670,11 @@ class StoredTies:
         :meth:`rank_bands` trim. ``majority`` ``None``: the tensor's own majority sign, decided in the same pass (exact
         zeros of the elected sum merged for both signs). ``weigh_values`` (SCE): Σ_{t∈A} w_t v_t above the division,
         which is by max(Σ_{t∈A} w_t, ``floor``)."""
-        from ._numba_kernels import KERNEL_CHUNK
-
         tasks = len(self.tasks)
         weight_array = np.asarray(weights if weights is not None else [1.0] * tasks, dtype=np.float32)
 
         def run(majority: float, negative: np.ndarray) -> np.ndarray:
-            counts = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), tasks + 3), dtype=np.int64)
+            counts = np.zeros((_chunks(self.numel), tasks + 3), dtype=np.int64)
             with _LAUNCH_LOCK:
                 _kernel("stored_elect_merge")(self.base, self.tasks, self._drop, _trim_arrays_of(rules),
                                               np.asarray(scales, dtype=np.float32), weight_array, weights is not None,
@@ -698,10 +688,8 @@ class StoredTies:
                    out: np.ndarray) -> StoredTiesCounts | None:
         """θ₀ + λ · (Σ_t s_t τ̂_t) / divisor (the trimmed task vectors summed in task order) written into ``out``;
         ``None`` when a result is not finite there (or an input held NaN/Inf)."""
-        from ._numba_kernels import KERNEL_CHUNK
-
         tasks = len(self.tasks)
-        counts = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), tasks + 3), dtype=np.int64)
+        counts = np.zeros((_chunks(self.numel), tasks + 3), dtype=np.int64)
         with _LAUNCH_LOCK:
             _kernel("stored_masked_sum")(self.base, self.tasks, self._drop, _trim_arrays_of(trim),
                                          np.asarray(scales, dtype=np.float32), np.float32(divisor),
@@ -742,9 +730,7 @@ class StoredTies:
     def rescale_trim_to_l1(self, trim: BandTrim) -> None:
         """mergekit's ``rescale`` after a trim: each trimmed τ̂_t scaled by ‖τ̂_t‖₁/‖m_t ⊙ τ̂_t‖₁ (1 when either is
         below 1e-7; float64 sums) — the band's factors."""
-        from ._numba_kernels import KERNEL_CHUNK
-
-        norms = np.zeros((max(1, -(-self.numel // KERNEL_CHUNK)), len(self.tasks), 2), dtype=np.float64)
+        norms = np.zeros((_chunks(self.numel), len(self.tasks), 2), dtype=np.float64)
         unscaled = dataclasses.replace(trim, factors=np.ones_like(trim.factors))
         with _LAUNCH_LOCK:
             _kernel("stored_trim_l1_norms")(self.base, self.tasks, self._drop, unscaled.arrays(), norms)
